@@ -1,0 +1,183 @@
+"""The one flat sample table every dataset reader produces.
+
+One row per image: where it is, which product (item) it shows, which domain it comes from
+(a consumer photo or a shop photo), its split, its category, its attributes and an optional
+bounding box. Models, samplers, benchmarks and the index only ever see this table, never a
+dataset's own files.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+DOMAINS = ("consumer", "shop", "unknown")
+SPLITS = ("train", "val", "test", "query", "gallery", "unknown")
+
+AttributeValue = str | tuple[str, ...]  # single label, or a tuple for multi-label attributes
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file: the message names the file and the 1-based line."""
+
+    def __init__(self, path: str | Path, line: int | None, problem: str):
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}")
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute, or relative to SampleTable.root
+    item_id: str
+    domain: str = "unknown"
+    split: str = "unknown"
+    category: str | None = None
+    attributes: dict[str, AttributeValue] = field(default_factory=dict)
+    bbox: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in pixels of the file
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r} for {self.path}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r} for {self.path}")
+
+
+class SampleTable:
+    """An ordered list of samples plus the facts a model needs about the label spaces."""
+
+    def __init__(
+        self,
+        samples: Iterable[Sample],
+        root: str | Path = ".",
+        name: str = "table",
+        multi_label: Sequence[str] = (),
+    ):
+        self.samples: list[Sample] = list(samples)
+        self.root = Path(root)
+        self.name = name
+        self.multi_label = tuple(multi_label)  # attributes whose values are tuples of labels
+
+    # ---- access -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def resolve(self, sample: Sample) -> Path:
+        path = Path(sample.path)
+        return path if path.is_absolute() else self.root / path
+
+    def paths(self) -> list[Path]:
+        return [self.resolve(s) for s in self.samples]
+
+    def _derive(self, samples: Iterable[Sample], suffix: str = "") -> "SampleTable":
+        return SampleTable(samples, self.root, self.name + suffix, self.multi_label)
+
+    def filter(self, split: str | Sequence[str] | None = None, domain: str | Sequence[str] | None = None,
+               predicate=None) -> "SampleTable":
+        splits = {split} if isinstance(split, str) else set(split) if split else None
+        domains = {domain} if isinstance(domain, str) else set(domain) if domain else None
+        kept = [
+            s for s in self.samples
+            if (splits is None or s.split in splits)
+            and (domains is None or s.domain in domains)
+            and (predicate is None or predicate(s))
+        ]
+        return self._derive(kept)
+
+    def with_split(self, assign) -> "SampleTable":
+        """A copy whose split is ``assign(sample)`` for every row."""
+        return self._derive(replace(s, split=assign(s)) for s in self.samples)
+
+    def concat(self, other: "SampleTable") -> "SampleTable":
+        if other.root != self.root:
+            other = SampleTable([replace(s, path=str(other.resolve(s))) for s in other], self.root,
+                                other.name, other.multi_label)
+        return SampleTable(self.samples + other.samples, self.root, f"{self.name}+{other.name}",
+                           tuple(dict.fromkeys(self.multi_label + other.multi_label)))
+
+    # ---- label spaces -----------------------------------------------------------------
+    def item_ids(self) -> list[str]:
+        return sorted({s.item_id for s in self.samples})
+
+    def categories(self) -> list[str]:
+        return sorted({s.category for s in self.samples if s.category is not None})
+
+    def attribute_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for s in self.samples:
+            names.update(dict.fromkeys(s.attributes))
+        return list(names)
+
+    def attribute_values(self, name: str) -> list[str]:
+        values: set[str] = set()
+        for s in self.samples:
+            value = s.attributes.get(name)
+            if value is None or value == "":
+                continue
+            values.update(value if isinstance(value, tuple) else (value,))
+        return sorted(values)
+
+    def counts(self, column: str) -> Counter:
+        return Counter(getattr(s, column) for s in self.samples)
+
+    # ---- persistence: a plain CSV that is also the "own catalog" input format ---------
+    COLUMNS = ("path", "item_id", "domain", "split", "category", "attributes", "bbox")
+
+    def to_csv(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.COLUMNS)
+            for s in self.samples:
+                attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in s.attributes.items()}
+                writer.writerow([
+                    s.path, s.item_id, s.domain, s.split, s.category or "",
+                    json.dumps(attrs, ensure_ascii=False) if attrs else "",
+                    " ".join(f"{v:g}" for v in s.bbox) if s.bbox else "",
+                ])
+        tmp.replace(path)
+
+    @classmethod
+    def from_csv(cls, path: str | Path, root: str | Path | None = None, name: str | None = None) -> "SampleTable":
+        """Read a table written by :meth:`to_csv` (only ``path`` and ``item_id`` are required)."""
+        path = Path(path)
+        samples = []
+        multi: set[str] = set()
+        with open(path, newline="", encoding="utf-8", errors="strict") as f:
+            try:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or not {"path", "item_id"} <= set(reader.fieldnames):
+                    raise AnnotationError(path, 1, f"header must contain 'path' and 'item_id', got {reader.fieldnames}")
+                for row in reader:
+                    line = reader.line_num
+                    if None in row or any(v is None for v in row.values()):
+                        raise AnnotationError(path, line, "wrong number of columns")
+                    try:
+                        attrs = json.loads(row["attributes"]) if row.get("attributes") else {}
+                        attrs = {k: tuple(v) if isinstance(v, list) else str(v) for k, v in attrs.items()}
+                        multi.update(k for k, v in attrs.items() if isinstance(v, tuple))
+                        bbox = tuple(float(x) for x in row["bbox"].split()) if row.get("bbox") else None
+                        if bbox is not None and len(bbox) != 4:
+                            raise ValueError("bbox needs 4 numbers: x1 y1 x2 y2")
+                        samples.append(Sample(
+                            path=row["path"], item_id=row["item_id"],
+                            domain=row.get("domain") or "unknown", split=row.get("split") or "unknown",
+                            category=row.get("category") or None, attributes=attrs, bbox=bbox,
+                        ))
+                    except (ValueError, TypeError) as exc:
+                        raise AnnotationError(path, line, str(exc)) from None
+            except UnicodeDecodeError as exc:
+                raise AnnotationError(path, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return cls(samples, root if root is not None else path.parent, name or path.stem, sorted(multi))

@@ -1,0 +1,3 @@
+def serve():
+    """Serve an index over HTTP (not yet implemented)."""
+    raise SystemExit("not implemented yet")
