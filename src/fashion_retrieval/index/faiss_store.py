@@ -1,0 +1,241 @@
+"""FAISS vector store: one directory holding the index, its metadata and a manifest.
+
+Layout of ``DIR``::
+
+    manifest.json     kind, dim, count, next internal id, tombstones, user info (model identity…)
+    index.faiss       faiss.IndexIDMap2 over an inner-product index
+    metadata.jsonl    one line per vector: {"id", "iid", ...metadata}
+
+Writes are atomic at the directory level: the new state is written to ``DIR.tmp-*``, fsynced,
+then swapped in with two renames (``DIR`` → ``DIR.old``, ``DIR.tmp-*`` → ``DIR``). ``open``
+finishes or rolls back an interrupted swap, so a crash at any point leaves a loadable index.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from .store import StoreError, VectorStore, check_vectors
+
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+FORMAT_VERSION = 1
+MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per IVF list
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recover(path: Path) -> None:
+    """Complete or roll back a swap that a crash interrupted."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        old.rename(path)  # crashed between the two renames: the previous state comes back
+    elif path.exists() and old.exists():
+        shutil.rmtree(old, ignore_errors=True)  # crashed after the swap, before the clean-up
+    for leftover in path.parent.glob(path.name + ".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+class FaissStore(VectorStore):
+    def __init__(self, path: str | Path, dim: int, kind: str = "flat", info: dict[str, Any] | None = None,
+                 nlist: int | None = None, pq_m: int = 16, hnsw_m: int = 32):
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
+        self.path = Path(path)
+        self.dim = dim
+        self.kind = kind
+        self.info = dict(info or {})
+        self.nlist, self.pq_m, self.hnsw_m = nlist, pq_m, hnsw_m
+        self._index: faiss.IndexIDMap2 | None = None
+        self._meta: dict[str, dict[str, Any]] = {}  # id → metadata (with "iid")
+        self._by_iid: dict[int, str] = {}
+        self._tombstones: set[int] = set()  # HNSW cannot delete: removed ids are filtered at search
+        self._next_iid = 0
+        self.ef_search = 64
+        self.nprobe = 16
+
+    # ---- building -----------------------------------------------------------------------
+    def _make_index(self, train_vectors: np.ndarray) -> faiss.IndexIDMap2:
+        kind = self.kind
+        n = len(train_vectors)
+        nlist = self.nlist or max(1, min(int(4 * np.sqrt(max(n, 1))), n // MIN_TRAIN_PER_LIST))
+        if kind in ("ivf", "ivfpq") and nlist < 4:
+            kind = "flat"  # too few vectors to train a coarse quantiser: exact search is cheaper anyway
+        if kind == "flat":
+            inner = faiss.IndexFlatIP(self.dim)
+        elif kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        elif kind == "ivf":
+            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            m = self.pq_m if self.dim % self.pq_m == 0 else 1
+            # 8-bit codes need 256·39 training points per sub-quantiser; small catalogs get fewer bits
+            nbits = int(max(4, min(8, np.log2(max(n, 1) / MIN_TRAIN_PER_LIST))))
+            inner = faiss.IndexIVFPQ(faiss.IndexFlatIP(self.dim), self.dim, nlist, m, nbits,
+                                     faiss.METRIC_INNER_PRODUCT)
+        if not inner.is_trained:
+            inner.train(train_vectors)
+        self.effective_kind = kind
+        return faiss.IndexIDMap2(inner)
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
+        ids = [str(i) for i in ids]
+        vectors = check_vectors(vectors, self.dim)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate ids in one add call")
+        metadata = list(metadata) if metadata is not None else [{} for _ in ids]
+        present = [i for i in ids if i in self._meta]
+        if present:
+            self.remove(present)
+        if self._index is None:
+            self._index = self._make_index(vectors)
+        iids = np.arange(self._next_iid, self._next_iid + len(ids), dtype=np.int64)
+        self._next_iid += len(ids)
+        self._index.add_with_ids(vectors, iids)
+        for item_id, iid, meta in zip(ids, iids.tolist(), metadata):
+            self._meta[item_id] = {**meta, "id": item_id, "iid": iid}
+            self._by_iid[iid] = item_id
+
+    def remove(self, ids: Sequence[str]) -> int:
+        iids = [self._meta[i]["iid"] for i in map(str, ids) if i in self._meta]
+        if not iids:
+            return 0
+        if self._uses_tombstones:
+            self._tombstones.update(iids)
+        else:
+            self._index.remove_ids(np.asarray(iids, dtype=np.int64))
+        for iid in iids:
+            del self._meta[self._by_iid.pop(iid)]
+        return len(iids)
+
+    @property
+    def _uses_tombstones(self) -> bool:
+        return isinstance(faiss.downcast_index(self._index.index), faiss.IndexHNSW)
+
+    # ---- querying -----------------------------------------------------------------------
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        vectors = check_vectors(vectors, self.dim, "query vectors")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        k = min(k, len(self))
+        if k == 0:
+            return np.zeros((len(vectors), 0), np.float32), [[] for _ in vectors]
+        inner = faiss.downcast_index(self._index.index)
+        params = None
+        if isinstance(inner, faiss.IndexHNSW):
+            inner.hnsw.efSearch = max(self.ef_search, k)
+            if self._tombstones:
+                selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64)))
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
+                self._selector_keepalive = selector
+        elif isinstance(inner, faiss.IndexIVF):
+            inner.nprobe = min(self.nprobe, inner.nlist)
+        scores, iids = self._index.search(vectors, k, params=params) if params else self._index.search(vectors, k)
+        ids = [[self._by_iid[i] for i in row if i >= 0] for row in iids.tolist()]
+        return scores, ids
+
+    def get_metadata(self, item_id: str) -> dict[str, Any] | None:
+        meta = self._meta.get(str(item_id))
+        return None if meta is None else {k: v for k, v in meta.items() if k != "iid"}
+
+    def items(self) -> list[dict[str, Any]]:
+        return [self.get_metadata(i) for i in self._meta]
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    # ---- persistence --------------------------------------------------------------------
+    def _compact(self) -> None:
+        """Rebuild without tombstoned vectors (HNSW), so they stop costing memory and time."""
+        keep = sorted(self._by_iid)
+        vectors = np.stack([self._index.reconstruct(i) for i in keep]) if keep else np.zeros((0, self.dim), np.float32)
+        self._index = self._make_index(vectors) if keep else None
+        if keep:
+            self._index.add_with_ids(vectors, np.asarray(keep, dtype=np.int64))
+        self._tombstones.clear()
+
+    def save(self) -> None:
+        if self._tombstones:
+            self._compact()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        recover(self.path)
+        tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
+        try:
+            if self._index is not None:
+                _write_file(tmp / "index.faiss", faiss.serialize_index(self._index).tobytes())
+            lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self._meta.values())
+            _write_file(tmp / "metadata.jsonl", lines.encode("utf-8"))
+            manifest = {
+                "format_version": FORMAT_VERSION, "store": "faiss", "kind": self.kind, "dim": self.dim,
+                "count": len(self), "next_iid": self._next_iid, "nlist": self.nlist, "pq_m": self.pq_m,
+                "hnsw_m": self.hnsw_m, "info": self.info,
+            }
+            # the manifest is written last: a directory without one is never a complete index
+            _write_file(tmp / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
+            _fsync_dir(tmp)
+            old = self.path.with_name(self.path.name + ".old")
+            if self.path.exists():
+                self.path.rename(old)
+            tmp.rename(self.path)
+            _fsync_dir(self.path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            recover(self.path)
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FaissStore":
+        path = Path(path)
+        recover(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise StoreError(f"{path}: not an index directory (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("store") != "faiss":
+            raise StoreError(f"{manifest_path}: not a FAISS index of format {FORMAT_VERSION} "
+                             f"(found store={manifest.get('store')!r}, format={manifest.get('format_version')!r})")
+        store = cls(path, manifest["dim"], manifest["kind"], manifest.get("info"), manifest.get("nlist"),
+                    manifest.get("pq_m", 16), manifest.get("hnsw_m", 32))
+        store._next_iid = manifest["next_iid"]
+        index_path = path / "index.faiss"
+        if index_path.exists():
+            try:
+                store._index = faiss.read_index(str(index_path))  # owns its memory: never re-wrap it
+            except RuntimeError as exc:
+                raise StoreError(f"{index_path}: corrupt FAISS index ({str(exc).splitlines()[0]})") from None
+        with open(path / "metadata.jsonl", encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                try:
+                    meta = json.loads(line)
+                except json.JSONDecodeError:
+                    raise StoreError(f"{path / 'metadata.jsonl'}:{line_number}: corrupt metadata line") from None
+                store._meta[meta["id"]] = meta
+                store._by_iid[meta["iid"]] = meta["id"]
+        if store._index is not None and store._index.ntotal != len(store._meta):
+            raise StoreError(f"{path}: index holds {store._index.ntotal} vectors but metadata {len(store._meta)}")
+        return store

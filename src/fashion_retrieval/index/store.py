@@ -1,0 +1,59 @@
+"""The vector store interface: what index build, search and the server rely on.
+
+A store maps string ids (catalog item ids or image ids) to L2-normalised vectors plus a
+metadata dict, and answers inner-product (cosine) top-k queries. FAISS is the embedded default;
+Milvus is the path for a catalog larger than one machine.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be opened or written; the message names the path."""
+
+
+class VectorStore(abc.ABC):
+    dim: int
+
+    @abc.abstractmethod
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
+        """Add vectors; an id already present is replaced."""
+
+    @abc.abstractmethod
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove ids; returns how many were present."""
+
+    @abc.abstractmethod
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self)))."""
+
+    @abc.abstractmethod
+    def get_metadata(self, item_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def save(self) -> None:
+        """Persist atomically: after a crash at any point the previous or the new state loads."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, path: str | Path) -> "VectorStore": ...
+
+    def __contains__(self, item_id: str) -> bool:
+        return self.get_metadata(item_id) is not None
+
+
+def check_vectors(vectors: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{what} must have shape [N, {dim}], got {list(vectors.shape)}")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return vectors
