@@ -1,0 +1,183 @@
+"""Retrieval benchmarks on the shared data, defined as data: queries, gallery and labels.
+
+A gallery image is relevant to a query when both have the same label for the evaluated
+attribute. Label ``-1`` means unknown: such queries are not evaluated for that attribute and
+such gallery images are never relevant. See docs/benchmarks.md for the protocols and counts.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..registry import ConfigError, Registry
+from .readers import READERS
+from .table import AnnotationError, SampleTable
+
+CATEGORY_MAP_PATH = Path(__file__).with_name("category_map.csv")
+SPLITS = ("train", "val", "test")
+FASHION_PRODUCT_EVALUATED = ("gender", "articleType", "baseColour", "season", "usage")
+
+
+@dataclass
+class Benchmark:
+    name: str
+    kind: str  # "instance" | "attribute" | "category"
+    queries: SampleTable
+    gallery: SampleTable
+    attributes: list[str]
+    query_labels: dict[str, np.ndarray]  # attribute -> int64 [Q], -1 = unknown
+    gallery_labels: dict[str, np.ndarray]  # attribute -> int64 [G], -1 = unknown
+    exclude_self: bool = False  # queries are the gallery (same rows, same order); never retrieve yourself
+    values: dict[str, list[str]] = field(default_factory=dict)  # attribute -> name of each label id
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("instance", "attribute", "category"):
+            raise ValueError(f"unknown benchmark kind {self.kind!r}")
+        if self.exclude_self and len(self.queries) != len(self.gallery):
+            raise ValueError("exclude_self needs the queries to be the gallery, row for row")
+        for attribute in self.attributes:
+            q, g = self.query_labels[attribute], self.gallery_labels[attribute]
+            if q.shape != (len(self.queries),) or g.shape != (len(self.gallery),):
+                raise ValueError(f"labels of '{attribute}' do not match the query/gallery sizes")
+
+    def relevant_counts(self, attribute: str) -> np.ndarray:
+        """How many gallery images are relevant to each query (0 for unknown query labels)."""
+        q, g = self.query_labels[attribute], self.gallery_labels[attribute]
+        size = int(max(q.max(initial=-1), g.max(initial=-1))) + 1
+        per_value = np.bincount(g[g >= 0], minlength=size)
+        counts = np.where(q >= 0, per_value[np.maximum(q, 0)], 0)
+        if self.exclude_self:
+            counts = np.where(q >= 0, counts - 1, 0)
+        return counts
+
+    def evaluable(self, attribute: str) -> np.ndarray:
+        """Queries that count for ``attribute``: a known label and at least one relevant image."""
+        return (self.query_labels[attribute] >= 0) & (self.relevant_counts(attribute) > 0)
+
+    def drop(self, queries: Iterable[int] = (), gallery: Iterable[int] = ()) -> "Benchmark":
+        """A copy without some rows, e.g. images that turned out unreadable.
+
+        With ``exclude_self`` both index sets name rows of the one shared table.
+        """
+        bad_q, bad_g = set(queries), set(gallery)
+        if self.exclude_self:
+            bad_q = bad_g = bad_q | bad_g
+        keep_q = np.array([i not in bad_q for i in range(len(self.queries))], dtype=bool)
+        keep_g = np.array([i not in bad_g for i in range(len(self.gallery))], dtype=bool)
+        return replace(
+            self,
+            queries=_rows(self.queries, keep_q), gallery=_rows(self.gallery, keep_g),
+            query_labels={a: v[keep_q] for a, v in self.query_labels.items()},
+            gallery_labels={a: v[keep_g] for a, v in self.gallery_labels.items()},
+        )
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "name": self.name, "kind": self.kind, "queries": len(self.queries), "gallery": len(self.gallery),
+            "exclude_self": self.exclude_self,
+            "attributes": {a: {"values": len(self.values.get(a, [])),
+                               "evaluable_queries": int(self.evaluable(a).sum())} for a in self.attributes},
+        }
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+
+
+def _rows(table: SampleTable, keep: np.ndarray) -> SampleTable:
+    return SampleTable([s for s, k in zip(table, keep) if k], table.root, table.name, table.multi_label)
+
+
+def encode_shared(query_values: Sequence[str | None], gallery_values: Sequence[str | None]
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Label ids over one vocabulary for both sides (sorted values; ``None`` -> -1)."""
+    vocabulary = sorted({v for v in [*query_values, *gallery_values] if v is not None})
+    ids = {v: i for i, v in enumerate(vocabulary)}
+
+    def encode(values: Sequence[str | None]) -> np.ndarray:
+        return np.array([ids[v] if v is not None else -1 for v in values], dtype=np.int64)
+
+    return encode(query_values), encode(gallery_values), vocabulary
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; benchmarks use one of {', '.join(SPLITS)}")
+
+
+def _read(data_root: Path, folder: str, reader: str) -> SampleTable:
+    root = Path(data_root) / folder
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found "
+                                "(data_root must contain fashion-product/, clothing/ and viton/)")
+    return READERS.build(reader, root=root)
+
+
+@BENCHMARKS.register("viton_c2s")
+def viton_c2s(data_root: Path, split: str = "test") -> Benchmark:
+    """Person photo -> the one product photo of the same pair, among all products of the split."""
+    _check_split(split)
+    table = _read(data_root, "viton", "viton").filter(split=split)
+    queries, gallery = table.filter(domain="consumer"), table.filter(domain="shop")
+    q, g, vocabulary = encode_shared([s.item_id for s in queries], [s.item_id for s in gallery])
+    return Benchmark("viton_c2s", "instance", queries, gallery, ["pair_id"], {"pair_id": q}, {"pair_id": g},
+                     values={"pair_id": vocabulary})
+
+
+@BENCHMARKS.register("fashion_product_attributes")
+def fashion_product_attributes(data_root: Path, split: str = "test") -> Benchmark:
+    """Every image of the split queries all the others; relevant = same value of one attribute."""
+    _check_split(split)
+    table = _read(data_root, "fashion-product", "fashion_product").filter(split=split)
+    query_labels, gallery_labels, values = {}, {}, {}
+    for attribute in FASHION_PRODUCT_EVALUATED:
+        column = [_single(s.attributes.get(attribute)) for s in table]
+        labels, _, values[attribute] = encode_shared(column, [])
+        query_labels[attribute] = gallery_labels[attribute] = labels
+    return Benchmark("fashion_product_attributes", "attribute", table, table, list(FASHION_PRODUCT_EVALUATED),
+                     query_labels, gallery_labels, exclude_self=True, values=values)
+
+
+@BENCHMARKS.register("clothing_to_shop_category")
+def clothing_to_shop_category(data_root: Path, split: str = "test") -> Benchmark:
+    """Consumer photos (clothing validation, whatever ``split``) -> fashion-product shop photos of
+    ``split`` whose articleType maps to a clothing category; relevant = same category."""
+    _check_split(split)
+    queries = _read(data_root, "clothing", "clothing").filter(split="val")
+    category_of = load_category_map()
+    shop = _read(data_root, "fashion-product", "fashion_product").filter(split=split)
+    gallery = shop.filter(predicate=lambda s: _single(s.attributes.get("articleType")) in category_of)
+    q, g, vocabulary = encode_shared(
+        [s.category for s in queries],
+        [category_of[_single(s.attributes["articleType"])] for s in gallery])
+    return Benchmark("clothing_to_shop_category", "category", queries, gallery, ["category"],
+                     {"category": q}, {"category": g}, values={"category": vocabulary})
+
+
+def _single(value: str | tuple[str, ...] | None) -> str | None:
+    if isinstance(value, tuple):
+        return value[0] if len(value) == 1 else None
+    return value or None
+
+
+def load_category_map(path: str | Path = CATEGORY_MAP_PATH) -> dict[str, str]:
+    """fashion-product articleType -> clothing category (``articleType,category`` CSV)."""
+    path = Path(path)
+    mapping: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        if next(reader, None) != ["articleType", "category"]:
+            raise AnnotationError(path, 1, "header must be 'articleType,category'")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != 2 or not all(cell.strip() for cell in row):
+                raise AnnotationError(path, reader.line_num, "expected two non-empty columns")
+            article_type, category = (cell.strip() for cell in row)
+            if article_type in mapping:
+                raise AnnotationError(path, reader.line_num, f"articleType '{article_type}' is mapped twice")
+            mapping[article_type] = category
+    return mapping
