@@ -1,0 +1,123 @@
+"""Milvus vector store: the same interface as FAISS, for catalogs larger than one machine.
+
+``path`` is either a local directory (embedded milvus-lite: ``DIR/milvus.db`` plus a manifest;
+what the tests and a laptop use) or a server URI (``http://host:19530``) of a Milvus cluster,
+where sharding, replication and durability are the server's job. Metadata travels as a JSON
+string field beside each vector.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .store import StoreError, VectorStore, check_vectors
+
+FORMAT_VERSION = 1
+MAX_ID_LENGTH = 512
+MAX_METADATA_BYTES = 65_535  # Milvus VARCHAR limit
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+
+
+class MilvusStore(VectorStore):
+    def __init__(self, path: str | Path, dim: int, info: dict[str, Any] | None = None,
+                 collection: str = "fashion_retrieval", token: str | None = None):
+        from pymilvus import MilvusClient
+
+        self.path = str(path)
+        self.dim = dim
+        self.info = dict(info or {})
+        self.collection = collection
+        if _is_server(self.path):
+            self._client = MilvusClient(uri=self.path, token=token or os.environ.get("MILVUS_TOKEN", ""))
+        else:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            self._client = MilvusClient(str(Path(self.path) / "milvus.db"))
+        if not self._client.has_collection(collection):
+            self._client.create_collection(collection, dimension=dim, metric_type="IP", auto_id=False,
+                                           id_type="string", max_length=MAX_ID_LENGTH)
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
+        ids = [str(i) for i in ids]
+        vectors = check_vectors(vectors, self.dim)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate ids in one add call")
+        metadata = list(metadata) if metadata is not None else [{} for _ in ids]
+        rows = []
+        for item_id, vector, meta in zip(ids, vectors, metadata):
+            if len(item_id.encode()) > MAX_ID_LENGTH:
+                raise ValueError(f"id longer than {MAX_ID_LENGTH} bytes: {item_id[:40]}…")
+            text = json.dumps({**meta, "id": item_id}, ensure_ascii=False)
+            if len(text.encode()) > MAX_METADATA_BYTES:
+                raise ValueError(f"metadata of {item_id} exceeds {MAX_METADATA_BYTES} bytes")
+            rows.append({"id": item_id, "vector": vector.tolist(), "meta": text})
+        for start in range(0, len(rows), 1000):
+            self._client.upsert(self.collection, rows[start:start + 1000])
+
+    def remove(self, ids: Sequence[str]) -> int:
+        ids = [str(i) for i in ids]
+        present = [row["id"] for row in self._client.get(self.collection, ids=ids, output_fields=["id"])] if ids else []
+        if present:
+            self._client.delete(self.collection, ids=present)
+        return len(present)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        vectors = check_vectors(vectors, self.dim, "query vectors")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        k = min(k, len(self))
+        if k == 0:
+            return np.zeros((len(vectors), 0), np.float32), [[] for _ in vectors]
+        hits = self._client.search(self.collection, data=vectors.tolist(), limit=k, output_fields=[])
+        ids = [[hit["id"] for hit in row] for row in hits]
+        scores = np.array([[hit["distance"] for hit in row] for row in hits], dtype=np.float32)
+        return scores, ids
+
+    def get_metadata(self, item_id: str) -> dict[str, Any] | None:
+        rows = self._client.get(self.collection, ids=[str(item_id)], output_fields=["meta"])
+        return json.loads(rows[0]["meta"]) if rows else None
+
+    def __len__(self) -> int:
+        result = self._client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
+
+    def save(self) -> None:
+        self._client.flush(self.collection)
+        if _is_server(self.path):
+            return
+        manifest = {"format_version": FORMAT_VERSION, "store": "milvus", "dim": self.dim,
+                    "collection": self.collection, "count": len(self), "info": self.info}
+        target = Path(self.path) / "manifest.json"
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        os.replace(tmp, target)
+
+    def close(self) -> None:
+        self._client.close()
+
+    @classmethod
+    def open(cls, path: str | Path, collection: str = "fashion_retrieval") -> "MilvusStore":
+        if _is_server(str(path)):
+            from pymilvus import MilvusClient
+
+            client = MilvusClient(uri=str(path), token=os.environ.get("MILVUS_TOKEN", ""))
+            if not client.has_collection(collection):
+                raise StoreError(f"{path}: no collection '{collection}'")
+            dim = next(f for f in client.describe_collection(collection)["fields"]
+                       if f["name"] == "vector")["params"]["dim"]
+            return cls(path, int(dim), collection=collection)
+        manifest_path = Path(path) / "manifest.json"
+        if not manifest_path.is_file():
+            raise StoreError(f"{path}: not a Milvus index directory (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text("utf-8"))
+        if manifest.get("store") != "milvus":
+            raise StoreError(f"{manifest_path}: not a Milvus index (store={manifest.get('store')!r})")
+        return cls(path, manifest["dim"], manifest.get("info"), manifest.get("collection", collection))

@@ -1,0 +1,170 @@
+"""One behavioural suite for every vector store: FAISS (each index kind) and Milvus (lite)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from fashion_retrieval.index.faiss_store import FaissStore, recover
+from fashion_retrieval.index.store import StoreError
+
+DIM = 16
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def make_store(kind: str, path):
+    if kind == "milvus":
+        pytest.importorskip("milvus_lite")
+        from fashion_retrieval.index.milvus_store import MilvusStore
+
+        return MilvusStore(path, DIM)
+    return FaissStore(path, DIM, kind)
+
+
+def reopen(kind: str, store):
+    store.save()
+    if kind == "milvus":
+        from fashion_retrieval.index.milvus_store import MilvusStore
+
+        store.close()
+        return MilvusStore.open(store.path)
+    return FaissStore.open(store.path)
+
+
+STORES = ["flat", "ivf", "hnsw", "ivfpq", "milvus"]
+EXACT = {"flat", "hnsw", "milvus"}  # at this size HNSW and Milvus-lite (flat) are exact
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_add_search_remove_save_open(kind, tmp_path):
+    vectors = unit_vectors(400)
+    ids = [f"item-{i}" for i in range(400)]
+    store = make_store(kind, tmp_path / "index")
+    store.add(ids, vectors, [{"n": i} for i in range(400)])
+    assert len(store) == 400
+    scores, found = store.search(vectors[:20], 5)
+    assert scores.shape == (20, 5)
+    assert all(len(row) == 5 for row in found)
+    if kind in EXACT:
+        assert [row[0] for row in found] == ids[:20]  # each vector is its own nearest neighbour
+        assert np.allclose(scores[:, 0], 1.0, atol=1e-4)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # sorted best first
+
+    assert store.remove(["item-0", "item-1", "absent"]) == 2
+    assert len(store) == 398
+    _, found = store.search(vectors[:2], 10)
+    assert not {"item-0", "item-1"} & {i for row in found for i in row}
+
+    store = reopen(kind, store)
+    assert len(store) == 398
+    assert store.get_metadata("item-5")["n"] == 5
+    assert store.get_metadata("item-0") is None
+    _, found = store.search(vectors[:2], 10)
+    assert not {"item-0", "item-1"} & {i for row in found for i in row}
+
+    store.add(["new"], vectors[:1], [{"n": -1}])  # incremental add after reopening
+    _, found = store.search(vectors[:1], 1)
+    if kind in EXACT:
+        assert found[0] == ["new"]
+    store = reopen(kind, store)
+    assert len(store) == 399
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_readding_an_id_replaces_it(kind, tmp_path):
+    vectors = unit_vectors(50)
+    store = make_store(kind, tmp_path / "index")
+    store.add([str(i) for i in range(50)], vectors)
+    store.add(["3"], vectors[10:11], [{"v": 2}])
+    assert len(store) == 50
+    assert store.get_metadata("3")["v"] == 2
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_bad_vectors_are_refused(kind, tmp_path):
+    store = make_store(kind, tmp_path / "index")
+    with pytest.raises(ValueError, match=r"shape \[N, 16\]"):
+        store.add(["a"], np.zeros((1, DIM + 1), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        store.add(["a"], np.full((1, DIM), np.nan, np.float32))
+    with pytest.raises(ValueError, match="duplicate"):
+        store.add(["a", "a"], unit_vectors(2))
+
+
+def test_k_larger_than_catalog_returns_everything(tmp_path):
+    store = FaissStore(tmp_path / "index", DIM)
+    store.add(["a", "b"], unit_vectors(2))
+    scores, found = store.search(unit_vectors(1), 50)
+    assert sorted(found[0]) == ["a", "b"] and scores.shape == (1, 2)
+
+
+def test_open_refuses_what_is_not_an_index(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(StoreError, match="no manifest.json"):
+        FaissStore.open(tmp_path / "x")
+
+
+def test_failure_while_writing_keeps_previous_index(tmp_path, monkeypatch):
+    path = tmp_path / "index"
+    store = FaissStore(path, DIM)
+    store.add(["a"], unit_vectors(1))
+    store.save()
+    store.add(["b"], unit_vectors(1, seed=1))
+    import fashion_retrieval.index.faiss_store as module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "_write_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.save()
+    monkeypatch.undo()
+    assert len(FaissStore.open(path)) == 1
+    assert not list(tmp_path.glob("index.tmp-*"))
+
+
+def test_crash_between_the_two_renames_rolls_back(tmp_path):
+    path = tmp_path / "index"
+    store = FaissStore(path, DIM)
+    store.add(["a"], unit_vectors(1))
+    store.save()
+    path.rename(tmp_path / "index.old")  # the state right after the first rename of a swap
+    assert len(FaissStore.open(path)) == 1
+
+
+def _add_forever(path: str, ready) -> None:
+    store = FaissStore.open(path)
+    rng = np.random.default_rng(1)
+    count = 0
+    while True:
+        vectors = rng.standard_normal((2000, DIM)).astype(np.float32)
+        store.add([f"x{count + i}" for i in range(2000)], vectors)
+        count += 2000
+        store.save()
+        ready.set()
+
+
+def test_sigkill_during_incremental_adds_leaves_a_loadable_index(tmp_path):
+    path = tmp_path / "index"
+    store = FaissStore(path, DIM)
+    store.add(["a"], unit_vectors(1))
+    store.save()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    process = ctx.Process(target=_add_forever, args=(str(path), ready))
+    process.start()
+    assert ready.wait(60)
+    os.kill(process.pid, signal.SIGKILL)  # lands at an arbitrary point of some save()
+    process.join()
+    reopened = FaissStore.open(path)
+    assert len(reopened) >= 2001 and (len(reopened) - 1) % 2000 == 0
+    assert reopened.search(unit_vectors(1), 1)[1][0]
+    recover(path)
+    assert not list(tmp_path.glob("index.tmp-*")) and not (tmp_path / "index.old").exists()
