@@ -122,7 +122,7 @@ def test_failure_while_writing_keeps_previous_index(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(module, "_write_file", disk_full)
+    monkeypatch.setattr(module, "write_file_synced", disk_full)
     with pytest.raises(OSError, match="No space"):
         store.save()
     monkeypatch.undo()

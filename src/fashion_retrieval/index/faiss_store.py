@@ -22,37 +22,11 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from .store import StoreError, VectorStore, check_vectors
+from .store import StoreError, VectorStore, check_vectors, recover, swap_in, write_file_synced
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT_VERSION = 1
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per IVF list
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def recover(path: Path) -> None:
-    """Complete or roll back a swap that a crash interrupted."""
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.exists():
-        old.rename(path)  # crashed between the two renames: the previous state comes back
-    elif path.exists() and old.exists():
-        shutil.rmtree(old, ignore_errors=True)  # crashed after the swap, before the clean-up
-    for leftover in path.parent.glob(path.name + ".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 class FaissStore(VectorStore):
@@ -183,23 +157,17 @@ class FaissStore(VectorStore):
         tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
         try:
             if self._index is not None:
-                _write_file(tmp / "index.faiss", faiss.serialize_index(self._index).tobytes())
+                write_file_synced(tmp / "index.faiss", faiss.serialize_index(self._index).tobytes())
             lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self._meta.values())
-            _write_file(tmp / "metadata.jsonl", lines.encode("utf-8"))
+            write_file_synced(tmp / "metadata.jsonl", lines.encode("utf-8"))
             manifest = {
                 "format_version": FORMAT_VERSION, "store": "faiss", "kind": self.kind, "dim": self.dim,
                 "count": len(self), "next_iid": self._next_iid, "nlist": self.nlist, "pq_m": self.pq_m,
                 "hnsw_m": self.hnsw_m, "info": self.info,
             }
             # the manifest is written last: a directory without one is never a complete index
-            _write_file(tmp / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
-            _fsync_dir(tmp)
-            old = self.path.with_name(self.path.name + ".old")
-            if self.path.exists():
-                self.path.rename(old)
-            tmp.rename(self.path)
-            _fsync_dir(self.path.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            write_file_synced(tmp / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
+            swap_in(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             recover(self.path)

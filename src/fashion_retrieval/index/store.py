@@ -7,6 +7,8 @@ Milvus is the path for a catalog larger than one machine.
 from __future__ import annotations
 
 import abc
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,3 +59,42 @@ def check_vectors(vectors: np.ndarray, dim: int, what: str = "vectors") -> np.nd
     if not np.isfinite(vectors).all():
         raise ValueError(f"{what} contain NaN or infinite values")
     return vectors
+
+
+# ---- atomic directory writes, shared by every store that lives in a directory ------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Replace directory ``path`` by the complete directory ``tmp`` with two renames."""
+    fsync_dir(tmp)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path: Path) -> None:
+    """Complete or roll back a swap that a crash interrupted."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        old.rename(path)  # crashed between the two renames: the previous state comes back
+    elif path.exists() and old.exists():
+        shutil.rmtree(old, ignore_errors=True)  # crashed after the swap, before the clean-up
+    for leftover in path.parent.glob(path.name + ".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

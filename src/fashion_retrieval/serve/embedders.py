@@ -1,0 +1,119 @@
+"""Turn query photos into vectors, with the checkpoint's PyTorch model or its ONNX export.
+
+Both give L2-normalised float32 vectors from the same preprocessing (resize to the model's
+image size, RGB in [0, 1]), so an index built with one can be searched with the other.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class Embedder:
+    """Shared preprocessing; subclasses run the network."""
+
+    def __init__(self, meta: dict[str, Any]):
+        from ..data.images import default_transform
+
+        self.meta = meta
+        self.image_size = tuple(meta["image_size"])
+        self.attributes: list[str] = list(meta.get("attributes") or [])
+        self.attribute_conditioned = bool(meta.get("attribute_conditioned", False))
+        self.feat_dim = int(meta["feat_dim"])
+        self._transform = default_transform(self.image_size, train=False)
+        self._lock = threading.Lock()  # one forward at a time: the model is shared by all requests
+
+    def attribute_index(self, attribute: str | None) -> int | None:
+        if not self.attribute_conditioned:
+            if attribute is not None:
+                raise KeyError(f"this model has no attribute spaces (asked for '{attribute}')")
+            return None
+        if attribute is None:
+            raise KeyError(f"this model embeds per attribute: choose one of {', '.join(self.attributes)}")
+        if attribute not in self.attributes:
+            raise KeyError(f"unknown attribute '{attribute}'; choose one of {', '.join(self.attributes)}")
+        return self.attributes.index(attribute)
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        import torch
+
+        return torch.stack([self._transform(image) for image in images]).numpy()
+
+    def embed(self, images: Sequence[Image.Image], attribute: str | None = None) -> np.ndarray:
+        index = self.attribute_index(attribute)
+        pixels = self.batch(images)
+        with self._lock:
+            return _normalise(self._forward(pixels, index))
+
+    def _forward(self, pixels: np.ndarray, attribute: int | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TorchEmbedder(Embedder):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        from ..engine.checkpoint import load_for_inference
+
+        model, meta = load_for_inference(checkpoint)
+        super().__init__(_inference_meta(model, meta))
+        self.model = model.to(device).eval()
+        self.device = device
+
+    def _forward(self, pixels: np.ndarray, attribute: int | None) -> np.ndarray:
+        import torch
+
+        images = torch.from_numpy(pixels).to(self.device)
+        with torch.inference_mode():
+            if attribute is None:
+                out = self.model(images)
+            else:
+                out = self.model(images, torch.full((len(images),), attribute, dtype=torch.long, device=self.device))
+        return out["embedding"].float().cpu().numpy()
+
+
+class OnnxEmbedder(Embedder):
+    """Runs ``model.onnx`` with onnxruntime; the sidecar ``model.onnx.json`` holds the meta."""
+
+    def __init__(self, onnx_path: str | Path):
+        import onnxruntime
+
+        onnx_path = Path(onnx_path)
+        sidecar = onnx_path.with_name(onnx_path.name + ".json")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{sidecar}: missing sidecar written by `fashion-retrieval export onnx`")
+        super().__init__(json.loads(sidecar.read_text("utf-8")))
+        self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def _forward(self, pixels: np.ndarray, attribute: int | None) -> np.ndarray:
+        feeds = {"images": pixels.astype(np.float32)}
+        if self.attribute_conditioned:
+            feeds["attribute"] = np.full((len(pixels),), attribute, dtype=np.int64)
+        return self.session.run(["embedding"], feeds)[0]
+
+
+def _inference_meta(model, meta: dict[str, Any]) -> dict[str, Any]:
+    """The facts an embedder needs, whatever else the checkpoint's meta holds."""
+    return {
+        **meta,
+        "image_size": list(meta["image_size"]),
+        "attributes": list(meta.get("attributes") or []),
+        "attribute_conditioned": bool(getattr(model, "attribute_conditioned", False)),
+        "feat_dim": int(getattr(model, "feat_dim", meta.get("feat_dim", 0))),
+    }
+
+
+def load_embedder(checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> Embedder:
+    if onnx is not None:
+        return OnnxEmbedder(onnx)
+    if checkpoint is None:
+        raise ValueError("need a checkpoint or an ONNX model")
+    return TorchEmbedder(checkpoint)
