@@ -1,8 +1,147 @@
+"""`fashion-retrieval index build|add|remove` and `fashion-retrieval search`."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
 
 
-def search():
-    """Search an index with a photo (not yet implemented)."""
-    raise SystemExit("not implemented yet")
+class Kind(str, Enum):
+    flat = "flat"
+    ivf = "ivf"
+    hnsw = "hnsw"
+    ivfpq = "ivfpq"
+
+
+class Store(str, Enum):
+    faiss = "faiss"
+    milvus = "milvus"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _report(report, verb: str) -> None:
+    typer.echo(f"{verb} {report.added} images into {report.index_dir} "
+               f"(spaces: {', '.join(report.spaces)}); {len(report.skipped)} unreadable skipped")
+    for line in report.skipped[:20]:
+        typer.echo(f"  skipped {line}")
+    if len(report.skipped) > 20:
+        typer.echo(f"  … and {len(report.skipped) - 20} more")
+
+
+def _known_errors():
+    from ..data.table import AnnotationError
+    from ..engine.checkpoint import CheckpointError
+    from ..registry import ConfigError
+    from .store import StoreError
+
+    return (AnnotationError, CheckpointError, ConfigError, StoreError, FileNotFoundError, KeyError)
+
+
+@app.command("build")
+def build(
+    checkpoint: Annotated[Path, typer.Option(help="run directory or model.safetensors of a trained model")],
+    images: Annotated[Path, typer.Option(help="folder of images, dataset root (with --format) or CSV table")],
+    out: Annotated[Path, typer.Option(help="index directory to write")],
+    kind: Annotated[Kind, typer.Option(help="FAISS index kind")] = Kind.flat,
+    attribute: Annotated[Optional[list[str]], typer.Option(help="attribute space(s); default: all the model has")] = None,
+    format: Annotated[Optional[str], typer.Option(help="dataset format of --images (see `data formats`)")] = None,
+    split: Annotated[Optional[list[str]], typer.Option(help="keep only these splits")] = None,
+    domain: Annotated[Optional[str], typer.Option(help="keep only this domain (shop, consumer)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    store: Annotated[Store, typer.Option(help="vector store: faiss (embedded) or milvus")] = Store.faiss,
+    device: str = "cpu",
+) -> None:
+    """Embed a catalog and write a persistent index (atomically)."""
+    from .build import build_index
+
+    try:
+        report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
+                             batch_size, store.value, device)
+    except _known_errors() as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    _report(report, "indexed")
+
+
+@app.command("add")
+def add(
+    index: Annotated[Path, typer.Option(help="index directory")],
+    images: Annotated[Path, typer.Option(help="folder of images, dataset root (with --format) or CSV table")],
+    format: Annotated[Optional[str], typer.Option()] = None,
+    split: Annotated[Optional[list[str]], typer.Option()] = None,
+    domain: Annotated[Optional[str], typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    device: str = "cpu",
+) -> None:
+    """Add images to an existing index with its own model, without a rebuild."""
+    from .build import add_to_index
+
+    try:
+        report = add_to_index(index, images, format, split, domain, batch_size, device)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    _report(report, "added")
+
+
+@app.command("remove")
+def remove(
+    index: Annotated[Path, typer.Option(help="index directory")],
+    ids: Annotated[list[str], typer.Argument(help="ids to remove")],
+) -> None:
+    """Remove items by id, without a rebuild."""
+    from .build import remove_from_index
+
+    try:
+        removed = remove_from_index(index, ids)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    typer.echo(f"removed {removed} of {len(ids)} ids from {index}")
+
+
+def search(
+    image: Annotated[Path, typer.Argument(help="query photo")],
+    index: Annotated[Path, typer.Option(help="index directory")],
+    attribute: Annotated[Optional[str], typer.Option(help="search within this attribute's space")] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=10_000)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    onnx: Annotated[Optional[Path], typer.Option(help="embed the query with this ONNX export")] = None,
+) -> None:
+    """Ranked catalog items for a photo."""
+    from ..data.images import ImageLoadError, load_rgb
+    from ..serve.embedders import load_embedder
+    from .catalog import CatalogIndex
+
+    try:
+        catalog = CatalogIndex.open(index)
+        embedder = load_embedder(catalog.model_info["checkpoint"], onnx)
+        vector = embedder.embed([load_rgb(image)], attribute)
+        scores, ids = catalog.search(vector, top_k, attribute)
+    except ImageLoadError as exc:
+        _fail(str(exc))
+    except _known_errors() as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    rows = []
+    for rank, (score, item_id) in enumerate(zip(scores[0].tolist(), ids[0]), 1):
+        meta = catalog.get_metadata(item_id) or {}
+        rows.append({"rank": rank, "id": item_id, "item_id": meta.get("item_id", item_id),
+                     "score": round(float(score), 6), "path": meta.get("path"), "category": meta.get("category")})
+    if as_json:
+        typer.echo(json.dumps({"query": str(image), "attribute": attribute, "results": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{image.name}" + (f" · same {attribute}" if attribute else ""))
+    for column in ("rank", "id", "score", "category", "path"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+    for row in rows:
+        table.add_row(str(row["rank"]), row["id"], f"{row['score']:.4f}", str(row["category"] or ""), str(row["path"]))
+    Console().print(table)
