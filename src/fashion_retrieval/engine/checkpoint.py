@@ -1,0 +1,373 @@
+"""Checkpoints: inference weights + meta for index/serve/export, and resumable training state.
+
+A run directory holds
+
+- ``model.safetensors`` + ``meta.json``: everything :func:`load_for_inference` needs to rebuild
+  the model by name and load its weights strictly (no pickle, so a checkpoint from elsewhere
+  cannot run code);
+- ``checkpoint-last/``: weights + optimizer + scheduler + loss parameters + RNG states + sampler
+  position, so ``train --resume`` continues exactly where a killed run stopped.
+
+Every file is written to a temporary name, flushed to disk and renamed over the old one, so a
+crash or a full disk leaves the previous checkpoint intact. The weights and meta.json carry the
+same random ``save_id``: if a crash falls between their two renames, loading says so instead of
+pairing new weights with an old description.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+TRAINING_DIR = "checkpoint-last"
+PREVIOUS_TRAINING_DIR = "checkpoint-previous"
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, of another format version or of another model."""
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / torch.compile wrappers (their state_dict keys differ)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself is only durable once the directory entry is on disk (POSIX only).
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_model
+
+    # save_model drops tied duplicates and makes channels_last tensors contiguous.
+    save_model(unwrap_model(model), str(path), metadata=metadata, force_contiguous=True)
+    _fsync_file(path)
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
+    except RuntimeError as exc:  # shape mismatch
+        raise CheckpointError(f"{path}: weights do not fit the model: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot read weights ({_first_line(exc)})") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
+        raise CheckpointError(f"{path}: weights are from another model: {'; '.join(parts)}")
+
+
+def _weights_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def git_commit() -> str | None:
+    """The source checkout's commit, recorded so a result can be traced to its code."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- inference checkpoints ------------------------------------------------------------------
+def save_for_inference(model: nn.Module, meta: dict[str, Any], run_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``meta.json`` into ``run_dir`` (atomically, fsynced).
+
+    ``meta`` must contain ``model: {name, kwargs}`` with the exact ``MODELS.build`` arguments;
+    ``format_version``, ``package_version``, ``feat_dim`` and ``save_id`` are filled in.
+    Returns the weights path.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = meta.get("model")
+    if not isinstance(spec, dict) or "name" not in spec or not isinstance(spec.get("kwargs", {}), dict):
+        raise CheckpointError("meta['model'] must be {'name': ..., 'kwargs': {...}} to rebuild the model")
+    plain = unwrap_model(model)
+    meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "model": {"name": spec["name"], "kwargs": dict(spec.get("kwargs", {}))},
+        "feat_dim": int(meta.get("feat_dim", getattr(plain, "feat_dim", 0))),
+        "attribute_conditioned": bool(getattr(plain, "attribute_conditioned", False)),
+        "save_id": uuid.uuid4().hex,
+    }
+    try:
+        json.dumps(meta)
+    except TypeError as exc:
+        raise CheckpointError(f"meta is not JSON-serialisable: {exc}") from None
+    weights = run_dir / WEIGHTS_FILE
+    tmp_weights = _temporary_name(weights)
+    try:
+        _save_weights(plain, tmp_weights, {"format_version": str(FORMAT_VERSION), "model": spec["name"],
+                                           "save_id": meta["save_id"]})
+        os.replace(tmp_weights, weights)
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        raise
+    write_json_atomic(run_dir / META_FILE, meta)
+    return weights
+
+
+def _locate(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.is_dir():
+        weights, meta = path / WEIGHTS_FILE, path / META_FILE
+    elif path.suffix == ".safetensors":
+        weights, meta = path, path.with_name(META_FILE)
+    elif path.name == META_FILE:
+        weights, meta = path.with_name(WEIGHTS_FILE), path
+    elif not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    else:
+        raise CheckpointError(f"{path}: expected a run directory or a .safetensors file")
+    for required in (weights, meta):
+        if not required.is_file():
+            raise CheckpointError(f"{required}: file not found (a checkpoint needs {WEIGHTS_FILE} and {META_FILE})")
+    return weights, meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of a run directory / weights file, checked for format version and model spec."""
+    _, meta_path = _locate(path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: corrupt JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: checkpoint format version {version!r} is not supported "
+                              f"(this is fashion-retrieval {__version__}, format {FORMAT_VERSION})")
+    spec = meta.get("model")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
+        raise CheckpointError(f"{meta_path}: 'model' must be {{'name': str, 'kwargs': {{...}}}}")
+    return meta
+
+
+def load_for_inference(path: str | Path, expected_model: str | None = None,
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model named in meta.json and load its weights strictly; returns ``(model.eval(), meta)``.
+
+    ``path`` is a run directory, its ``model.safetensors`` or its ``meta.json``. With
+    ``expected_model`` a checkpoint of another architecture is refused.
+    """
+    from ..models import MODELS
+    from ..registry import ConfigError
+
+    weights, meta_path = _locate(path)
+    meta = read_meta(meta_path)
+    name = meta["model"]["name"]
+    if expected_model is not None and name != expected_model:
+        raise CheckpointError(f"{meta_path}: checkpoint is a '{name}' model, expected '{expected_model}'")
+    header = _weights_metadata(weights)
+    if header.get("format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
+        raise CheckpointError(f"{weights}: weights format version {header.get('format_version')!r} is not "
+                              f"supported (expected {FORMAT_VERSION})")
+    if "model" in header and header["model"] != name:
+        raise CheckpointError(f"{weights}: weights are of model '{header['model']}' but {meta_path.name} "
+                              f"describes '{name}'")
+    if "save_id" in header and "save_id" in meta and header["save_id"] != meta["save_id"]:
+        raise CheckpointError(f"{weights}: weights and {meta_path.name} come from different saves "
+                              "(an interrupted save?); re-export the checkpoint")
+    kwargs = dict(meta["model"]["kwargs"])
+    # The weights replace any pretrained initialisation: never download or read it again.
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = False
+    if "weights_path" in kwargs:
+        kwargs["weights_path"] = None
+    try:
+        model = MODELS.build(name, **kwargs)
+    except ConfigError as exc:
+        raise CheckpointError(f"{meta_path}: cannot rebuild the model: {exc}") from None
+    _load_weights(model, weights)
+    return model.to(device).eval(), meta
+
+
+# ---- training state -------------------------------------------------------------------------
+@dataclass
+class TrainingState:
+    """What ``train --resume`` needs besides the model weights."""
+
+    epoch: int  # epochs fully completed
+    step: int  # optimizer steps taken in total
+    step_in_epoch: int = 0  # > 0 for a checkpoint taken in the middle of epoch ``epoch``
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] | None = None
+    objective: dict[str, Any] | None = None
+    grad_scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # counters, best metric, config digest...
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy and python RNG states, as weights-only-loadable data."""
+    numpy_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
+                  "cached_gaussian": float(numpy_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        cuda_states = states["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_training_state(run_dir: str | Path, model: nn.Module, state: TrainingState) -> Path:
+    """Write ``run_dir/checkpoint-last/`` atomically: build it under a temporary name, then swap.
+
+    The previous checkpoint is moved aside only once the new one is complete on disk, and removed
+    only after the swap; on any error (a full disk: ``OSError``) it stays in place and the error
+    names the directory.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / TRAINING_DIR
+    previous = run_dir / PREVIOUS_TRAINING_DIR
+    tmp = _temporary_name(final)
+    try:
+        tmp.mkdir(parents=True)
+        _save_weights(model, tmp / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
+        payload = {"format_version": FORMAT_VERSION, **state.__dict__}
+        with open(tmp / TRAINING_STATE_FILE, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"{final}: could not write the training checkpoint ({exc.strerror or exc}); "
+                                  "the previous checkpoint is unchanged") from exc
+        raise
+    if final.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def training_checkpoint_dir(run_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint of ``run_dir``, or None.
+
+    A crash between the two renames of :func:`save_training_state` leaves only the previous one.
+    """
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / TRAINING_DIR, run_dir / PREVIOUS_TRAINING_DIR):
+        if (candidate / TRAINING_STATE_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_training_state(run_dir: str | Path, model: nn.Module) -> TrainingState:
+    """Load the weights into ``model`` and return the rest; raises CheckpointError when absent."""
+    directory = training_checkpoint_dir(run_dir)
+    if directory is None:
+        raise CheckpointError(f"{Path(run_dir) / TRAINING_DIR}: no training checkpoint to resume from")
+    _load_weights(unwrap_model(model), directory / WEIGHTS_FILE)
+    state_path = directory / TRAINING_STATE_FILE
+    try:
+        payload = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a corrupt file
+        raise CheckpointError(f"{state_path}: corrupt training state ({_first_line(exc)})") from None
+    version = payload.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{state_path}: training state format version {version!r} is not supported "
+                              f"(expected {FORMAT_VERSION})")
+    try:
+        return TrainingState(**payload)
+    except TypeError as exc:
+        raise CheckpointError(f"{state_path}: unexpected training state ({exc})") from None
