@@ -1,1 +1,115 @@
-"""(placeholder: being written)"""
+"""M3-Net: multi-granularity, attribute- and class-conditioned attention for attribute-specific
+fashion retrieval. Design decisions are explained in docs/models_attribute.md.
+
+For an image and an attribute ``a``:
+
+1. The backbone gives feature maps at several granularities (default C4, stride 16: local detail
+   such as a neckline's edge; C5, stride 32: shape and layout).
+2. Attribute-conditioned attention (ASEN-style spatial + channel attention, conditioned on the
+   embedding of ``a``) pools each level into a vector.
+3. A per-attribute value classifier reads those vectors and predicts a distribution over ``a``'s
+   values ("classes"), trained with weighted BCE (``attribute_bce``).
+4. Class-conditioned attention pools each level again, now conditioned on
+   ``attribute embedding + Σ_v p(v) · prototype[a, v]``: the predicted value distribution mixes
+   learnt per-(attribute, value) class prototypes, so the second look can focus on what
+   distinguishes *that* kind of collar. The mixture is soft and used identically in training and
+   at query time (the true value is unknown when a user searches), so there is no train/test gap.
+5. A linear layer maps the concatenated level vectors to the embedding.
+
+``attention`` picks the ablation: ``"attribute"`` (M3-Net_a: steps 1, 2, 5; the classifier is
+still trained as an auxiliary task), ``"class"`` (M3-Net_c: the classifier reads plain average-pooled
+levels and only class-conditioned vectors reach the embedding) or ``"both"`` (full M3-Net).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..registry import ConfigError
+from . import MODELS
+from .asen import ConditionedAttentionPool, PerAttributeValueClassifier, check_attribute_sizes, require_attribute
+from .backbones import BACKBONES
+
+ATTENTION_MODES = ("attribute", "class", "both")
+LEVEL_INDEX = {"c2": 0, "c3": 1, "c4": 2, "c5": 3}
+
+
+@MODELS.register("m3_net")
+class M3Net(nn.Module):
+    attribute_conditioned = True
+
+    def __init__(
+        self,
+        attribute_sizes: Sequence[int],
+        num_items: int | None = None,  # unused: M3-Net learns from attribute values only
+        backbone: str = "resnet18",
+        pretrained: bool | str = False,
+        weights_path: str | None = None,
+        embedding_dim: int = 1024,
+        attention: str = "both",
+        levels: Sequence[str] = ("c4", "c5"),
+        attr_dim: int = 512,
+        joint_dim: int = 512,
+        channel_reduction: int = 4,
+    ):
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ConfigError(f"m3_net: unknown attention '{attention}'; use one of {', '.join(ATTENTION_MODES)}")
+        unknown = [level for level in levels if level not in LEVEL_INDEX]
+        if unknown or not levels:
+            raise ConfigError(f"m3_net: levels must be a non-empty list of {', '.join(LEVEL_INDEX)}; got {list(levels)}")
+        sizes = check_attribute_sizes(attribute_sizes, "m3_net")
+        self.attribute_sizes = sizes
+        self.attention_mode = attention
+        self.use_attribute_attention = attention in ("attribute", "both")
+        self.use_class_attention = attention in ("class", "both")
+        self.level_indices = [LEVEL_INDEX[level] for level in levels]
+
+        self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path)
+        channels = [self.backbone.channels[i] for i in self.level_indices]
+        self.attribute_embedding = nn.Embedding(len(sizes), attr_dim)
+
+        def attention_per_level() -> nn.ModuleList:
+            return nn.ModuleList(ConditionedAttentionPool(c, attr_dim, joint_dim, channel_reduction) for c in channels)
+
+        self.attribute_attention = attention_per_level() if self.use_attribute_attention else None
+        self.class_attention = attention_per_level() if self.use_class_attention else None
+        if self.use_class_attention:
+            # Scaled like the attribute embedding (N(0, 1)) so neither term dominates the condition at start.
+            self.class_prototypes = nn.Parameter(torch.randn(len(sizes), max(sizes), attr_dim))
+        self.value_classifier = PerAttributeValueClassifier(sum(channels), sizes)
+        kinds = int(self.use_attribute_attention) + int(self.use_class_attention)
+        self.fc = nn.Linear(sum(channels) * kinds, embedding_dim)
+        self.feat_dim = embedding_dim
+
+    def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        attribute = require_attribute(attribute, images.shape[0], "m3_net").to(images.device)
+        feature_maps = self.backbone(images)
+        level_maps = [feature_maps[i] for i in self.level_indices]
+        attribute_condition = self.attribute_embedding(attribute)
+
+        parts: list[torch.Tensor] = []
+        if self.attribute_attention is not None:
+            parts = [pool(fmap, attribute_condition)[0] for pool, fmap in zip(self.attribute_attention, level_maps)]
+            classifier_input = torch.cat(parts, dim=1)
+        else:
+            classifier_input = torch.cat([fmap.mean(dim=(2, 3)) for fmap in level_maps], dim=1)
+
+        value_logits = value_mask = None
+        if self.training or self.class_attention is not None:
+            value_logits, value_mask = self.value_classifier(classifier_input, attribute)
+        if self.class_attention is not None:
+            value_probs = value_logits.softmax(dim=1)  # padded slots have probability 0
+            prototype = torch.einsum("bv,bvd->bd", value_probs, self.class_prototypes[attribute])
+            class_condition = attribute_condition + prototype
+            parts += [pool(fmap, class_condition)[0] for pool, fmap in zip(self.class_attention, level_maps)]
+
+        embedding = self.fc(torch.cat(parts, dim=1))
+        outputs = {"embedding": embedding}
+        if self.training:
+            outputs["features"] = embedding
+            outputs["attr_value_logits"] = value_logits
+            outputs["attr_value_mask"] = value_mask
+        return outputs

@@ -1,0 +1,218 @@
+"""Attribute-conditioned models: ASEN (+ ASEN++ local branch), M3-Net ablations, classifier baseline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fashion_retrieval.losses import LOSSES
+from fashion_retrieval.models import MODELS
+from fashion_retrieval.models.asen import PADDED_LOGIT, attention_box
+from fashion_retrieval.registry import ConfigError
+
+SIZES = [3, 5]
+SMALL = {"embedding_dim": 32, "attr_dim": 16, "joint_dim": 16}
+VARIANTS = {
+    "asen": ("asen", SMALL),
+    "asen_local": ("asen", {**SMALL, "local_branch": True}),
+    "m3_attribute": ("m3_net", {**SMALL, "attention": "attribute"}),
+    "m3_class": ("m3_net", {**SMALL, "attention": "class"}),
+    "m3_both": ("m3_net", {**SMALL, "attention": "both"}),
+    "classifier_softmax": ("attribute_classifier", {"embedding": "softmax"}),
+    "classifier_penultimate": ("attribute_classifier", {"embedding": "penultimate"}),
+}
+HAS_VALUE_CLASSIFIER = {"m3_attribute", "m3_class", "m3_both", "classifier_softmax", "classifier_penultimate"}
+
+
+@pytest.fixture(autouse=True)
+def _small_cpu():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(variant: str, sizes: list[int] = SIZES):
+    name, kwargs = VARIANTS[variant]
+    return MODELS.build(name, num_items=7, attribute_sizes=sizes, **kwargs)
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.rand(n, 3, 64, 48)
+
+
+def test_models_are_registered():
+    assert {"asen", "m3_net", "attribute_classifier"} <= set(MODELS.names())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_output_shapes_and_masks(variant):
+    model = build(variant)
+    assert model.attribute_conditioned is True
+    attribute = torch.tensor([0, 1, 0, 1])
+    outputs = model.train()(images(), attribute)
+    assert outputs["embedding"].shape == (4, model.feat_dim)
+    assert outputs["features"].shape[0] == 4
+    if variant in HAS_VALUE_CLASSIFIER:
+        logits, mask = outputs["attr_value_logits"], outputs["attr_value_mask"]
+        assert logits.shape == mask.shape == (4, max(SIZES))
+        assert mask.dtype == torch.bool
+        assert mask.sum(1).tolist() == [3, 5, 3, 5]
+        assert (logits[~mask] == PADDED_LOGIT).all()
+    else:
+        assert "attr_value_logits" not in outputs
+
+    evaluated = model.eval()(images(), attribute)
+    assert set(evaluated) == {"embedding"}  # training-only keys stay out of inference
+    assert evaluated["embedding"].shape == (4, model.feat_dim)
+
+
+def test_feat_dims_follow_the_documented_rules():
+    assert build("asen").feat_dim == 32
+    assert build("asen_local").feat_dim == 64  # [normalised global, normalised local]
+    assert build("m3_both").feat_dim == 32
+    assert build("classifier_softmax").feat_dim == max(SIZES)
+    assert build("classifier_penultimate").feat_dim == 512  # resnet18 C5 channels
+
+
+@pytest.mark.parametrize("variant", ["asen", "asen_local", "m3_attribute", "m3_class", "m3_both", "classifier_softmax"])
+def test_embedding_depends_on_the_attribute(variant):
+    model = build(variant).eval()
+    x = images()
+    with torch.no_grad():
+        for_attr0 = model(x, torch.zeros(4, dtype=torch.long))["embedding"]
+        for_attr1 = model(x, torch.ones(4, dtype=torch.long))["embedding"]
+        mixed = model(x, torch.tensor([0, 1, 1, 0]))["embedding"]
+    assert not torch.allclose(for_attr0, for_attr1, atol=1e-4)
+    # Each sample is conditioned on its own attribute, independently of the rest of the batch.
+    expected = torch.stack([for_attr0[0], for_attr1[1], for_attr1[2], for_attr0[3]])
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_penultimate_classifier_embedding_is_shared_across_attributes():
+    model = build("classifier_penultimate").eval()
+    x = images()
+    with torch.no_grad():
+        a = model(x, torch.zeros(4, dtype=torch.long))["embedding"]
+        b = model(x, torch.ones(4, dtype=torch.long))["embedding"]
+    torch.testing.assert_close(a, b)
+
+
+def test_softmax_classifier_embedding_is_zero_padded_probabilities():
+    model = build("classifier_softmax").eval()
+    with torch.no_grad():
+        embedding = model(images(), torch.tensor([0, 1, 0, 1]))["embedding"]
+    torch.testing.assert_close(embedding.sum(1), torch.ones(4))
+    assert (embedding[[0, 2], 3:] == 0).all()  # attribute 0 has 3 values
+
+
+def test_classifier_returns_every_head_for_multihead_training():
+    model = build("classifier_softmax").train()
+    outputs = model(images(), torch.tensor([0, 1, 0, 1]))
+    assert [tuple(t.shape) for t in outputs["all_attr_logits"]] == [(4, 3), (4, 5)]
+    torch.testing.assert_close(outputs["attr_value_logits"][1], outputs["all_attr_logits"][1][1])
+
+
+def test_attribute_is_required_and_a_scalar_is_broadcast():
+    model = build("asen").eval()
+    with pytest.raises(ValueError, match="attribute"):
+        model(images())
+    with torch.no_grad():
+        scalar = model(images(2), torch.tensor(1))["embedding"]
+    assert scalar.shape == (2, 32)
+
+
+@pytest.mark.parametrize("variant", ["asen", "asen_local", "m3_attribute", "m3_class", "m3_both", "classifier_softmax"])
+def test_gradients_reach_every_parameter(variant):
+    model = build(variant).train()
+    outputs = model(images(), torch.tensor([0, 1, 0, 1]))
+    loss = outputs["embedding"].pow(2).mean()
+    if "attr_value_logits" in outputs:
+        loss = loss + outputs["attr_value_logits"][outputs["attr_value_mask"]].sum()
+    for logits in outputs.get("all_attr_logits", []):
+        loss = loss + logits.sum()
+    loss.backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+    names = {name.split(".")[0] for name, _ in model.named_parameters()}
+    expected = {
+        "asen": {"global_branch"},
+        "asen_local": {"global_branch", "local_branch"},
+        "m3_attribute": {"backbone", "attribute_embedding", "attribute_attention", "value_classifier", "fc"},
+        "m3_class": {"backbone", "attribute_embedding", "class_attention", "class_prototypes", "value_classifier", "fc"},
+        "m3_both": {"backbone", "attribute_embedding", "attribute_attention", "class_attention", "class_prototypes",
+                    "value_classifier", "fc"},
+        "classifier_softmax": {"backbone", "heads"},
+    }[variant]
+    assert names == expected  # each ablation builds exactly its parts, so "every parameter" means those
+
+
+def test_asen_branch_has_both_attentions_and_the_attribute_embedding():
+    names = [name for name, _ in build("asen").global_branch.named_parameters()]
+    for part in ["backbone.", "attribute_embedding.", "attention.spatial.", "attention.channel.", "fc."]:
+        assert any(name.startswith(part) for name in names), part
+
+
+def test_attention_box_covers_the_attended_cells():
+    attention = torch.full((1, 2, 4), 0.02)
+    attention[0, 1, 2] = 1 - 0.02 * 7  # one dominant cell: row 1, column 2
+    box = attention_box(attention, image_size=(64, 48), threshold=1.0)
+    torch.testing.assert_close(box, torch.tensor([[24.0, 32.0, 36.0, 64.0]]))
+    uniform = torch.full((1, 2, 4), 1 / 8)
+    full = attention_box(uniform, image_size=(64, 48), threshold=2.0)  # capped at the max: never empty
+    torch.testing.assert_close(full, torch.tensor([[0.0, 0.0, 48.0, 64.0]]))
+
+
+def _overfit(model, terms, max_steps: int = 40) -> list[float]:
+    torch.manual_seed(1)
+    x = torch.rand(32, 3, 64, 48)
+    attribute = torch.arange(32) // 16  # 2 attributes × 4 values × 4 images
+    batch = {"attribute": attribute, "attr_value": (torch.arange(32) % 16) // 4}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history: list[float] = []
+    model.train()
+    for _ in range(max_steps):
+        outputs = model(x, attribute)
+        loss = sum(term(outputs, batch) for term in terms)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+        if len(history) >= 3 and max(history[-3:]) < history[0] / 10:
+            break  # three steps in a row at least 10× lower: converged, save the time budget
+    return history
+
+
+@pytest.mark.parametrize("variant,terms", [
+    ("asen", lambda: [LOSSES.build("attribute_triplet", mining="all", reduction="mean")]),
+    ("m3_both", lambda: [LOSSES.build("attribute_bce"),
+                         LOSSES.build("attribute_triplet", mining="all", reduction="mean")]),
+])
+def test_tiny_model_overfits_a_fixed_batch(variant, terms):
+    name, kwargs = VARIANTS[variant]
+    model = MODELS.build(name, num_items=1, attribute_sizes=[4, 4], **kwargs)
+    history = _overfit(model, terms())
+    assert history[0] > 0
+    assert max(history[-3:]) < history[0] / 10, history
+
+
+@pytest.mark.parametrize("name", ["asen", "m3_net", "attribute_classifier"])
+def test_misspelled_key_is_named(name):
+    with pytest.raises(ConfigError, match="backbon"):
+        MODELS.build(name, num_items=3, attribute_sizes=SIZES, backbon="resnet18")
+
+
+@pytest.mark.parametrize("name,kwargs,word", [
+    ("m3_net", {"attention": "channel"}, "channel"),
+    ("m3_net", {"levels": ["c6"]}, "c6"),
+    ("attribute_classifier", {"embedding": "logits"}, "logits"),
+    ("asen", {"backbone": "resnet19"}, "resnet19"),
+])
+def test_bad_values_are_named(name, kwargs, word):
+    with pytest.raises(ConfigError, match=word):
+        MODELS.build(name, num_items=3, attribute_sizes=SIZES, **kwargs)
+
+
+def test_empty_attribute_sizes_fail_clearly():
+    with pytest.raises(ConfigError, match="attribute_sizes"):
+        MODELS.build("asen", num_items=3, attribute_sizes=[])
