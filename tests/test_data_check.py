@@ -45,6 +45,7 @@ def test_check_reports_counts_and_unreadable_images(catalog_with_bad_images):
     assert row(out, "train") == ["train", "1", "1", "1"]  # columns: shop, images, items
     assert row(out, "val") == ["val", "2", "2", "2"]
     assert row(out, "test") == ["test", "7", "7", "7"]
+    assert row(out, "Tshirts") == ["Tshirts", "3"]  # images per category
     assert row(out, "gender") == ["gender", "2", "10"]
     assert row(out, "usage") == ["usage", "4", "9"]
     unreadable = {line.strip().rsplit("/", 1)[-1] for line in out.splitlines() if "images/" in line}

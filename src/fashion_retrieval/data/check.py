@@ -14,6 +14,7 @@ from .images import ImageLoadError, load_rgb
 from .table import DOMAINS, SPLITS, SampleTable
 
 SHOWN_UNREADABLE = 20
+MAX_CATEGORY_ROWS = 30  # beyond this a per-category table is noise; the count says enough
 
 
 @dataclass
@@ -23,6 +24,7 @@ class DatasetSummary:
     split_domain: Counter  # (split, domain) -> images
     split_items: Counter  # split -> distinct items
     categories: int
+    category_images: Counter  # category -> images
     attributes: dict[str, tuple[int, int]]  # name -> (distinct values, images labelled)
     multi_label: tuple[str, ...]
     bboxes: int
@@ -42,6 +44,7 @@ def summarize(table: SampleTable) -> DatasetSummary:
         split_domain=Counter((s.split, s.domain) for s in table),
         split_items=Counter(split for split, _ in {(s.split, s.item_id) for s in table}),
         categories=len(table.categories()),
+        category_images=Counter(s.category for s in table if s.category is not None),
         attributes={name: (len(table.attribute_values(name)), labelled[name]) for name in table.attribute_names()},
         multi_label=table.multi_label,
         bboxes=sum(s.bbox is not None for s in table),
@@ -83,6 +86,8 @@ def render(console: Console, title: str, summary: DatasetSummary, images: ImageR
         overview.add_row("unreadable images", "not checked (--no-verify-images)")
     console.print(overview)
     console.print(_split_domain_table(summary))
+    if 0 < summary.categories <= MAX_CATEGORY_ROWS:
+        console.print(_category_table(summary))
     if summary.attributes:
         console.print(_attribute_table(summary))
     if images is not None and images.unreadable:
@@ -107,6 +112,15 @@ def _split_domain_table(summary: DatasetSummary) -> Table:
         table.add_row(split, *map(str, row), str(sum(row)), str(summary.split_items[split]))
     totals = [sum(summary.split_domain[(s, d)] for s in splits) for d in domains]
     table.add_row("total", *map(str, totals), str(sum(totals)), str(summary.items))
+    return table
+
+
+def _category_table(summary: DatasetSummary) -> Table:
+    table = Table(title="images per category")
+    table.add_column("category")
+    table.add_column("images", justify="right")
+    for category, count in sorted(summary.category_images.items()):
+        table.add_row(category, str(count))
     return table
 
 
