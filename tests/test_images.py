@@ -32,6 +32,11 @@ def test_missing_file(tmp_path):
     assert reason_for(tmp_path / "nope.jpg") == "file not found"
 
 
+def test_folder_is_not_an_image(tmp_path):
+    (tmp_path / "d.jpg").mkdir()
+    assert reason_for(tmp_path / "d.jpg") == "not a file"
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.jpg"
     path.touch()
@@ -176,7 +181,10 @@ def test_dataset_tuple_index_gives_attribute_value(table):
 
 
 def test_dataset_without_labels_has_only_image_and_index(table):
-    assert set(ImageDataset(table, default_transform((8, 6)))[1]) == {"image", "index"}
+    dataset = ImageDataset(table, default_transform((8, 6)))
+    assert set(dataset[1]) == {"image", "index"}
+    with pytest.raises(ValueError, match="needs a LabelSpace"):
+        dataset[(1, 0)]
 
 
 def test_dataset_crops_to_bbox(table):

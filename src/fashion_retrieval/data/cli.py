@@ -37,7 +37,11 @@ def check(
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o",
                                                         help="Reader option KEY=VALUE, repeatable.")] = None,
 ) -> None:
-    """Read a dataset, print its counts and list unreadable images (exit 0 unless unreadable as a whole)."""
+    """Read a dataset, print its counts and list unreadable images.
+
+    Exit code 0 even when some images are unreadable (they are listed); 1 for a malformed
+    annotation file; 2 for a missing root, an unknown format or a bad --option.
+    """
     from rich.console import Console
     from rich.progress import Progress
 

@@ -37,10 +37,10 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     """Decode ``path`` fully into an 8-bit RGB image, or raise :class:`ImageLoadError`."""
     path = Path(path)
     try:
+        if not path.is_file():
+            raise ImageLoadError(path, "not a file" if path.exists() else "file not found")
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file")
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
     except OSError as exc:
         raise ImageLoadError(path, f"cannot read ({exc.strerror or exc})") from None
     try:
@@ -53,6 +53,8 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             return _to_rgb(_upright(image), path)
     except ImageLoadError:
         raise
+    except PermissionError as exc:
+        raise ImageLoadError(path, f"cannot read ({exc.strerror or exc})") from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError:
@@ -142,6 +144,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, attribute = (key if isinstance(key, tuple) else (key, None))
         index = int(index)
+        if attribute is not None and self.labels is None:
+            raise ValueError("indexing with (index, attribute) needs a LabelSpace")
         sample = self.table[index]
         path = self.table.resolve(sample)
         try:
@@ -154,8 +158,6 @@ class ImageDataset(Dataset):
         if self.labels is not None:
             record.update(self.labels.encode(sample))
         if attribute is not None:
-            if self.labels is None:
-                raise ValueError("indexing with (index, attribute) needs a LabelSpace")
             attribute = int(attribute)
             record["attribute"] = attribute
             record["attr_value"] = int(record["attrs"][attribute])
