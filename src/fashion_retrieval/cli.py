@@ -26,3 +26,7 @@ app.add_typer(export_module.app, name="export", help="Export a trained model for
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":  # python -m fashion_retrieval.cli
+    app()
