@@ -1,0 +1,278 @@
+"""Experiment recipes: YAML → validated :class:`ExperimentConfig`.
+
+Every section forbids unknown keys, so a typo fails before any data is read, naming the file,
+the dotted key and the closest valid key::
+
+    configs/x.yaml: data.imge_size: unknown key (did you mean 'image_size'?)
+
+A recipe may start from another with ``base: other.yaml`` (path relative to the recipe); the
+recipe's keys are merged over the base's, mappings key by key, lists replaced whole. Command-line
+overrides ``a.b=value`` are applied last; the value is parsed as YAML (``train.epochs=3``,
+``model.kwargs.pretrained=false``, ``data.image_size=[128,96]``, ``loss.terms.0.weight=0.5``).
+Model and loss keyword arguments are free-form here and checked against the builder's signature
+when the model is built (``Registry.check_kwargs``).
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .registry import ConfigError
+
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_from_dict"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplerConfig(StrictModel):
+    kind: Literal["pk", "cross_domain", "attribute"] = "pk"
+    p: int = Field(16, ge=1, description="groups per batch: identities, items or attribute values")
+    k: int = Field(4, ge=1, description="images per group (cross_domain: half consumer, half shop)")
+    label: Literal["item", "category"] = Field("item", description="what a P×K group shares (pk only)")
+
+
+class DataConfig(StrictModel):
+    format: str = Field(description="dataset reader name (READERS), e.g. viton, fashion_product, deepfashion_c2s")
+    root: str = Field(".", description="dataset folder, relative to the data root")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra reader keyword arguments")
+    image_size: tuple[int, int] = Field((256, 192), description="[height, width] fed to the model")
+    train_split: list[str] = Field(default_factory=lambda: ["train"])
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    num_workers: int = Field(2, ge=0)
+    attributes: list[str] | None = Field(None, description="attributes a model learns, in this order "
+                                                           "(default: all of the table's)")
+    augment: bool = True
+    crop_bbox: bool = Field(False, description="crop each image to its annotated box (DeepFashion, Street2Shop)")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < 8:
+            raise ValueError(f"image_size must be [height, width] of at least 8 pixels each, got {list(size)}")
+        return size
+
+
+class ModelConfig(StrictModel):
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="MODELS builder keyword arguments")
+
+
+class LossTermConfig(BaseModel):
+    """``{name, weight, ...}``; every other key is the loss builder's keyword argument."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LossConfig(StrictModel):
+    terms: list[LossTermConfig] = Field(min_length=1)
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, description="sgd only")
+    backbone_lr_mult: float = Field(1.0, ge=0, description="learning-rate factor of the backbone's parameters")
+    loss_lr_mult: float = Field(1.0, ge=0, description="factor for loss parameters (centers, margin weights)")
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_epochs: list[int] = Field(default_factory=list, description="step scheduler: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1)
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels-last memory format on GPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    log_every: int = Field(20, ge=1, description="steps between metrics.csv / TensorBoard rows")
+    eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only after the last)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (small budgets)")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch every N steps")
+    find_unused_parameters: bool = Field(True, description="DDP: allow parameters a step does not use")
+    progress: bool = True
+
+
+class EvalConfig(StrictModel):
+    benchmark: str | None = Field(None, description="BENCHMARKS name; null: no evaluation during training")
+    split: Literal["train", "val", "test"] = Field("val", description="split evaluated every eval_every epochs")
+    final_split: Literal["train", "val", "test"] = Field("test", description="split evaluated after training")
+    batch_size: int = Field(64, ge=1)
+
+
+class ExperimentConfig(StrictModel):
+    name: str
+    description: str = ""
+    seed: int = 0
+    plugins: list[str] = Field(default_factory=list, description="modules imported first; they may register "
+                                                                   "their own models, losses or readers")
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> "ExperimentConfig":
+        sampler = self.data.sampler
+        if sampler.kind == "cross_domain" and sampler.k % 2:
+            raise ValueError(f"data.sampler.k must be even for cross_domain (half consumer, half shop), got {sampler.k}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, loss, ...), got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in chain:
+        raise ConfigError(f"{path}: base chain loops back to {base_path}")
+    return _merge(_read_yaml(base_path, chain + (path.resolve(),)), data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "kwargs":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "override") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML; list elements by index)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{source}: '{override}' is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{source}: {'.'.join(parts[:depth + 1])}: no list element {part} "
+                                      f"(the list has {len(node)})")
+                index = int(part)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if not isinstance(node.get(part), (dict, list)):
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(f"{source}: {'.'.join(parts[:depth])} is a value, it has no key '{part}'")
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the section that ``loc`` (a pydantic error location) points into."""
+    annotation: Any = ExperimentConfig
+    for part in loc:
+        annotation = _strip_optional(annotation)
+        if isinstance(part, int):
+            args = typing.get_args(annotation)
+            annotation = args[0] if args else Any
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return list(annotation.model_fields)
+            annotation = field.annotation
+        else:
+            return []
+    annotation = _strip_optional(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        options = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else (f"; valid keys: {', '.join(options)}" if options else "")
+        return f"{dotted}: unknown key{hint}"
+    if error["type"] == "missing":
+        if loc and isinstance(loc[-1], int):  # a too-short fixed-size list such as image_size
+            return f"{'.'.join(str(p) for p in loc[:-1])}: expected {loc[-1] + 1} or more values"
+        return f"{dotted}: required key is missing"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return f"{dotted}: {message} (got {error.get('input')!r})" if error["type"] != "value_error" else f"{dotted}: {message}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise ConfigError(f"{source}: {problems[0]}{more}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a recipe (following ``base:``), apply ``key.path=value`` overrides, validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    data = apply_overrides(data, list(overrides or []), source=str(path))
+    return config_from_dict(data, source=str(path))
+
+
+def dump_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,107 @@
+"""Recipes: typos fail naming file and dotted key, overrides and ``base:`` work, every shipped
+recipe validates and names models, losses and readers that exist with keys they accept."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fashion_retrieval.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+MINIMAL = """\
+name: tiny
+data:
+  format: viton
+  root: viton
+  image_size: [64, 48]
+  sampler: {kind: pk, p: 4, k: 2}
+model: {name: global_net, kwargs: {backbone: resnet18}}
+loss:
+  terms:
+    - {name: id_ce, weight: 1.0}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(MINIMAL)
+    return path
+
+
+def test_minimal_recipe_and_defaults(recipe: Path) -> None:
+    config = load_config(recipe)
+    assert isinstance(config, ExperimentConfig)
+    assert config.data.image_size == (64, 48)
+    assert config.optim.name == "adamw" and config.train.epochs == 10
+    assert config.loss.terms[0].name == "id_ce" and config.loss.terms[0].kwargs == {}
+
+
+@pytest.mark.parametrize("typo, message", [
+    ("trian: {epochs: 3}\n", "trian: unknown key (did you mean 'train'?)"),
+    ("optim: {lr: 0.1, wieght_decay: 0.0}\n", "optim.wieght_decay: unknown key (did you mean 'weight_decay'?)"),
+])
+def test_typo_names_file_and_key(recipe: Path, typo: str, message: str) -> None:
+    recipe.write_text(MINIMAL + typo)
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe)
+    assert str(info.value).startswith(f"{recipe}: {message}")
+
+
+def test_nested_typo_and_bad_values(recipe: Path) -> None:
+    recipe.write_text(MINIMAL.replace("image_size", "imge_size"))
+    with pytest.raises(ConfigError, match=r"tiny.yaml: data.imge_size: unknown key \(did you mean 'image_size'\?\)"):
+        load_config(recipe)
+    recipe.write_text(MINIMAL.replace("kind: pk", "kind: pk, kk: 3"))
+    with pytest.raises(ConfigError, match=r"data.sampler.kk: unknown key \(did you mean 'k'\?\)"):
+        load_config(recipe)
+    recipe.write_text(MINIMAL)
+    with pytest.raises(ConfigError, match=r"optim.name: .*'adam', 'adamw' or 'sgd'"):
+        load_config(recipe, ["optim.name=lamb"])
+    with pytest.raises(ConfigError, match="data.sampler.k must be even"):
+        load_config(recipe, ["data.sampler.kind=cross_domain", "data.sampler.k=3"])
+    recipe.write_text(MINIMAL.replace("model: {name: global_net, kwargs: {backbone: resnet18}}\n", ""))
+    with pytest.raises(ConfigError, match="model: required key is missing"):
+        load_config(recipe)
+
+
+def test_overrides_are_parsed_as_yaml(recipe: Path) -> None:
+    config = load_config(recipe, ["train.epochs=3", "data.image_size=[128, 96]", "model.kwargs.pretrained=false",
+                                  "loss.terms.0.weight=0.5", "loss.terms.0.label_smoothing=0.1", "eval.benchmark=viton_c2s"])
+    assert config.train.epochs == 3 and config.data.image_size == (128, 96)
+    assert config.model.kwargs == {"backbone": "resnet18", "pretrained": False}
+    assert config.loss.terms[0].weight == 0.5 and config.loss.terms[0].kwargs == {"label_smoothing": 0.1}
+    assert config.eval.benchmark == "viton_c2s"
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(recipe, ["train.epochs"])
+    with pytest.raises(ConfigError, match=r"loss.terms.4: no list element 4"):
+        load_config(recipe, ["loss.terms.4.weight=1"])
+    with pytest.raises(ConfigError, match="train.epochs: Input should be a valid integer"):
+        load_config(recipe, ["train.epochs=many"])
+
+
+def test_base_recipe_is_merged(recipe: Path) -> None:
+    child = recipe.with_name("child.yaml")
+    child.write_text("base: tiny.yaml\nname: child\ntrain: {epochs: 2}\ndata: {sampler: {p: 8}}\n")
+    config = load_config(child)
+    assert config.name == "child" and config.train.epochs == 2
+    assert config.data.sampler.p == 8 and config.data.sampler.k == 2 and config.data.root == "viton"
+    loop = recipe.with_name("loop.yaml")
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
+
+
+def test_broken_yaml_names_line(recipe: Path) -> None:
+    recipe.write_text(MINIMAL + "train: {epochs: [1, \n")
+    with pytest.raises(ConfigError, match=r"tiny.yaml:\d+: invalid YAML"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(recipe.with_name("absent.yaml"))
+
+
+def test_apply_overrides_creates_nested_keys() -> None:
+    data = apply_overrides({"a": {"b": 1}}, ["a.c.d=[1, 2]", "e=text"])
+    assert data == {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "text"}
