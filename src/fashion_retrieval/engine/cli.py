@@ -1,13 +1,108 @@
-def train():
-    """Train a model from a YAML recipe (not yet implemented)."""
-    raise SystemExit("not implemented yet")
+"""``fashion-retrieval train | evaluate | demo``.
+
+Heavy imports (torch) happen inside the commands so ``--help`` stays fast. Expected failures
+(a bad recipe, a malformed annotation file, an unusable checkpoint, a missing folder) print one
+line and exit with code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+DATA_ROOT_ENV = "FASHION_DATA_ROOT"
+USAGE_ERROR = 2
 
 
-def evaluate():
-    """Evaluate a checkpoint on a benchmark (not yet implemented)."""
-    raise SystemExit("not implemented yet")
+def default_data_root() -> Path:
+    """``$FASHION_DATA_ROOT``, else ``../shared/data`` relative to the working directory."""
+    return Path(os.environ.get(DATA_ROOT_ENV, Path("..") / "shared" / "data"))
 
 
-def demo():
-    """Train a small model on the shared data and evaluate it (not yet implemented)."""
-    raise SystemExit("not implemented yet")
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ..data.images import ImageLoadError
+    from ..data.table import AnnotationError
+    from ..registry import ConfigError
+    from .checkpoint import CheckpointError
+
+    return (ConfigError, AnnotationError, CheckpointError, ImageLoadError, FileNotFoundError, NotADirectoryError,
+            PermissionError)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - filtered right below
+        if not isinstance(exc, _expected_errors()):
+            raise
+        message = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.filename}: {exc.strerror}"
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+
+
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML recipe, e.g. configs/viton_mmfl_net.yaml"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"folder holding the datasets "
+                                             f"(default: ${DATA_ROOT_ENV} or ../shared/data)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="recipe overrides key.path=value, "
+                                                    "e.g. train.epochs=3 data.image_size=[128,96]"),
+) -> None:
+    """Train a model from a YAML recipe; checkpoints, metrics.csv, TensorBoard logs and eval.json go to --out."""
+    with _one_line_errors():
+        from ..config import load_config
+        from .train import train as run_training
+
+        recipe = load_config(config, list(overrides or []))
+        run_dir = out or Path("runs") / recipe.name
+        result = run_training(recipe, data_root or default_data_root(), run_dir, resume=resume)
+        if result.evaluation is not None and _is_main_process():
+            from .evaluate import print_table
+
+            print_table(result.evaluation)
+        if _is_main_process():
+            typer.echo(f"run directory: {result.run_dir} ({result.epochs} epochs, {result.steps} steps, "
+                       f"{result.skipped_images} unreadable images skipped)")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="run directory or its model.safetensors"),
+    benchmark: str = typer.Option(..., "--benchmark", help="viton_c2s, fashion_product_attributes, "
+                                  "clothing_to_shop_category"),
+    split: str = typer.Option("test", "--split", help="test | val | train"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"default: ${DATA_ROOT_ENV} or ../shared/data"),
+    json_out: Path = typer.Option(..., "--json", help="where to write the results JSON (embeddings go beside it, .npz)"),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="folder for the top-k curve and top-5 grids"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    num_workers: int = typer.Option(2, "--num-workers", min=0),
+) -> None:
+    """Evaluate a checkpoint on a benchmark with the papers' metrics; prints a table, writes JSON."""
+    with _one_line_errors():
+        from .evaluate import evaluate as run_evaluation
+
+        run_evaluation(checkpoint, benchmark, split, data_root or default_data_root(), json_out, plots,
+                       batch_size=batch_size, device=device, num_workers=num_workers, progress=sys.stderr.isatty())
+        typer.echo(f"results: {json_out}")
+
+
+def demo(
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"default: ${DATA_ROOT_ENV} or ../shared/data"),
+    out: Path = typer.Option(Path("runs") / "demo", "--out", help="where the demo's runs and results go"),
+    quick: bool = typer.Option(False, "--quick", help="a smoke run of a few steps (about a minute)"),
+) -> None:
+    """Train small models on the shared data on CPU and print their benchmark tables (about 10 minutes)."""
+    with _one_line_errors():
+        run_demo(data_root or default_data_root(), out, quick=quick)

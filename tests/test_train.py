@@ -1,0 +1,188 @@
+"""Training end to end on tiny synthetic datasets: outputs, skipped images, and a resume after
+SIGKILL that ends bit-identical to an uninterrupted run."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import test_checkpoint  # noqa: F401  registers the tiny test models
+from conftest import write_truncated_jpeg
+
+from fashion_retrieval.config import ConfigError, config_from_dict
+from fashion_retrieval.engine.checkpoint import load_for_inference
+from fashion_retrieval.engine.train import train
+
+TESTS = Path(__file__).resolve().parent
+
+
+def garment(size: tuple[int, int], colour: tuple[int, int, int], stripe: int, worn: bool) -> Image.Image:
+    """A flat product shot (white background) or a 'worn' one (grey background, smaller garment)."""
+    width, height = size
+    image = Image.new("RGB", size, (120, 120, 120) if worn else (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    margin = width // 4 if worn else width // 8
+    box = (margin, height // 5, width - margin, height - height // 6)
+    draw.rectangle(box, fill=colour)
+    y = box[1] + (stripe % 4 + 1) * (box[3] - box[1]) // 6
+    draw.rectangle((box[0], y, box[2], y + 3), fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
+    return image
+
+
+def write_synthetic_viton(root: Path, pairs: int = 60, broken: tuple[int, ...] = (3,)) -> Path:
+    """viton layout (pairs.csv, person/, product/): pair_id % 10 in {0, 5} test, 9 val, others train."""
+    rng = np.random.default_rng(0)
+    (root / "person").mkdir(parents=True, exist_ok=True)
+    (root / "product").mkdir(parents=True, exist_ok=True)
+    lines = ["pair_id,person,product"]
+    for pair in range(pairs):
+        pair_id = f"{pair:06d}"
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        garment((48, 64), colour, pair, worn=True).save(root / "person" / f"{pair_id}.jpg", quality=90)
+        if pair in broken:
+            write_truncated_jpeg(root / "product" / f"{pair_id}.jpg")
+        else:
+            garment((48, 64), colour, pair, worn=False).save(root / "product" / f"{pair_id}.jpg", quality=90)
+        lines.append(f"{pair_id},person/{pair_id}.jpg,product/{pair_id}.jpg")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+TINY_RECIPE = {
+    "name": "tiny-viton",
+    "seed": 7,
+    "plugins": ["test_checkpoint"],
+    "data": {"format": "viton", "root": "viton", "image_size": [64, 48], "num_workers": 0,
+             "sampler": {"kind": "cross_domain", "p": 4, "k": 2}},
+    "model": {"name": "tiny_test_net", "kwargs": {"feat_dim": 16}},
+    "loss": {"terms": [{"name": "cross_entropy", "weight": 1.0}, {"name": "trihard", "weight": 1.0, "margin": 0.3}]},
+    "optim": {"name": "adamw", "lr": 0.01, "warmup_epochs": 1, "scheduler": "cosine"},
+    "train": {"epochs": 4, "log_every": 1, "max_steps_per_epoch": 3, "checkpoint_every_steps": 2, "progress": False},
+    "eval": {"benchmark": None},
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_viton(root / "viton")
+    return root
+
+
+def _recipe(tmp_path: Path, **changes) -> Path:
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    for dotted, value in changes.items():
+        node = recipe
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-u", "-m", "fashion_retrieval", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def _run_until(command: list[str], marker: str) -> str:
+    """Run ``command`` and SIGKILL it as soon as it prints a line containing ``marker``."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    output = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        output.append(line)
+        if marker in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=120)
+    text = "".join(output)
+    assert process.returncode == -signal.SIGKILL, f"the run was not killed at '{marker}':\n{text}"
+    return text
+
+
+def _train_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k.startswith("train.") or k in ("step", "epoch", "lr")}
+                for row in csv.DictReader(handle)]
+
+
+def test_resume_after_sigkill_is_bit_identical(data_root: Path, tmp_path: Path) -> None:
+    reference = train(config_from_dict(yaml.safe_load(_recipe(tmp_path).read_text())), data_root,
+                      tmp_path / "reference")
+    assert reference.epochs == 4 and reference.steps == 12
+
+    # The interrupted run uses a DataLoader worker: augmentation seeds must not depend on that.
+    recipe = _recipe(tmp_path, data__num_workers=1)
+    run = tmp_path / "interrupted"
+    base = ["train", "--config", str(recipe), "--data-root", str(data_root), "--out", str(run)]
+    _run_until(_cli(*base), "checkpoint saved: epoch 1, step 3")  # killed after an epoch boundary
+    second = _run_until(_cli(*base, "--resume"), "checkpoint saved: epoch 2 + 2 steps")  # killed mid-epoch
+    assert "resuming" in second
+    finished = subprocess.run(_cli(*base, "--resume"), capture_output=True, text=True, env=_env(), timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "resuming" in finished.stdout
+
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), f"{key} differs after resume"
+    assert _train_rows(run) == _train_rows(tmp_path / "reference")
+
+
+def test_training_outputs_and_skipped_images(data_root: Path, tmp_path: Path) -> None:
+    config = config_from_dict(yaml.safe_load(_recipe(tmp_path, train__epochs=2, train__checkpoint_every_steps=None,
+                                                     train__max_steps_per_epoch=None).read_text()))
+    messages: list[str] = []
+    result = train(config, data_root, tmp_path / "run", log=messages.append)
+    run = tmp_path / "run"
+    for name in ("model.safetensors", "meta.json", "config.yaml", "metrics.csv", "checkpoint-last"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    # 60 pairs: 42 train items, one with an unreadable product photo -> cross-domain batches skip it.
+    assert result.steps == 2 * (41 // 4)
+    rows = _train_rows(run)
+    assert {"train.loss", "train.cross_entropy", "train.trihard"} <= set(rows[0])
+    assert float(rows[-1]["train.loss"]) < float(rows[0]["train.loss"]), "the tiny model did not learn"
+    model, meta = load_for_inference(run)
+    assert meta["model"]["kwargs"]["num_items"] == 42 and meta["image_size"] == [64, 48]
+    assert meta["epoch"] == 2 and meta["label_space"]["items"][0] == "000001"
+    assert torch.equal(model.embed.weight, result.model.embed.weight.cpu())
+
+
+def test_skipped_images_are_counted(data_root: Path, tmp_path: Path) -> None:
+    # With P×K over items (pk), the broken product photo is drawn and must be counted, not fatal.
+    config = config_from_dict(yaml.safe_load(_recipe(tmp_path, train__epochs=1, data__sampler={"kind": "pk", "p": 21, "k": 2},
+                                                     train__max_steps_per_epoch=None).read_text()))
+    messages: list[str] = []
+    result = train(config, data_root, tmp_path / "run", log=messages.append)
+    assert result.skipped_images >= 1
+    assert any("000003.jpg" in m and "skipped" in m for m in messages)
+
+
+def test_rerun_and_changed_recipe_are_refused(data_root: Path, tmp_path: Path) -> None:
+    recipe = yaml.safe_load(_recipe(tmp_path, train__epochs=1, train__max_steps_per_epoch=1).read_text())
+    train(config_from_dict(recipe), data_root, tmp_path / "run", log=lambda _: None)
+    with pytest.raises(ConfigError, match="pass --resume"):
+        train(config_from_dict(recipe), data_root, tmp_path / "run", log=lambda _: None)
+    recipe["optim"]["lr"] = 0.5
+    with pytest.raises(ConfigError, match="optim.lr differs"):
+        train(config_from_dict(recipe), data_root, tmp_path / "run", resume=True, log=lambda _: None)
+    recipe["optim"]["lr"] = 0.01
+    recipe["train"]["epochs"] = 2  # extending a finished run is allowed
+    assert train(config_from_dict(recipe), data_root, tmp_path / "run", resume=True, log=lambda _: None).epochs == 2
