@@ -119,7 +119,7 @@ def _run_until(command: list[str], marker: str) -> str:
 def _train_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as handle:
         return [{k: v for k, v in row.items() if k.startswith("train.") or k in ("step", "epoch", "lr")}
-                for row in csv.DictReader(handle)]
+                for row in csv.DictReader(handle) if row.get("train.loss")]
 
 
 def test_resume_after_sigkill_is_bit_identical(data_root: Path, tmp_path: Path) -> None:
@@ -147,11 +147,13 @@ def test_resume_after_sigkill_is_bit_identical(data_root: Path, tmp_path: Path) 
 
 def test_training_outputs_and_skipped_images(data_root: Path, tmp_path: Path) -> None:
     config = config_from_dict(yaml.safe_load(_recipe(tmp_path, train__epochs=2, train__checkpoint_every_steps=None,
-                                                     train__max_steps_per_epoch=None).read_text()))
+                                                     train__max_steps_per_epoch=None, train__eval_every=1,
+                                                     eval={"benchmark": "viton_c2s", "split": "val"}).read_text()))
     messages: list[str] = []
     result = train(config, data_root, tmp_path / "run", log=messages.append)
     run = tmp_path / "run"
-    for name in ("model.safetensors", "meta.json", "config.yaml", "metrics.csv", "checkpoint-last"):
+    for name in ("model.safetensors", "meta.json", "config.yaml", "metrics.csv", "checkpoint-last",
+                 "eval-epoch001-val.json", "eval.json", "eval.npz"):
         assert (run / name).exists(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
     # 60 pairs: 42 train items, one with an unreadable product photo -> cross-domain batches skip it.
@@ -163,6 +165,13 @@ def test_training_outputs_and_skipped_images(data_root: Path, tmp_path: Path) ->
     assert meta["model"]["kwargs"]["num_items"] == 42 and meta["image_size"] == [64, 48]
     assert meta["epoch"] == 2 and meta["label_space"]["items"][0] == "000001"
     assert torch.equal(model.embed.weight, result.model.embed.weight.cpu())
+    # Evaluated on val after epoch 1 and on test (final_split) after the last epoch.
+    assert result.evaluation["split"] == "test" and result.evaluation["benchmark"] == "viton_c2s"
+    with open(run / "metrics.csv", newline="") as handle:
+        columns = next(csv.reader(handle))
+    assert "eval.val.overall/top1" in columns and "eval.test.overall/mAP" in columns
+    assert [h["split"] for h in result.history] == ["val", "test"]
+    assert any(m.startswith("evaluation after epoch 2 on viton_c2s/test: top1") for m in messages)
 
 
 def test_skipped_images_are_counted(data_root: Path, tmp_path: Path) -> None:

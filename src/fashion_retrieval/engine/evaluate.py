@@ -42,48 +42,41 @@ class Evaluation:
 
 
 # ---- metrics ---------------------------------------------------------------------------------
-def compute_metrics(kind: str, query: np.ndarray, gallery: np.ndarray, query_labels: np.ndarray,
-                    gallery_labels: np.ndarray, exclude_self: bool) -> dict[str, float]:
-    """The papers' metrics for one attribute (or the instance / category label)."""
+def metric_names(kind: str) -> list[str]:
+    if kind == "attribute":
+        return ["MAP@all", f"MAP@{ATTRIBUTE_CUTOFF}", f"Recall@{ATTRIBUTE_CUTOFF}"]
+    return [f"top{k}" for k in TOPK] + ["mAP"]
+
+
+def _named(kind: str, raw: dict[str, Any]) -> dict[str, float]:
+    """The papers' names (mAP of consumer-to-shop = MAP over the full ranking) plus query counts."""
+    out = {name: float(raw["MAP@all" if name == "mAP" else name]) for name in metric_names(kind)}
+    out["queries"] = int(raw["queries_evaluated"])
+    return out
+
+
+def compute_metrics(kind: str, query: dict[str, np.ndarray], gallery: dict[str, np.ndarray],
+                    query_labels: dict[str, np.ndarray], gallery_labels: dict[str, np.ndarray],
+                    exclude_self: bool) -> dict[str, Any]:
+    """``{"per_attribute": {attribute: metrics}, "overall": metrics}``; overall is the mean over
+    all evaluated (query, attribute) pairs. ``exclude_self``: query i is gallery item i."""
     from .. import metrics
 
-    if kind == "attribute":
-        raw = metrics.evaluate_attribute_retrieval(query, gallery, query_labels, gallery_labels,
-                                                   cutoff=ATTRIBUTE_CUTOFF, exclude_self=exclude_self)
-    else:
-        raw = metrics.evaluate_retrieval(query, gallery, query_labels, gallery_labels, ks=TOPK,
-                                         exclude_self=exclude_self)
-    return {key: float(value) for key, value in raw.items()}
+    self_index = {a: np.arange(len(q)) for a, q in query.items()} if exclude_self else None
+    raw = metrics.evaluate_attribute_retrieval(query, gallery, query_labels, gallery_labels, ks=TOPK,
+                                               map_at=(ATTRIBUTE_CUTOFF,), recall_at=(ATTRIBUTE_CUTOFF,),
+                                               full_map=True, query_gallery_index=self_index)
+    return {"overall": _named(kind, raw["overall"]),
+            "per_attribute": {a: _named(kind, values) for a, values in raw["per_attribute"].items()}}
 
 
-def _overall(kind: str, per_attribute: dict[str, dict[str, float]], evaluated: dict[str, int]) -> dict[str, float]:
-    """Mean over all evaluated (query, attribute) pairs, i.e. attributes weighted by their queries."""
-    total = sum(evaluated.values())
-    if total == 0:
-        return {}
-    names = list(next(iter(per_attribute.values())))
-    overall = {name: sum(per_attribute[a][name] * evaluated[a] for a in per_attribute) / total
-               for name in names if name not in ("queries",)}
-    if kind == "attribute":
-        overall["MAP@all_mean_over_attributes"] = float(np.mean([m["MAP@all"] for m in per_attribute.values()]))
-    return overall
+def top_neighbours(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
+    """[Q, k] gallery rows by decreasing similarity (-1 pads short galleries), for the plots."""
+    from .. import metrics
 
-
-def top_neighbours(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool,
-                   chunk: int = 1024) -> np.ndarray:
-    """[Q, min(k, G')] gallery rows by decreasing cosine (for plots); chunked to bound memory."""
-    gallery_t = torch.from_numpy(np.ascontiguousarray(gallery))
-    k = min(k, len(gallery) - (1 if exclude_self else 0))
-    if k <= 0 or len(query) == 0:
-        return np.zeros((len(query), 0), np.int64)
-    rows = []
-    for start in range(0, len(query), chunk):
-        scores = torch.from_numpy(np.ascontiguousarray(query[start:start + chunk])) @ gallery_t.T
-        if exclude_self:
-            own = torch.arange(start, start + len(scores))
-            scores[torch.arange(len(scores)), own] = -float("inf")
-        rows.append(scores.topk(k, dim=1).indices.numpy())
-    return np.concatenate(rows)
+    _, indices = metrics.chunked_topk(query, gallery, k,
+                                      query_gallery_index=np.arange(len(query)) if exclude_self else None)
+    return indices
 
 
 # ---- embedding a benchmark -------------------------------------------------------------------
@@ -142,34 +135,31 @@ def evaluate_model(model: nn.Module, meta: dict[str, Any], benchmark_name: str, 
         benchmark = benchmark.drop(queries=bad_queries, gallery=bad_gallery)
 
     kind = benchmark.kind
-    per_attribute: dict[str, dict[str, float]] = {}
-    evaluated: dict[str, int] = {}
+    attributes = list(benchmark.attributes)
+    computed = compute_metrics(kind, {a: query_emb[a] for a in attributes}, {a: gallery_emb[a] for a in attributes},
+                               benchmark.query_labels, benchmark.gallery_labels, benchmark.exclude_self)
     arrays: dict[str, np.ndarray] = {}
     neighbours: dict[str, np.ndarray] = {}
-    for attribute in benchmark.attributes:
+    for attribute in attributes:
         q, g = query_emb[attribute], gallery_emb[attribute]
-        q_labels, g_labels = benchmark.query_labels[attribute], benchmark.gallery_labels[attribute]
-        evaluated[attribute] = int(benchmark.evaluable(attribute).sum())
-        per_attribute[attribute] = compute_metrics(kind, q, g, q_labels, g_labels, benchmark.exclude_self)
         neighbours[attribute] = top_neighbours(q, g, PLOT_K, benchmark.exclude_self)
-        if conditioned or not arrays:
+        if conditioned or not arrays:  # one shared embedding is stored once
             arrays[f"query_embeddings__{attribute}"] = q
             if not benchmark.exclude_self:
                 arrays[f"gallery_embeddings__{attribute}"] = g
-        arrays[f"query_labels__{attribute}"] = q_labels
-        arrays[f"gallery_labels__{attribute}"] = g_labels
+        arrays[f"query_labels__{attribute}"] = benchmark.query_labels[attribute]
+        arrays[f"gallery_labels__{attribute}"] = benchmark.gallery_labels[attribute]
     arrays["exclude_self"] = np.array(benchmark.exclude_self)
-    arrays["shared_embeddings"] = np.array(not conditioned)
+    arrays["kind"] = np.array(kind)
 
     results = {
         "benchmark": benchmark.name,
         "kind": kind,
         "split": split,
-        "metric_names": (["MAP@all", f"MAP@{ATTRIBUTE_CUTOFF}", f"Recall@{ATTRIBUTE_CUTOFF}"] if kind == "attribute"
-                         else [f"top{k}" for k in TOPK] + ["mAP"]),
-        "metrics": {"overall": _overall(kind, per_attribute, evaluated), "per_attribute": per_attribute},
+        "metric_names": metric_names(kind),
+        "metrics": computed,
         "counts": {"queries": len(benchmark.queries), "gallery": len(benchmark.gallery),
-                   "evaluated_queries": evaluated, "skipped_images": len(skipped)},
+                   "skipped_images": len(skipped)},
         "skipped": skipped[:50],
         "model": {"name": meta["model"]["name"], "feat_dim": meta.get("feat_dim"),
                   "attribute_conditioned": conditioned, "experiment": meta.get("experiment")},
@@ -204,21 +194,28 @@ def write_results(evaluation: Evaluation, json_path: str | Path, save_embeddings
     return json_path
 
 
-def recompute_from_npz(npz_path: str | Path, kind: str) -> dict[str, dict[str, float]]:
-    """Per-attribute metrics from a saved ``.npz`` alone (no model, no images)."""
+def load_npz(npz_path: str | Path) -> dict[str, Any]:
+    """The saved arrays as ``{kind, exclude_self, query, gallery, query_labels, gallery_labels}``
+    (dicts keyed by attribute; a shared embedding is repeated for every attribute)."""
     data = np.load(npz_path)
     exclude_self = bool(data["exclude_self"])
     attributes = [key.split("__", 1)[1] for key in data.files if key.startswith("query_labels__")]
-    shared_query = next(k for k in data.files if k.startswith("query_embeddings__"))
-    out = {}
+    shared = next(k for k in data.files if k.startswith("query_embeddings__")).split("__", 1)[1]
+    query, gallery = {}, {}
     for attribute in attributes:
-        q_key = f"query_embeddings__{attribute}" if f"query_embeddings__{attribute}" in data.files else shared_query
-        q = data[q_key]
-        g_key = q_key.replace("query_", "gallery_")
-        g = q if exclude_self else data[g_key]
-        out[attribute] = compute_metrics(kind, q, g, data[f"query_labels__{attribute}"],
-                                         data[f"gallery_labels__{attribute}"], exclude_self)
-    return out
+        source = attribute if f"query_embeddings__{attribute}" in data.files else shared
+        query[attribute] = data[f"query_embeddings__{source}"]
+        gallery[attribute] = query[attribute] if exclude_self else data[f"gallery_embeddings__{source}"]
+    return {"kind": str(data["kind"]), "exclude_self": exclude_self, "query": query, "gallery": gallery,
+            "query_labels": {a: data[f"query_labels__{a}"] for a in attributes},
+            "gallery_labels": {a: data[f"gallery_labels__{a}"] for a in attributes}}
+
+
+def recompute_from_npz(npz_path: str | Path) -> dict[str, Any]:
+    """The JSON's ``metrics`` again, from a saved ``.npz`` alone (no model, no images)."""
+    saved = load_npz(npz_path)
+    return compute_metrics(saved["kind"], saved["query"], saved["gallery"], saved["query_labels"],
+                           saved["gallery_labels"], saved["exclude_self"])
 
 
 def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int = 8, seed: int = 0) -> list[Path]:
@@ -234,7 +231,9 @@ def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int
         evaluable = benchmark.evaluable(attribute)
         if not evaluable.any() or neighbours.shape[1] == 0:
             continue
-        relevant = (g_labels[neighbours] == q_labels[:, None]) & (g_labels[neighbours] >= 0)
+        found = neighbours >= 0
+        labels_found = np.where(found, g_labels[np.maximum(neighbours, 0)], -1)
+        relevant = (labels_found == q_labels[:, None]) & (labels_found >= 0)
         curves[attribute] = plots.topk_curve(relevant[evaluable])
         chosen = np.sort(rng.choice(np.flatnonzero(evaluable), size=min(queries_shown, int(evaluable.sum())),
                                     replace=False))
@@ -243,7 +242,7 @@ def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int
                     else "query" for i in chosen]
         written.append(plots.plot_retrieval_grid(
             [benchmark.queries.resolve(benchmark.queries[i]) for i in chosen],
-            [[benchmark.gallery.resolve(benchmark.gallery[j]) for j in neighbours[i, :5]] for i in chosen],
+            [[benchmark.gallery.resolve(benchmark.gallery[j]) for j in neighbours[i, :5] if j >= 0] for i in chosen],
             relevant[chosen, :5], plots_dir / f"top5_{_safe(attribute)}.png",
             f"{benchmark.name} ({evaluation.results['split']}), {attribute}: top-5 (green = relevant)", captions))
     if curves:
@@ -267,13 +266,11 @@ def print_table(results: dict[str, Any], console: Any = None) -> None:
     table.add_column("queries", justify="right")
     for name in names:
         table.add_column(name, justify="right")
-    evaluated = results["counts"]["evaluated_queries"]
     for attribute, values in results["metrics"]["per_attribute"].items():
-        table.add_row(attribute, str(evaluated.get(attribute, "")), *[f"{100 * values[n]:.2f}" for n in names])
+        table.add_row(attribute, str(values["queries"]), *[f"{100 * values[n]:.2f}" for n in names])
     if len(results["metrics"]["per_attribute"]) > 1:
         overall = results["metrics"]["overall"]
-        table.add_row("overall", str(sum(evaluated.values())), *[f"{100 * overall[n]:.2f}" for n in names],
-                      style="bold")
+        table.add_row("overall", str(overall["queries"]), *[f"{100 * overall[n]:.2f}" for n in names], style="bold")
     console.print(table)
     console.print("(percent)")
 

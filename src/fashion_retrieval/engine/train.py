@@ -583,6 +583,5 @@ def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: Ex
 
 
 def summarise(result: dict[str, Any]) -> str:
-    overall = result.get("metrics", {}).get("overall", result.get("metrics", {}))
-    shown = [f"{key} {value:.4f}" for key, value in overall.items() if isinstance(value, (int, float))][:6]
-    return ", ".join(shown)
+    overall = result.get("metrics", {}).get("overall", {})
+    return ", ".join(f"{name} {overall[name]:.4f}" for name in result.get("metric_names", []) if name in overall)
