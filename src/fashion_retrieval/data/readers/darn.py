@@ -1,1 +1,185 @@
-"""(placeholder: being written)"""
+"""Reader for DARN (Huang et al., ICCV 2015) as split by ASEN / ASEN++ (Ma et al., AAAI 2020).
+
+DARN itself is distributed as image URLs; attribute-specific retrieval papers use the split
+files ASEN's authors released for DARN, FashionAI and DeepFashion. Their layout, per dataset
+folder:
+
+* ``filenames_{train,valid,test}.txt``: one image path per line, relative to the dataset
+  folder; the 0-based line number is the image's index in that split.
+* ``label_train.txt``: ``<index> <attribute> <value> [<attribute> <value> ...]``.
+* ``{query,candidate}_{valid,test}.txt``: ``<index> <attribute> <value>``; the queries and the
+  candidates (gallery) of attribute-specific retrieval, one line per image and attribute.
+* optionally ``meta.json``: ``{"ATTRIBUTES": [names], "ATTRIBUTES_NUM": {name: count},
+  "ATTRIBUTES_VALUES": {name: [value names]}}``.
+
+Attribute and value numbers are 0-based indices into the attribute list and its values.
+``read_asen_lists`` reads any dataset in this layout; ``fashionai`` uses it for its ``split_dir``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ...registry import ConfigError
+from ..table import AnnotationError, Sample, SampleTable
+from . import READERS
+from ._annotations import iter_lines, parse_int, read_json
+
+# Attribute names and value counts of ASEN++'s DARN split (its config/DARN/DARN.yaml); DARN's
+# value names were never published with the split, so values are named value_<index>.
+DARN_ATTRIBUTES = {
+    "clothes category": 20, "clothes button": 13, "clothes color": 55, "clothes length": 7,
+    "clothes pattern": 28, "clothes shape": 11, "collar shape": 26, "sleeve length": 8, "sleeve shape": 17,
+}
+EVAL_SPLITS = {"valid": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class AsenSchema:
+    """What the attribute and value indices of the label files stand for."""
+
+    attributes: tuple[str, ...]
+    num_values: tuple[int | None, ...]  # None: not known, any index is accepted
+    value_names: tuple[tuple[str, ...] | None, ...]  # None: values are named value_<index>
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int | None],
+                    value_names: dict[str, Sequence[str]] | None = None) -> "AsenSchema":
+        value_names = value_names or {}
+        return cls(tuple(counts), tuple(counts.values()),
+                   tuple(tuple(value_names[name]) if name in value_names else None for name in counts))
+
+    def value(self, attribute: int, index: int) -> str:
+        names = self.value_names[attribute]
+        return names[index] if names is not None else f"value_{index}"
+
+
+@READERS.register("darn")
+def read_darn(root: Path | str, split_dir: str = ".", meta: str | None = None, eval_split: str = "test",
+              image_prefix: str = "", attributes: Sequence[str] | None = None) -> SampleTable:
+    """ASEN's DARN split in ``root/split_dir``; image paths are relative to ``root``.
+
+    ``eval_split``: which evaluation split (``test`` or ``valid``) becomes query/gallery rows; the
+    other one's images get split ``val`` or ``test``. ``meta``: an ASEN ``meta.json`` (default:
+    ``split_dir/meta.json`` if present, else the nine DARN attributes ASEN++ uses).
+    ``image_prefix`` is put before every listed path (e.g. ``"pic/"`` if the lists hold bare file
+    names). ``attributes`` renames the attributes, in index order.
+    """
+    root = Path(root)
+    schema = load_schema(root / split_dir, root / meta if meta else None, AsenSchema.from_counts(DARN_ATTRIBUTES))
+    if attributes is not None:
+        if len(attributes) != len(schema.attributes):
+            raise ConfigError(f"attributes gives {len(attributes)} names but the split has "
+                              f"{len(schema.attributes)} attributes: {', '.join(schema.attributes)}")
+        schema = AsenSchema(tuple(attributes), schema.num_values, schema.value_names)
+    return read_asen_lists(root, split_dir, schema, eval_split=eval_split, image_prefix=image_prefix,
+                           domain="unknown", name="darn")
+
+
+def load_schema(folder: Path, meta: Path | None, default: AsenSchema) -> AsenSchema:
+    """The schema of an explicit ``meta`` file, else of ``folder/meta.json``, else ``default``."""
+    path = meta if meta is not None else folder / "meta.json"
+    if meta is None and not path.is_file():
+        return default
+    data = read_json(path)
+    names = data.get("ATTRIBUTES") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise AnnotationError(path, None, "expected ASEN meta data: an object whose \"ATTRIBUTES\" is a list of names")
+    counts = data.get("ATTRIBUTES_NUM") or {}
+    values = data.get("ATTRIBUTES_VALUES") or {}
+    for name in names:
+        if name in counts and (isinstance(counts[name], bool) or not isinstance(counts[name], int)):
+            raise AnnotationError(path, None, f"ATTRIBUTES_NUM of '{name}' must be an integer")
+        if name in values:
+            if not isinstance(values[name], list) or not all(isinstance(v, str) for v in values[name]):
+                raise AnnotationError(path, None, f"ATTRIBUTES_VALUES of '{name}' must be a list of names")
+            if name in counts and counts[name] != len(values[name]):
+                raise AnnotationError(path, None, f"'{name}' has {counts[name]} values in ATTRIBUTES_NUM but "
+                                      f"{len(values[name])} names in ATTRIBUTES_VALUES")
+    return AsenSchema.from_counts(
+        {name: counts.get(name, len(values[name]) if name in values else None) for name in names}, values)
+
+
+def read_asen_lists(root: Path, split_dir: str, schema: AsenSchema, eval_split: str = "test",
+                    image_prefix: str = "", domain: str = "unknown", name: str = "asen") -> SampleTable:
+    """One row per labelled image of each split; in ``eval_split`` one row per image and role
+    (an image that is a query for one attribute and a candidate for another has two rows)."""
+    if eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
+    root = Path(root)
+    folder = root / split_dir
+    samples: list[Sample] = []
+
+    def add(files: list[str], labels: dict[int, dict[str, tuple[str, int]]], split: str) -> None:
+        for index in sorted(labels):
+            path = image_prefix + files[index]
+            samples.append(Sample(path=path, item_id=Path(path).stem, domain=domain, split=split,
+                                  attributes={attr: value for attr, (value, _) in labels[index].items()}))
+
+    files = _filenames(folder / "filenames_train.txt")
+    add(files, _labels(folder / "label_train.txt", files, schema), "train")
+    for split, table_split in EVAL_SPLITS.items():
+        list_path = folder / f"filenames_{split}.txt"
+        if split != eval_split and not list_path.is_file():
+            continue  # the split not evaluated on is optional
+        files = _filenames(list_path)
+        query = _labels(folder / f"query_{split}.txt", files, schema)
+        candidate = _labels(folder / f"candidate_{split}.txt", files, schema)
+        if split == eval_split:
+            add(files, query, "query")
+            add(files, candidate, "gallery")
+        else:
+            add(files, _merged(query, candidate, folder / f"candidate_{split}.txt", files), table_split)
+    return SampleTable(samples, root=root, name=name)
+
+
+def _filenames(path: Path) -> list[str]:
+    """Every line counts, blank ones included: the label files refer to images by line number."""
+    return [text.strip() for _, text in iter_lines(path, keep_blank=True)]
+
+
+def _labels(path: Path, files: list[str], schema: AsenSchema) -> dict[int, dict[str, tuple[str, int]]]:
+    """Image index → attribute → (value name, line it was read from)."""
+    labels: dict[int, dict[str, tuple[str, int]]] = {}
+    for line, text in iter_lines(path):
+        tokens = text.split()
+        if len(tokens) < 3 or len(tokens) % 2 == 0:
+            raise AnnotationError(path, line, f"expected '<image index> <attribute> <value>' (more attribute/value "
+                                  f"pairs may follow), got {len(tokens)} columns")
+        index = parse_int(path, line, tokens[0], "image index", 0)
+        if index >= len(files) or not files[index]:
+            blank = "" if index >= len(files) else f" and line {index + 1} is blank"
+            raise AnnotationError(path, line, f"image index {index} has no path: the filenames list has "
+                                  f"{len(files)} lines{blank}")
+        for attr_token, value_token in zip(tokens[1::2], tokens[2::2]):
+            attribute = parse_int(path, line, attr_token, "attribute index", 0, len(schema.attributes) - 1)
+            count = schema.num_values[attribute]
+            what = f"value of '{schema.attributes[attribute]}'"
+            value = schema.value(attribute, parse_int(path, line, value_token, what, 0,
+                                                      count - 1 if count is not None else None))
+            name = schema.attributes[attribute]
+            _set_label(labels.setdefault(index, {}), name, value, path, line, files[index])
+    return labels
+
+
+def _set_label(labels: dict[str, tuple[str, int]], name: str, value: str, path: Path, line: int,
+               image: str, first_file: Path | None = None) -> None:
+    first = labels.get(name)
+    if first is None:
+        labels[name] = (value, line)
+    elif first[0] != value:
+        where = f"{first_file.name} line {first[1]}" if first_file else f"line {first[1]}"
+        raise AnnotationError(path, line, f"{image} has '{name}' = {value!r} here but {first[0]!r} on {where}")
+
+
+def _merged(query: dict[int, dict[str, tuple[str, int]]], candidate: dict[int, dict[str, tuple[str, int]]],
+            candidate_path: Path, files: list[str]) -> dict[int, dict[str, tuple[str, int]]]:
+    """Query and candidate labels of one image joined, for a split that is not evaluated on."""
+    merged = {index: dict(labels) for index, labels in query.items()}
+    query_path = candidate_path.with_name(candidate_path.name.replace("candidate_", "query_"))
+    for index, labels in candidate.items():
+        target = merged.setdefault(index, {})
+        for name, (value, line) in labels.items():
+            _set_label(target, name, value, candidate_path, line, files[index], first_file=query_path)
+    return merged
