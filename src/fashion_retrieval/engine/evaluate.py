@@ -179,6 +179,25 @@ def hardware_description(device: str | torch.device = "cpu") -> dict[str, Any]:
     return info
 
 
+def invoking_command() -> str:
+    """The command line that is running, as a user would type it."""
+    program = Path(sys.argv[0]).name
+    if program in ("fashion-retrieval", "__main__.py"):
+        return " ".join(["fashion-retrieval", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
+def provenance(device: str | torch.device, meta: dict[str, Any]) -> dict[str, Any]:
+    """How a result was made: command, hardware, code version and time."""
+    return {
+        "command": invoking_command(),
+        "hardware": hardware_description(device),
+        "package_version": meta.get("package_version"),
+        "git_commit": meta.get("git_commit"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def write_results(evaluation: Evaluation, json_path: str | Path, save_embeddings: bool = True) -> Path:
     """Write the JSON (atomically) and, with ``save_embeddings``, ``<json stem>.npz`` beside it."""
     json_path = Path(json_path)
@@ -286,15 +305,7 @@ def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root:
     model, meta = load_for_inference(checkpoint, device=torch_device)
     evaluation = evaluate_model(model, meta, benchmark_name, split, data_root, batch_size=batch_size,
                                 device=torch_device, num_workers=num_workers, progress=progress)
-    evaluation.results.update({
-        "checkpoint": str(checkpoint),
-        "command": " ".join(["fashion-retrieval", *sys.argv[1:]]) if Path(sys.argv[0]).stem == "fashion-retrieval"
-        else " ".join(sys.argv),
-        "hardware": hardware_description(torch_device),
-        "package_version": meta.get("package_version"),
-        "git_commit": meta.get("git_commit"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    evaluation.results.update({"checkpoint": str(checkpoint), **provenance(torch_device, meta)})
     if plots_dir is not None:
         evaluation.results["plots"] = [str(p) for p in save_plots(evaluation, plots_dir)]
     write_results(evaluation, json_out)

@@ -566,7 +566,8 @@ def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: Ex
     """Rank 0 evaluates (embedding a benchmark is cheap next to training); the others wait."""
     result = None
     if context.is_main:
-        from .evaluate import evaluate_model, write_results
+        from .. import __version__
+        from .evaluate import evaluate_model, provenance, write_results
 
         was_training = model.training
         evaluation = evaluate_model(model, meta, config.eval.benchmark, split, data_root,
@@ -574,7 +575,8 @@ def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: Ex
                                     num_workers=config.data.num_workers, progress=progress)
         model.train(was_training)
         result = evaluation.results
-        result.update({"epoch": epoch, "step": step, "experiment": config.name})
+        result.update({"epoch": epoch, "step": step, "experiment": config.name, "checkpoint": str(run_dir),
+                       **provenance(context.device, {**meta, "package_version": __version__})})
         last = epoch == config.train.epochs
         name = EVAL_FILE if last else f"eval-epoch{epoch:03d}-{split}.json"
         write_results(evaluation, run_dir / name, save_embeddings=last)
