@@ -105,3 +105,36 @@ def test_broken_yaml_names_line(recipe: Path) -> None:
 def test_apply_overrides_creates_nested_keys() -> None:
     data = apply_overrides({"a": {"b": 1}}, ["a.c.d=[1, 2]", "e=text"])
     assert data == {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "text"}
+
+
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_recipes_exist() -> None:
+    names = {p.stem for p in RECIPES}
+    expected = {"fashion_product_attribute_classifier", "fashion_product_asen", "fashion_product_m3_net",
+                "fashion_product_m3_net_a", "fashion_product_m3_net_c", "fashionai_asen", "fashionai_m3_net",
+                "darn_asen", "darn_m3_net"}
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_validates_against_the_registries(path: Path) -> None:
+    """Every name a recipe uses exists and every keyword it passes is accepted, without building."""
+    from fashion_retrieval.data.benchmarks import BENCHMARKS
+    from fashion_retrieval.data.readers import READERS
+    from fashion_retrieval.losses import LOSSES
+    from fashion_retrieval.models import MODELS
+    from fashion_retrieval.registry import check_kwargs
+
+    config = load_config(path)
+    assert config.name == path.stem, "a recipe's name is its file name (runs/<name> by default)"
+    check_kwargs(READERS.get(config.data.format), {"root": Path("."), **config.data.options}, config.data.format)
+    builder = MODELS.get(config.model.name)
+    check_kwargs(builder, {"num_items": 1, "attribute_sizes": [2], **config.model.kwargs}, config.model.name)
+    if getattr(builder, "attribute_conditioned", False):
+        assert config.data.sampler.kind == "attribute"
+    for term in config.loss.terms:
+        check_kwargs(LOSSES.get(term.name), {k: v for k, v in term.kwargs.items() if k != "label"}, term.name)
+    if config.eval.benchmark is not None:
+        BENCHMARKS.get(config.eval.benchmark)
