@@ -178,6 +178,7 @@ def test_evaluate_attribute_benchmark(tmp_path: Path, conditioned: bool) -> None
     assert results["metrics"]["per_attribute"]["season"]["queries"] == 11  # 12 test images, one without season
     overall = sum(m * n for m, n in pooled) / sum(n for _, n in pooled)
     assert results["metrics"]["overall"]["MAP@all"] == pytest.approx(overall, abs=1e-9)
+    assert results["metrics"]["mean_over_attributes"]["MAP@all"] == pytest.approx(np.mean([m for m, _ in pooled]))
     assert recompute_from_npz(tmp_path / "attr.npz") == results["metrics"]
     if conditioned:  # "gender" is attribute 4 of this model: its embedding must be the one stored
         from fashion_retrieval.data.benchmarks import BENCHMARKS

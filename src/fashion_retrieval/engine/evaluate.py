@@ -66,8 +66,13 @@ def compute_metrics(kind: str, query: dict[str, np.ndarray], gallery: dict[str, 
     raw = metrics.evaluate_attribute_retrieval(query, gallery, query_labels, gallery_labels, ks=TOPK,
                                                map_at=(ATTRIBUTE_CUTOFF,), recall_at=(ATTRIBUTE_CUTOFF,),
                                                full_map=True, query_gallery_index=self_index)
-    return {"overall": _named(kind, raw["overall"]),
-            "per_attribute": {a: _named(kind, values) for a, values in raw["per_attribute"].items()}}
+    per_attribute = {a: _named(kind, values) for a, values in raw["per_attribute"].items()}
+    computed = {"overall": _named(kind, raw["overall"]), "per_attribute": per_attribute}
+    if len(per_attribute) > 1:
+        # Some papers report the plain mean of the attributes' numbers instead of the query-weighted one.
+        computed["mean_over_attributes"] = {name: float(np.mean([m[name] for m in per_attribute.values()]))
+                                            for name in metric_names(kind)}
+    return computed
 
 
 def top_neighbours(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
@@ -290,6 +295,9 @@ def print_table(results: dict[str, Any], console: Any = None) -> None:
     if len(results["metrics"]["per_attribute"]) > 1:
         overall = results["metrics"]["overall"]
         table.add_row("overall", str(overall["queries"]), *[f"{100 * overall[n]:.2f}" for n in names], style="bold")
+        mean = results["metrics"].get("mean_over_attributes")
+        if mean:
+            table.add_row("mean of attributes", "", *[f"{100 * mean[n]:.2f}" for n in names])
     console.print(table)
     console.print("(percent)")
 
