@@ -195,3 +195,48 @@ def test_rerun_and_changed_recipe_are_refused(data_root: Path, tmp_path: Path) -
     recipe["optim"]["lr"] = 0.01
     recipe["train"]["epochs"] = 2  # extending a finished run is allowed
     assert train(config_from_dict(recipe), data_root, tmp_path / "run", resume=True, log=lambda _: None).epochs == 2
+
+
+# ---- command line ------------------------------------------------------------------------------
+from typer.testing import CliRunner
+
+from fashion_retrieval.cli import app
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(data_root: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    recipe = _recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("image_size", "imge_size"))
+    result = runner.invoke(app, ["train", "--config", str(recipe), "--data-root", str(data_root),
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert f"error: {recipe}: data.imge_size: unknown key (did you mean 'image_size'?)" in result.output
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(app, ["train", "--config", str(_recipe(tmp_path)), "--data-root", str(tmp_path / "nowhere"),
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "dataset folder not found" in result.output
+
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "missing-run"), "--benchmark", "viton_c2s",
+                                 "--data-root", str(data_root), "--json", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+    result = runner.invoke(app, ["train", "--config", str(_recipe(tmp_path)), "--data-root", str(data_root),
+                                 "--out", str(tmp_path / "run"), "model.name=tiny_test_nett"])
+    assert result.exit_code == 2 and "unknown model 'tiny_test_nett' (did you mean 'tiny_test_net'?)" in result.output
+
+
+def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
+    from test_evaluate import _write_styles
+
+    _write_styles(tmp_path / "data" / "fashion-product", count=80)
+    write_synthetic_viton(tmp_path / "data" / "viton", pairs=50, broken=())
+    result = CliRunner().invoke(app, ["demo", "--quick", "--data-root", str(tmp_path / "data"),
+                                      "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "fashion_product_attributes (val" in result.output and "demo finished" in result.output
+    assert (tmp_path / "demo" / "demo_fashion_product_attributes" / "eval.json").is_file()
+    # A second demo reuses its runs: it re-evaluates instead of refusing the existing directory.
+    again = CliRunner().invoke(app, ["demo", "--quick", "--data-root", str(tmp_path / "data"),
+                                     "--out", str(tmp_path / "demo")])
+    assert again.exit_code == 0, again.output
