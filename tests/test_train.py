@@ -235,7 +235,7 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
                                       "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     assert "fashion_product_attributes (val" in result.output and "demo finished" in result.output
-    assert (tmp_path / "demo" / "demo_fashion_product_attributes" / "eval.json").is_file()
+    assert (tmp_path / "demo" / "demo_fashion_product_attributes-quick" / "eval.json").is_file()
     # A second demo reuses its runs: it re-evaluates instead of refusing the existing directory.
     again = CliRunner().invoke(app, ["demo", "--quick", "--data-root", str(tmp_path / "data"),
                                      "--out", str(tmp_path / "demo")])

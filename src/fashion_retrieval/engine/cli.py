@@ -180,7 +180,8 @@ def run_demo(data_root: Path, out: Path, quick: bool = False) -> list[dict]:
     results = []
     for recipe in demo_recipes(quick):
         config = config_from_dict(recipe, source=f"demo recipe {recipe['name']}")
-        run_dir = Path(out) / config.name
+        # Quick and full demos are different recipes: keep their runs apart so each can continue.
+        run_dir = Path(out) / (config.name + ("-quick" if quick else ""))
         typer.secho(f"\n== {config.description} → {run_dir}", bold=True)
         # A second demo continues (or, when finished, re-evaluates) its own earlier runs.
         resume = training_checkpoint_dir(run_dir) is not None
