@@ -48,6 +48,9 @@ class DataConfig(StrictModel):
     num_workers: int = Field(2, ge=0)
     attributes: list[str] | None = Field(None, description="attributes a model learns, in this order "
                                                            "(default: all of the table's)")
+    identity: Literal["item", "category"] = Field("item", description="what counts as the same identity for "
+                                                                         "ID and metric losses: the product, or "
+                                                                         "its category (category-level retrieval)")
     augment: bool = True
     crop_bbox: bool = Field(False, description="crop each image to its annotated box (DeepFashion, Street2Shop)")
 

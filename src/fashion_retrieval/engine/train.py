@@ -19,7 +19,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -133,9 +133,14 @@ def read_table(config: ExperimentConfig, data_root: Path) -> SampleTable:
 
 def training_table(config: ExperimentConfig, data_root: Path) -> SampleTable:
     table = read_table(config, data_root).filter(split=config.data.train_split)
+    if config.data.identity == "category":
+        # Category-level retrieval: every ID/metric loss then treats a category as one identity.
+        table = table.filter(predicate=lambda s: s.category is not None)
+        table = SampleTable([replace(s, item_id=s.category) for s in table], table.root, table.name, table.multi_label)
     if len(table) == 0:
         raise ConfigError(f"data.train_split: no images in split(s) {config.data.train_split} of "
-                          f"{config.data.format} at {Path(data_root) / config.data.root}")
+                          f"{config.data.format} at {Path(data_root) / config.data.root}"
+                          + (" with a category" if config.data.identity == "category" else ""))
     return table
 
 
