@@ -240,3 +240,17 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
     again = CliRunner().invoke(app, ["demo", "--quick", "--data-root", str(tmp_path / "data"),
                                      "--out", str(tmp_path / "demo")])
     assert again.exit_code == 0, again.output
+
+
+def test_category_identity_makes_categories_the_identities(tmp_path: Path) -> None:
+    from conftest import write_clothing
+
+    from fashion_retrieval.engine.train import training_table
+
+    write_clothing(tmp_path / "clothing")
+    recipe = yaml.safe_load(_recipe(tmp_path).read_text())
+    recipe["data"].update({"format": "clothing", "root": "clothing", "identity": "category"})
+    table = training_table(config_from_dict(recipe), tmp_path)
+    assert len(table) == 7 and {s.item_id for s in table} == {"dress", "pants", "t-shirt"}
+    recipe["data"]["identity"] = "item"
+    assert len({s.item_id for s in training_table(config_from_dict(recipe), tmp_path)}) == 7
