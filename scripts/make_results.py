@@ -60,7 +60,7 @@ def _hardware(data: dict[str, Any]) -> str:
     hardware = data.get("hardware") or {}
     if not hardware:
         return "not recorded"
-    device = hardware.get("gpu") or hardware.get("device", "?")
+    device = hardware.get("gpu") or hardware.get("cpu") or hardware.get("device", "?")
     return f"{device}, torch {hardware.get('torch', '?')}, {hardware.get('cpu_threads', '?')} CPU threads"
 
 

@@ -179,9 +179,22 @@ def hardware_description(device: str | torch.device = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     info: dict[str, Any] = {"device": str(device), "platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    cpu = _cpu_model()
+    if cpu:
+        info["cpu"] = cpu
     if device.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def invoking_command() -> str:
