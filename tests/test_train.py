@@ -254,3 +254,29 @@ def test_category_identity_makes_categories_the_identities(tmp_path: Path) -> No
     assert len(table) == 7 and {s.item_id for s in table} == {"dress", "pants", "t-shirt"}
     recipe["data"]["identity"] = "item"
     assert len({s.item_id for s in training_table(config_from_dict(recipe), tmp_path)}) == 7
+
+
+def test_attribute_conditioned_training(tmp_path: Path) -> None:
+    from test_evaluate import _write_styles
+
+    _write_styles(tmp_path / "data" / "fashion-product", count=80)
+    recipe = yaml.safe_load(_recipe(tmp_path).read_text())
+    recipe.update({
+        "data": {"format": "fashion_product", "root": "fashion-product", "image_size": [64, 48], "num_workers": 0,
+                 "attributes": ["gender", "articleType", "baseColour", "season", "usage"],
+                 "sampler": {"kind": "attribute", "p": 2, "k": 4}},
+        "model": {"name": "tiny_test_attribute_net", "kwargs": {}},
+        "loss": {"terms": [{"name": "attribute_bce"}, {"name": "attribute_triplet", "margin": 0.2}]},
+        "train": {"epochs": 1, "log_every": 2, "progress": False},
+        "eval": {"benchmark": "fashion_product_attributes", "final_split": "test"},
+    })
+    result = train(config_from_dict(recipe), tmp_path / "data", tmp_path / "run", log=lambda _: None)
+    # 56 training images (ids % 10 not in {0, 5, 9}) in batches of P*K = 8.
+    assert result.steps == 7
+    assert set(result.evaluation["metrics"]["per_attribute"]) == set(recipe["data"]["attributes"])
+    _, meta = load_for_inference(tmp_path / "run")
+    assert meta["attributes"] == recipe["data"]["attributes"] and meta["model"]["kwargs"]["attribute_sizes"][0] == 2
+
+    recipe["data"]["sampler"]["kind"] = "pk"
+    with pytest.raises(ConfigError, match="attribute-conditioned and needs kind: attribute"):
+        train(config_from_dict(recipe), tmp_path / "data", tmp_path / "other", log=lambda _: None)
