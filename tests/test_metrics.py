@@ -1,0 +1,454 @@
+"""Retrieval metrics: hand-computed cases, an independent naive reference, chunking invariance
+and agreement with pytorch-metric-learning where the definitions coincide."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fashion_retrieval.metrics import (
+    RetrievalResult,
+    average_precision,
+    average_precision_from_ranks,
+    chunked_topk,
+    evaluate_attribute_retrieval,
+    evaluate_retrieval,
+    evaluate_retrieval_from_scores,
+    hit_at_k,
+    map_at_k,
+    ranking,
+    recall_at_k,
+    relevant_ranks,
+    retrieve,
+    retrieve_from_scores,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed cases
+# ---------------------------------------------------------------------------------------------
+
+# One query [1.0] against 1-D gallery embeddings, so the scores are the gallery values exactly.
+TIE_GALLERY = np.array([[0.9], [0.5], [0.9], [0.1], [0.5]], dtype=np.float32)
+TIE_GALLERY_LABELS = np.array([7, 3, 3, 7, 3])
+TIE_QUERY = np.array([[1.0]], dtype=np.float32)
+TIE_QUERY_LABELS = np.array([3])
+# Ranking: 0.9 at indices 0 and 2 → gallery order puts 0 first; 0.5 at 1 and 4 → 1 first.
+#   order = [0, 2, 1, 4, 3], labels [7, 3, 3, 3, 7], relevant = [0, 1, 1, 1, 0], n_relevant = 3
+# (the opposite tie rule would give [2, 0, 4, 1, 3] and a hit at rank 1)
+TIE_AP = (1 / 2 + 2 / 3 + 3 / 4) / 3  # = 0.638888…
+
+
+def test_pure_functions_on_a_ranked_row():
+    row = [0, 1, 1, 1, 0]
+    assert average_precision(row) == pytest.approx(TIE_AP)
+    # truncated row: the AP denominator is the number of relevant items given
+    assert average_precision(row, n_relevant=4) == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 4)
+    assert average_precision_from_ranks([4, 2, 3]) == pytest.approx(TIE_AP)
+    assert map_at_k(row, 2) == pytest.approx((1 / 2) / 2)  # one hit at 2, / min(2, 3)
+    assert map_at_k(row, 3) == pytest.approx((1 / 2 + 2 / 3) / 3)
+    assert map_at_k(row, 100) == pytest.approx(TIE_AP)  # k ≥ everything: MAP@k = AP
+    assert recall_at_k(row, 2) == pytest.approx(1 / 3)
+    assert hit_at_k(row, 1) == 0.0 and hit_at_k(row, 2) == 1.0
+    assert math.isnan(average_precision([0, 0, 0]))
+    assert math.isnan(map_at_k([0, 0], 1))
+    with pytest.raises(ValueError, match="n_relevant"):
+        average_precision(row, n_relevant=2)
+    with pytest.raises(ValueError, match="k must be"):
+        map_at_k(row, 0)
+    with pytest.raises(ValueError, match="distinct"):
+        average_precision_from_ranks([2, 2])
+
+
+def test_ranking_breaks_ties_by_gallery_order():
+    assert ranking(np.array([0.9, 0.5, 0.9, 0.1, 0.5])).tolist() == [0, 2, 1, 4, 3]
+    assert ranking(np.array([0.9, 0.5, 0.9, 0.1, 0.5]), ignore=0).tolist() == [2, 1, 4, 3]
+
+
+def test_ties_are_broken_by_gallery_order():
+    result = retrieve(TIE_QUERY, TIE_GALLERY, TIE_QUERY_LABELS, TIE_GALLERY_LABELS, k=5)
+    assert result.topk_indices.tolist() == [[0, 2, 1, 4, 3]]
+    assert result.topk_relevant.tolist() == [[False, True, True, True, False]]
+    assert result.ranks_of(0).tolist() == [2, 3, 4]
+    metrics = evaluate_retrieval(TIE_QUERY, TIE_GALLERY, TIE_QUERY_LABELS, TIE_GALLERY_LABELS,
+                                 ks=(1, 2, 5), map_at=(2, 3), recall_at=(2,))
+    assert metrics["top1"] == 0.0  # the irrelevant index 0 wins the 0.9 tie
+    assert metrics["top2"] == 1.0
+    assert metrics["MAP@2"] == pytest.approx(0.25)  # (1/2) / min(2, 3)
+    assert metrics["MAP@3"] == pytest.approx((1 / 2 + 2 / 3) / 3)
+    assert metrics["Recall@2"] == pytest.approx(1 / 3)
+    assert metrics["MAP@all"] == pytest.approx(TIE_AP)
+    assert metrics["queries_evaluated"] == 1
+
+
+def test_tie_rule_holds_with_one_item_per_gallery_chunk():
+    result = retrieve(TIE_QUERY, TIE_GALLERY, TIE_QUERY_LABELS, TIE_GALLERY_LABELS, k=3,
+                      query_chunk=1, gallery_chunk=1)
+    assert result.topk_indices.tolist() == [[0, 2, 1]]
+    assert result.ranks_of(0).tolist() == [2, 3, 4]
+
+
+def test_distance_matrix_gives_the_same_ranking():
+    distances = 1.0 - TIE_GALLERY.T  # smaller = more similar; ties stay ties
+    metrics = evaluate_retrieval_from_scores(distances, TIE_QUERY_LABELS, TIE_GALLERY_LABELS,
+                                             higher_is_better=False, ks=(1, 2), map_at=(2,), recall_at=())
+    assert metrics["top1"] == 0.0 and metrics["top2"] == 1.0
+    assert metrics["MAP@2"] == pytest.approx(0.25)
+    assert metrics["MAP@all"] == pytest.approx(TIE_AP)
+
+
+def test_unlabelled_queries_queries_without_relevant_and_distractor_gallery_labels():
+    gallery = np.array([[0.2], [0.8], [0.6], [0.4]], dtype=np.float32)
+    gallery_labels = np.array([3, -1, 4, 3])  # item 1 is a distractor: ranked, never relevant
+    queries = np.array([[1.0], [1.0], [1.0], [-1.0]], dtype=np.float32)
+    query_labels = np.array([3, 9, -1, 4])  # query 1: no label-9 item; query 2: not evaluated
+    # q0 (label 3): scores [.2, .8, .6, .4] → order [1, 2, 3, 0] → labels [-1, 4, 3, 3]
+    #    relevant at ranks 3 and 4 → AP = (1/3 + 2/4) / 2 = 5/12; top1 = 0, top5 = 1
+    # q3 (label 4): scores [-.2, -.8, -.6, -.4] → order [0, 3, 2, 1] → labels [3, 3, 4, -1]
+    #    relevant at rank 3 → AP = 1/3; top1 = 0
+    metrics = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=(1, 3, 5),
+                                 map_at=(3,), recall_at=(3,))
+    assert metrics["queries_evaluated"] == 2
+    assert metrics["queries_without_relevant"] == 1
+    assert metrics["queries_unlabelled"] == 1
+    assert metrics["MAP@all"] == pytest.approx((5 / 12 + 1 / 3) / 2)
+    assert metrics["top1"] == 0.0
+    assert metrics["top3"] == 1.0
+    # MAP@3: q0 (1/3) / min(3, 2) = 1/6; q3 (1/3) / min(3, 1) = 1/3 → mean 1/4
+    assert metrics["MAP@3"] == pytest.approx(0.25)
+    # Recall@3: q0 1/2, q3 1/1 → 3/4
+    assert metrics["Recall@3"] == pytest.approx(0.75)
+    per_query = relevant_ranks(queries, gallery, query_labels, gallery_labels)
+    assert [r.tolist() for r in per_query] == [[3, 4], [], [], [3]]
+
+
+def test_self_exclusion_when_queries_are_in_the_gallery():
+    items = np.array([[1.0], [0.8], [0.3], [0.8]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1])
+    own = np.arange(4)
+    # q0: scores [1, .8, .3, .8] minus itself → order [1, 3, 2] (0.8 tie: index 1 first)
+    #     labels [0, 1, 1] → AP 1, top1 1
+    # q1: scores [.8, .64, .24, .64] minus itself → order [0, 3, 2] → labels [0, 1, 1] → AP 1
+    # q2: scores [.3, .24, .09, .24] minus itself → order [0, 1, 3] → labels [0, 0, 1] → AP 1/3
+    # q3: scores [.8, .64, .24, .64] minus itself → order [0, 1, 2] → labels [0, 0, 1] → AP 1/3
+    metrics = evaluate_retrieval(items, items, labels, labels, ks=(1,), map_at=(), recall_at=(),
+                                 query_gallery_index=own)
+    assert metrics["MAP@all"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 3) / 4)
+    assert metrics["top1"] == 0.5
+    result = retrieve(items, items, labels, labels, k=4, query_gallery_index=own)
+    assert result.topk_indices.tolist() == [[1, 3, 2, -1], [0, 3, 2, -1], [0, 1, 3, -1], [0, 1, 2, -1]]
+    assert np.all(np.isneginf(result.topk_scores[:, 3]))
+    assert result.n_relevant.tolist() == [1, 1, 1, 1]
+    # without exclusion each query's own item is ranked and relevant:
+    # q0 order [0, 1, 3, 2] → labels [0, 0, 1, 1] → AP 1;  q1 order [0, 1, 3, 2] → AP 1
+    # q2 order [0, 1, 3, 2] → labels [0, 0, 1, 1] → relevant at 3, 4 → AP (1/3 + 2/4) / 2 = 5/12
+    # q3 order [0, 1, 3, 2] → AP 5/12
+    kept = evaluate_retrieval(items, items, labels, labels, ks=(1,), map_at=(), recall_at=())
+    assert kept["MAP@all"] == pytest.approx((2 + 2 * 5 / 12) / 4)
+
+
+def test_a_query_whose_only_relevant_item_is_itself_is_counted_not_evaluated():
+    items = np.array([[1.0], [0.5]], dtype=np.float32)
+    metrics = evaluate_retrieval(items, items, [0, 1], [0, 1], ks=(1,), map_at=(), recall_at=(),
+                                 query_gallery_index=[0, 1])
+    assert metrics["queries_evaluated"] == 0
+    assert metrics["queries_without_relevant"] == 2
+    assert math.isnan(metrics["top1"]) and math.isnan(metrics["MAP@all"])
+
+
+def test_attribute_retrieval_overall_is_query_weighted():
+    gallery_items = np.array([[0.9], [0.1]], dtype=np.float32)
+    gallery = {"color": gallery_items, "sleeve": gallery_items}
+    gallery_labels = {"color": [0, 1], "sleeve": [0, 1]}
+    queries = {"color": np.ones((1, 1), dtype=np.float32), "sleeve": np.ones((3, 1), dtype=np.float32)}
+    query_labels = {"color": [0], "sleeve": [0, 1, 7]}
+    # color: q0 relevant at rank 1 → AP 1, top1 1
+    # sleeve: q0 AP 1, top1 1; q1 relevant at rank 2 → AP 1/2, top1 0; q2 has no label-7 item
+    out = evaluate_attribute_retrieval(queries, gallery, query_labels, gallery_labels, ks=(1,),
+                                       map_at=(), recall_at=())
+    assert out["per_attribute"]["color"]["MAP@all"] == pytest.approx(1.0)
+    assert out["per_attribute"]["sleeve"]["MAP@all"] == pytest.approx(0.75)
+    assert out["per_attribute"]["sleeve"]["queries_without_relevant"] == 1
+    # overall = mean over the 3 evaluated queries (1 + 1 + 1/2) / 3, not (1 + 0.75) / 2
+    assert out["overall"]["MAP@all"] == pytest.approx(2.5 / 3)
+    assert out["overall"]["top1"] == pytest.approx(2 / 3)
+    assert out["overall"]["queries_evaluated"] == 3
+    assert out["overall"]["queries_without_relevant"] == 1
+    with pytest.raises(ValueError, match="gallery_embeddings"):
+        evaluate_attribute_retrieval(queries, {"color": gallery["color"]}, query_labels, gallery_labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    gallery = np.zeros((3, 2), dtype=np.float32)
+    query = np.zeros((2, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="differ in dimension"):
+        evaluate_retrieval(query, np.zeros((3, 4), dtype=np.float32), [0, 0], [0, 0, 0])
+    with pytest.raises(ValueError, match="gallery_labels has 2 entries"):
+        evaluate_retrieval(query, gallery, [0, 0], [0, 0])
+    bad = query.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_retrieval(bad, gallery, [0, 0], [0, 0, 0])
+    with pytest.raises(TypeError, match="integers"):
+        evaluate_retrieval(query, gallery, [0.5, 0.0], [0, 0, 0])
+    with pytest.raises(ValueError, match=r"\[-1, 3\)"):
+        evaluate_retrieval(query, gallery, [0, 0], [0, 0, 0], query_gallery_index=[0, 3])
+    with pytest.raises(ValueError, match="2-D"):
+        evaluate_retrieval(np.zeros(2, dtype=np.float32), gallery, [0, 0], [0, 0, 0])
+    with pytest.raises(ValueError, match="chunk"):
+        evaluate_retrieval(query, gallery, [0, 0], [0, 0, 0], query_chunk=0)
+    with pytest.raises(ValueError, match="retrieve with k"):
+        top1_only = retrieve(query, gallery, [0, 0], [0, 0, 0], k=1, full_ranks=False)
+        top1_only.metrics(ks=(2,), map_at=(), recall_at=(), full_map=False)
+
+
+def _result(**changes) -> RetrievalResult:
+    fields = dict(
+        query_indices=np.array([0]), topk_indices=np.array([[2, 0]]), topk_scores=np.array([[0.5, 0.1]]),
+        topk_relevant=np.array([[True, False]]), n_relevant=np.array([2]), queries_without_relevant=0,
+        queries_unlabelled=0, relevant_ranks=np.array([1, 3]), rank_offsets=np.array([0, 2]),
+    )
+    fields.update(changes)
+    return RetrievalResult(**fields)
+
+
+def test_retrieval_result_validation():
+    assert _result().metrics(ks=(1,), map_at=(), recall_at=())["MAP@all"] == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="topk_scores has shape"):
+        _result(topk_scores=np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        _result(topk_scores=np.array([[np.nan, 0.1]]))
+    with pytest.raises(ValueError, match="n_relevant ≥ 1"):
+        _result(n_relevant=np.array([0]), relevant_ranks=np.array([], dtype=np.int64), rank_offsets=np.array([0, 0]),
+                topk_relevant=np.array([[False, False]]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _result(relevant_ranks=np.array([3, 1]))
+    with pytest.raises(ValueError, match="do not match n_relevant"):
+        _result(rank_offsets=np.array([0, 1]))
+    with pytest.raises(ValueError, match="padding"):
+        _result(topk_indices=np.array([[2, -1]]), topk_relevant=np.array([[True, True]]))
+    with pytest.raises(ValueError, match="come together"):
+        _result(rank_offsets=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent naive reference (full sort with np.lexsort) on data with heavy ties
+# ---------------------------------------------------------------------------------------------
+
+def _naive_metrics(scores: np.ndarray, query_labels, gallery_labels, own, ks, map_at, recall_at):
+    per_metric: dict[str, list[float]] = {}
+    without, unlabelled = 0, 0
+    for q in range(scores.shape[0]):
+        if query_labels[q] < 0:
+            unlabelled += 1
+            continue
+        order = np.lexsort((np.arange(scores.shape[1]), -scores[q]))
+        order = order[order != own[q]]
+        relevant = (gallery_labels[order] == query_labels[q]) & (gallery_labels[order] >= 0)
+        n = int(relevant.sum())
+        if n == 0:
+            without += 1
+            continue
+        hits = np.cumsum(relevant)
+        precision = hits / np.arange(1, relevant.size + 1)
+        values = {"MAP@all": float((precision * relevant).sum() / n)}
+        for k in ks:
+            values[f"top{k}"] = float(relevant[:k].any())
+        for k in map_at:
+            values[f"MAP@{k}"] = float((precision[:k] * relevant[:k]).sum() / min(k, n))
+        for k in recall_at:
+            values[f"Recall@{k}"] = float(relevant[:k].sum() / n)
+        for key, value in values.items():
+            per_metric.setdefault(key, []).append(value)
+    out: dict[str, float | int] = {key: float(np.mean(v)) for key, v in per_metric.items()}
+    out.update(queries_evaluated=len(per_metric.get("MAP@all", [])), queries_without_relevant=without,
+               queries_unlabelled=unlabelled)
+    return out
+
+
+def _tied_problem(rng: np.random.Generator, n_queries: int, n_gallery: int, dim: int, n_labels: int):
+    # values in {-1, -0.5, 0, 0.5, 1}: dot products are exact in float32 and tie very often
+    queries = rng.integers(-2, 3, (n_queries, dim)).astype(np.float32) / 2
+    gallery = rng.integers(-2, 3, (n_gallery, dim)).astype(np.float32) / 2
+    query_labels = rng.integers(-1, n_labels, n_queries)
+    gallery_labels = rng.integers(-1, n_labels, n_gallery)
+    return queries, gallery, query_labels, gallery_labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_naive_full_sort_reference_with_heavy_ties(seed):
+    rng = np.random.default_rng(seed)
+    n_queries, n_gallery = int(rng.integers(20, 60)), int(rng.integers(50, 300))
+    queries, gallery, query_labels, gallery_labels = _tied_problem(rng, n_queries, n_gallery, 3, 6)
+    own = np.where(rng.random(n_queries) < 0.5, rng.integers(0, n_gallery, n_queries), -1)
+    ks, map_at, recall_at = (1, 5, 10, 20), (10, 100), (5, 100)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=ks, map_at=map_at,
+                              recall_at=recall_at, query_gallery_index=own, query_chunk=7, gallery_chunk=13)
+    scores = queries.astype(np.float64) @ gallery.T.astype(np.float64)
+    expected = _naive_metrics(scores, query_labels, gallery_labels, own, ks, map_at, recall_at)
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_chunked_topk_matches_lexsort_order():
+    rng = np.random.default_rng(11)
+    queries, gallery, _, _ = _tied_problem(rng, 25, 90, 2, 3)
+    own = rng.integers(-1, 90, 25)
+    scores, indices = chunked_topk(queries, gallery, 12, query_gallery_index=own, query_chunk=4, gallery_chunk=9)
+    full = queries.astype(np.float64) @ gallery.T.astype(np.float64)
+    for q in range(25):
+        order = np.lexsort((np.arange(90), -full[q]))
+        order = order[order != own[q]][:12]
+        assert indices[q].tolist() == order.tolist()
+        np.testing.assert_array_equal(scores[q], full[q, order].astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_queries=st.integers(1, 30),
+    n_gallery=st.integers(1, 80),
+    k=st.integers(1, 90),
+    query_chunk=st.integers(1, 11),
+    gallery_chunk=st.integers(1, 37),
+)
+def test_chunked_equals_unchunked(seed, n_queries, n_gallery, k, query_chunk, gallery_chunk):
+    rng = np.random.default_rng(seed)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(rng, n_queries, n_gallery, 2, 4)
+    own = np.where(rng.random(n_queries) < 0.5, rng.integers(0, n_gallery, n_queries), -1)
+    args = (queries, gallery, query_labels, gallery_labels)
+    whole = retrieve(*args, k=k, query_gallery_index=own, query_chunk=10**6, gallery_chunk=10**6)
+    chunked = retrieve(*args, k=k, query_gallery_index=own, query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+    for field in ("query_indices", "topk_indices", "topk_scores", "topk_relevant", "n_relevant",
+                  "relevant_ranks", "rank_offsets"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
+    # the precomputed-matrix path ranks the same way
+    from_matrix = retrieve_from_scores(queries @ gallery.T, query_labels, gallery_labels, k=k,
+                                       query_gallery_index=own, gallery_chunk=gallery_chunk)
+    np.testing.assert_array_equal(from_matrix.topk_indices, whole.topk_indices)
+    np.testing.assert_array_equal(from_matrix.relevant_ranks, whole.relevant_ranks)
+
+
+def test_metrics_from_ranks_agree_with_metrics_from_topk():
+    rng = np.random.default_rng(5)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(rng, 40, 200, 3, 5)
+    wide = retrieve(queries, gallery, query_labels, gallery_labels, k=60)
+    narrow = retrieve(queries, gallery, query_labels, gallery_labels, k=1)  # k > 1 comes from the ranks
+    request = dict(ks=(1, 5, 50), map_at=(7, 60), recall_at=(3, 60))
+    wide_values = wide.per_query(**request)
+    narrow_values = narrow.per_query(**request)
+    for key in wide_values:
+        np.testing.assert_allclose(narrow_values[key], wide_values[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def test_torch_inputs_and_explicit_device_match_numpy(device):
+    rng = np.random.default_rng(3)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(rng, 15, 40, 3, 4)
+    own = rng.integers(-1, 40, 15)
+    from_numpy = retrieve(queries, gallery, query_labels, gallery_labels, k=10, query_gallery_index=own)
+    on_device = retrieve(torch.from_numpy(queries).to(device), torch.from_numpy(gallery).to(device),
+                         torch.from_numpy(query_labels), torch.from_numpy(gallery_labels), k=10,
+                         query_gallery_index=own, device=device, gallery_chunk=7)
+    for field in ("topk_indices", "topk_scores", "relevant_ranks", "n_relevant"):
+        np.testing.assert_array_equal(getattr(on_device, field), getattr(from_numpy, field), err_msg=field)
+
+
+# ---------------------------------------------------------------------------------------------
+# pytorch-metric-learning, where the definitions coincide
+# ---------------------------------------------------------------------------------------------
+
+def _clustered(rng, n_queries, n_gallery, per_label, dim=16):
+    n_labels = n_gallery // per_label
+    centres = rng.standard_normal((n_labels, dim)).astype(np.float32)
+    gallery_labels = np.arange(n_gallery) // per_label
+    query_labels = rng.integers(0, n_labels, n_queries)
+    gallery = centres[gallery_labels] + 1.0 * rng.standard_normal((n_gallery, dim)).astype(np.float32)
+    queries = centres[query_labels] + 1.0 * rng.standard_normal((n_queries, dim)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return queries, gallery, query_labels, gallery_labels
+
+
+def _pml_accuracy(queries, gallery, query_labels, gallery_labels, k):
+    import faiss
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision"), k=k,
+                                    device=torch.device("cpu"), knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
+    return calculator.get_accuracy(queries, query_labels, gallery, gallery_labels)
+
+
+def test_agrees_with_pytorch_metric_learning_when_relevant_fit_in_k():
+    # 10 relevant per query ≤ k = 100: PML's MAP@k denominator (all relevant) = ours (min(k, n))
+    rng = np.random.default_rng(0)
+    queries, gallery, query_labels, gallery_labels = _clustered(rng, 300, 1500, per_label=10)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=(1,), map_at=(100,),
+                              recall_at=(), full_map=False, gallery_chunk=256)
+    pml = _pml_accuracy(queries, gallery, query_labels, gallery_labels, k=100)
+    assert 0.05 < ours["MAP@100"] < 0.95  # neither trivial nor hopeless
+    # the tolerance only absorbs a score difference in the last float bit between FAISS and torch
+    assert ours["top1"] == pytest.approx(pml["precision_at_1"], abs=1e-4)
+    assert ours["MAP@100"] == pytest.approx(pml["mean_average_precision"], abs=1e-4)
+
+
+def test_pml_divides_map_at_k_by_all_relevant_items():
+    # 30 relevant per query, k = 10: PML divides by 30, we divide by min(10, 30) = 10
+    rng = np.random.default_rng(1)
+    queries, gallery, query_labels, gallery_labels = _clustered(rng, 200, 1500, per_label=30)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=(), map_at=(10,),
+                              recall_at=(), full_map=False)
+    pml = _pml_accuracy(queries, gallery, query_labels, gallery_labels, k=10)
+    assert ours["MAP@10"] == pytest.approx(3 * pml["mean_average_precision"], abs=1e-4)
+
+
+def test_a_relevant_item_never_outranks_itself_when_pass_two_scores_differ_in_the_last_bits(monkeypatch):
+    # Another BLAS kernel may round the second pass over the gallery differently; scaling every
+    # pass-2 score by (1 + 1e-6) keeps their order but lifts each relevant item above the score
+    # recorded for it in pass 1. Continuous data: no two scores closer than that.
+    import fashion_retrieval.metrics as metrics_module
+
+    rng = np.random.default_rng(8)
+    queries, gallery, query_labels, gallery_labels = _clustered(rng, 20, 200, per_label=10)
+    expected = retrieve(queries, gallery, query_labels, gallery_labels, k=0).relevant_ranks
+
+    class Rescaled:
+        def __init__(self, source):
+            self.source, self.device, self.num_gallery = source, source.device, source.num_gallery
+
+        def query_block(self, rows):
+            return self.source.query_block(rows)
+
+        def scores(self, block, start, stop, out):
+            return self.source.scores(block, start, stop, out).mul_(1 + 1e-6)
+
+    original = metrics_module._count_ranks
+    monkeypatch.setattr(metrics_module, "_count_ranks", lambda source, *rest: original(Rescaled(source), *rest))
+    perturbed = retrieve(queries, gallery, query_labels, gallery_labels, k=0, gallery_chunk=64).relevant_ranks
+    np.testing.assert_array_equal(perturbed, expected)
+
+
+def test_rank_pass_splits_query_chunks_with_many_relevant_items(monkeypatch):
+    import fashion_retrieval.metrics as metrics_module
+
+    rng = np.random.default_rng(4)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(rng, 30, 120, 2, 2)
+    expected = retrieve(queries, gallery, query_labels, gallery_labels, k=5)
+    # ~40 relevant items per query: a budget of 50 table entries forces one query per chunk
+    monkeypatch.setattr(metrics_module, "RANK_WORKSPACE_ENTRIES", 50)
+    assert metrics_module._rank_chunk_bounds(expected.n_relevant, 16) == list(range(expected.num_evaluated))
+    split = retrieve(queries, gallery, query_labels, gallery_labels, k=5, query_chunk=16)
+    np.testing.assert_array_equal(split.relevant_ranks, expected.relevant_ranks)
+    np.testing.assert_array_equal(split.topk_indices, expected.topk_indices)
