@@ -9,6 +9,7 @@ PyTorch with onnxruntime before it is reported done.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional, Sequence
 
@@ -57,9 +58,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
     import torch
 
     from .engine.checkpoint import load_for_inference
+    from .index.catalog import checkpoint_files, file_sha256
     from .serve.embedders import _inference_meta
 
-    model, meta = load_for_inference(checkpoint)
+    weights, _ = checkpoint_files(checkpoint)
+    model, meta = load_for_inference(weights)
     meta = _inference_meta(model, meta)
     wrapper = _embedding_only(model)
     out = Path(out)
@@ -74,37 +77,48 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
         input_names.append("attribute")
         dynamic_axes["attribute"] = {0: "batch"}
     tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(wrapper, example, str(tmp), input_names=input_names, output_names=["embedding"],
-                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
-    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    attributes = range(len(meta["attributes"])) if conditioned else [None]
-    for attribute in attributes:
-        feeds = {"images": pixels.numpy()}
-        with torch.no_grad():
-            if attribute is None:
-                expected = wrapper(pixels).numpy()
-            else:
-                index = torch.full((len(pixels),), attribute, dtype=torch.long)
-                expected = wrapper(pixels, index).numpy()
-                feeds["attribute"] = index.numpy()
-        got = session.run(["embedding"], feeds)[0]
-        worst = max(worst, float(np.abs(got - expected).max()))
-    if worst > TOLERANCE:
+    sidecar_path = out.with_name(out.name + ".json")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # tracer notes about Python-side shape checks that are constant for a fixed model
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, example, str(tmp), input_names=input_names, output_names=["embedding"],
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        attributes = range(len(meta["attributes"])) if conditioned else [None]
+        for attribute in attributes:
+            for batch in (pixels, pixels[:1]):  # the batch axis is dynamic: check a single query too
+                feeds = {"images": batch.numpy()}
+                with torch.no_grad():
+                    if attribute is None:
+                        expected = wrapper(batch).numpy()
+                    else:
+                        index = torch.full((len(batch),), attribute, dtype=torch.long)
+                        expected = wrapper(batch, index).numpy()
+                        feeds["attribute"] = index.numpy()
+                got = session.run(["embedding"], feeds)[0]
+                worst = max(worst, float(np.abs(got - expected).max()))
+        if worst > TOLERANCE:
+            raise ExportError(f"ONNX output differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); not written")
+        sidecar = {key: meta[key] for key in ("image_size", "attributes", "attribute_conditioned", "feat_dim")}
+        sidecar.update(model=meta.get("model"), checkpoint=str(Path(checkpoint).resolve()),
+                       weights_sha256=file_sha256(weights), parity_max_abs_diff=worst,
+                       parity_inputs=f"{len(images)} photos" if images else "random pixels")
+        sidecar_tmp = sidecar_path.with_name(sidecar_path.name + ".tmp")
+        sidecar_tmp.write_text(json.dumps(sidecar, indent=2), "utf-8")
+        tmp.replace(out)
+        sidecar_tmp.replace(sidecar_path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX output differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); not written")
-    tmp.replace(out)
-    sidecar = {key: meta[key] for key in ("image_size", "attributes", "attribute_conditioned", "feat_dim")}
-    sidecar.update(model=meta.get("model"), checkpoint=str(Path(checkpoint).resolve()), parity_max_abs_diff=worst,
-                   parity_inputs="photos" if images else "random pixels")
-    out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2), "utf-8")
+        sidecar_path.with_name(sidecar_path.name + ".tmp").unlink(missing_ok=True)
     return worst
 
 
 @app.command("onnx")
 def onnx(
-    checkpoint: Annotated[Path, typer.Option(help="run directory or model.safetensors")],
+    checkpoint: Annotated[Path, typer.Option(help="run directory, model.safetensors, or an index directory "
+                                                   "(exports the model the index was built with)")],
     out: Annotated[Path, typer.Option(help="where to write model.onnx")],
     images: Annotated[Optional[list[Path]], typer.Option("--image", help="photos to check parity on")] = None,
     opset: Annotated[int, typer.Option(min=13, max=21)] = 18,
@@ -115,7 +129,7 @@ def onnx(
 
     try:
         worst = export_onnx(checkpoint, out, images or [], opset)
-    except (ExportError, CheckpointError, ImageLoadError, FileNotFoundError) as exc:
+    except (ExportError, CheckpointError, ImageLoadError, OSError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2)
     typer.echo(f"wrote {out} (+ {out.name}.json); max abs difference to PyTorch {worst:.2e} ≤ {TOLERANCE:g}")

@@ -1,12 +1,15 @@
 """Embed a catalog with a trained model and write (or update) a catalog index."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.table import AnnotationError, Sample, SampleTable
-from .catalog import DEFAULT_SPACE, CatalogIndex, file_sha256
+from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, checkpoint_files, file_sha256,
+                      refuse_foreign_directory)
 from .store import StoreError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -18,6 +21,7 @@ class BuildReport:
     added: int
     spaces: list[str]
     skipped: list[str] = field(default_factory=list)
+    total: int = 0  # catalog images in the build (added + skipped)
 
 
 def load_catalog_table(images: str | Path, format: str | None = None, split: str | Sequence[str] | None = None,
@@ -33,7 +37,8 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
     elif format is not None:
         table = READERS.build(format, root=images)
     elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir() if p.is_file()):
-        files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in images.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
         table = SampleTable([Sample(path=p.name, item_id=p.stem, domain="shop") for p in files], images, images.name)
     else:
         table = READERS.build("folder", root=images)
@@ -61,50 +66,68 @@ def _metadata(table: SampleTable, index: int) -> dict[str, Any]:
 
 def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, batch_size: int,
                 progress: bool, device: str) -> tuple[int, list[str]]:
-    from ..engine.embed import embed_table
+    """Embed every image once per space (decoding it once) and add the vectors."""
+    from ..engine.embed import embed_table_attributes
 
-    image_size = tuple(meta["image_size"])
-    attributes = list(meta.get("attributes") or [])
-    skipped: list[str] = []
-    added = 0
-    for space in catalog.spaces:
-        attribute = attributes.index(space) if catalog.attribute_conditioned else None
-        result = embed_table(model, table, image_size, batch_size=batch_size, attribute=attribute,
-                             device=device, progress=progress)
-        rows = [int(i) for i in result.indices]
-        if not skipped:
-            skipped = list(result.skipped)
-        catalog.add(space, _image_ids(table, rows), result.embeddings, [_metadata(table, i) for i in rows])
-        added = len(rows)
-    return added, skipped
+    model_attributes = list(meta.get("attributes") or [])
+    indices = [model_attributes.index(s) for s in catalog.spaces] if catalog.attribute_conditioned else [None]
+    result = embed_table_attributes(model, table, meta["image_size"], indices, batch_size=batch_size,
+                                    device=device, progress=progress)
+    if not len(result):
+        shown = "; ".join(result.skipped[:3])
+        raise StoreError(f"none of the {len(table)} catalog images could be read (e.g. {shown})")
+    rows = [int(i) for i in result.indices]
+    ids = _image_ids(table, rows)
+    metadata = [_metadata(table, i) for i in rows]
+    for space, index in zip(catalog.spaces, indices):
+        vectors = result.embeddings if index is None else result.by_attribute[index]
+        catalog.add(space, ids, vectors, metadata)
+    return len(rows), list(result.skipped)
+
+
+def _spaces_for(model, model_attributes: list[str], attributes: Sequence[str] | None) -> list[str]:
+    if getattr(model, "attribute_conditioned", False):
+        spaces = list(dict.fromkeys(attributes or model_attributes))
+        unknown = [a for a in spaces if a not in model_attributes]
+        if unknown:
+            raise StoreError(f"unknown attribute '{unknown[0]}'; the model knows {', '.join(model_attributes)}")
+        return spaces
+    if attributes:
+        raise StoreError("--attribute needs an attribute-conditioned model (asen, m3_net, attribute_classifier); "
+                         "this one has a single embedding space")
+    return [DEFAULT_SPACE]
 
 
 def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kind: str = "flat",
                 attributes: Sequence[str] | None = None, format: str | None = None,
                 split: str | Sequence[str] | None = None, domain: str | None = None, batch_size: int = 64,
                 store: str = "faiss", device: str = "cpu", progress: bool = True) -> BuildReport:
-    from ..engine.checkpoint import load_for_inference
+    """Write ``out`` from scratch; an index already there is replaced only once the new one is complete."""
+    from ..engine.checkpoint import CheckpointError, load_for_inference
 
-    model, meta = load_for_inference(checkpoint)
+    out = Path(out)
+    refuse_foreign_directory(out)
+    weights, meta_file = checkpoint_files(checkpoint)
+    for required in (weights, meta_file):
+        if not required.is_file():
+            raise CheckpointError(f"{required}: checkpoint file not found")
     table = load_catalog_table(images, format, split, domain)
-    model_attributes = list(meta.get("attributes") or [])
-    if getattr(model, "attribute_conditioned", False):
-        spaces = list(attributes or model_attributes)
-        unknown = [a for a in spaces if a not in model_attributes]
-        if unknown:
-            raise StoreError(f"the model has no attribute {unknown[0]!r}; it knows {', '.join(model_attributes)}")
-    else:
-        if attributes:
-            raise StoreError("--attribute needs an attribute-conditioned model (ASEN, M3-Net, attribute_classifier)")
-        spaces = [DEFAULT_SPACE]
-    weights = Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else Path(checkpoint)
-    model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(weights),
-                  "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
-                  "attributes": model_attributes}
-    catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store)
-    added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
-    catalog.save()
-    return BuildReport(Path(out), added, spaces, skipped)
+    # Copy the checkpoint first and embed with the copy: a training run that overwrites its
+    # checkpoint meanwhile cannot pair new weights with vectors from the old ones.
+    with tempfile.TemporaryDirectory(prefix="fashion-retrieval-model-") as staging:
+        staged = {WEIGHTS_FILE: Path(staging) / WEIGHTS_FILE, META_FILE: Path(staging) / META_FILE}
+        shutil.copyfile(weights, staged[WEIGHTS_FILE])
+        shutil.copyfile(meta_file, staged[META_FILE])
+        model, meta = load_for_inference(staging)
+        model_attributes = list(meta.get("attributes") or [])
+        spaces = _spaces_for(model, model_attributes, attributes)
+        model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),
+                      "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
+                      "attributes": model_attributes}
+        catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged)
+        added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
+        catalog.save()
+    return BuildReport(out, added, spaces, skipped, len(table))
 
 
 def add_to_index(index_dir: str | Path, images: str | Path, format: str | None = None,
@@ -114,19 +137,16 @@ def add_to_index(index_dir: str | Path, images: str | Path, format: str | None =
     from ..engine.checkpoint import load_for_inference
 
     catalog = CatalogIndex.open(index_dir)
-    checkpoint = Path(catalog.model_info["checkpoint"])
-    model, meta = load_for_inference(checkpoint)
-    weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
-    if file_sha256(weights) != catalog.model_info.get("sha256"):
-        raise StoreError(f"{checkpoint} changed since {index_dir} was built: rebuild the index with it")
     table = load_catalog_table(images, format, split, domain)
+    model, meta = load_for_inference(catalog.model_dir)
     added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
     catalog.save()
-    return BuildReport(Path(index_dir), added, catalog.spaces, skipped)
+    return BuildReport(Path(index_dir), added, catalog.spaces, skipped, len(table))
 
 
 def remove_from_index(index_dir: str | Path, ids: Sequence[str]) -> int:
     catalog = CatalogIndex.open(index_dir)
     removed = catalog.remove(ids)
-    catalog.save()
+    if removed:
+        catalog.save()
     return removed

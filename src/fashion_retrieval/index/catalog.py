@@ -2,21 +2,29 @@
 
 Layout of ``INDEX_DIR``::
 
-    index.json             model identity (checkpoint, sha256 of its weights), image size,
-                           spaces, store kind
+    index.json             model identity (origin checkpoint, sha256 of its weights), image size,
+                           spaces, store kind, count
+    model/                 a copy of the checkpoint (model.safetensors + meta.json): queries are
+                           embedded by exactly the model that embedded the catalog, even after the
+                           training run directory is overwritten or moved
     spaces/<space>/        one FaissStore per space: "default" for a plain model, one per
                            attribute for an attribute-conditioned model (ASEN, M3-Net …)
 
 The whole directory is replaced atomically on save, so a crash during a build or an incremental
-add leaves the previous catalog loadable and answering.
+add leaves the previous catalog loadable and answering. Writers and openers of one index take an
+exclusive lock on the sibling file ``.INDEX_DIR.lock`` for the few moments of a swap or a crash
+recovery, so an ``open`` never rolls back a swap that another process is in the middle of.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +33,16 @@ from .store import StoreError, VectorStore, recover, swap_in, write_file_synced
 
 FORMAT_VERSION = 1
 DEFAULT_SPACE = "default"
+MODEL_DIR = "model"
+WEIGHTS_FILE = "model.safetensors"  # the names engine/checkpoint.py gives a run directory's files
+META_FILE = "meta.json"
+
+
+class UnknownSpaceError(KeyError):
+    """An attribute the index (or model) has no space for, or a missing/superfluous attribute."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 def file_sha256(path: Path) -> str:
@@ -35,9 +53,53 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_files(checkpoint: str | Path) -> tuple[Path, Path]:
+    """(weights, meta.json) of a run directory, its weights file, its meta.json or an index."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "index.json").is_file():
+        checkpoint = checkpoint / MODEL_DIR
+    if checkpoint.is_dir():
+        return checkpoint / WEIGHTS_FILE, checkpoint / META_FILE
+    if checkpoint.name == META_FILE:
+        return checkpoint.with_name(WEIGHTS_FILE), checkpoint
+    return checkpoint, checkpoint.with_name(META_FILE)
+
+
+@contextlib.contextmanager
+def index_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock for swapping or recovering ``path``; a no-op where it cannot be taken
+    (no fcntl, read-only parent folder): a read-only index is never swapped anyway."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: single-writer use only
+        yield
+        return
+    try:
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard links cost nothing and the model files are never modified in place."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+
+
 class CatalogIndex:
     def __init__(self, path: str | Path, model_info: dict[str, Any], spaces: Sequence[str], dim: int,
-                 kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None):
+                 kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None,
+                 model_files: dict[str, Path] | None = None, generation: int | None = None):
         self.path = Path(path)
         self.model_info = model_info
         self.spaces = list(spaces)
@@ -45,6 +107,10 @@ class CatalogIndex:
         self.kind = kind
         self.store_name = store
         self.stores: dict[str, VectorStore] = stores or {s: self._new_store(s) for s in self.spaces}
+        # where save() takes the model copy from: the checkpoint at build time, the index itself later
+        self.model_files = model_files or {name: self.path / MODEL_DIR / name for name in (WEIGHTS_FILE, META_FILE)}
+        # the saved state this object started from (None: a new build, which replaces whatever is there)
+        self.generation = generation
 
     def _new_store(self, space: str) -> VectorStore:
         if self.store_name == "milvus":
@@ -54,18 +120,23 @@ class CatalogIndex:
         return FaissStore(self.path / "spaces" / space, self.dim, self.kind)
 
     @property
+    def model_dir(self) -> Path:
+        """The index's own copy of its checkpoint: what search, serve and `index add` load."""
+        return self.path / MODEL_DIR
+
+    @property
     def attribute_conditioned(self) -> bool:
         return self.spaces != [DEFAULT_SPACE]
 
     def store(self, space: str | None) -> VectorStore:
         if space is None:
             if self.attribute_conditioned:
-                raise KeyError(f"this index is per attribute: choose one of {', '.join(self.spaces)}")
+                raise UnknownSpaceError(f"this index is per attribute: choose one of {', '.join(self.spaces)}")
             space = DEFAULT_SPACE
         elif not self.attribute_conditioned:
-            raise KeyError(f"this index has no attribute spaces (asked for '{space}')")
+            raise UnknownSpaceError(f"this index has no attribute spaces (asked for '{space}')")
         if space not in self.stores:
-            raise KeyError(f"unknown attribute '{space}'; this index has {', '.join(self.spaces)}")
+            raise UnknownSpaceError(f"unknown attribute '{space}'; this index has {', '.join(self.spaces)}")
         return self.stores[space]
 
     def add(self, space: str, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict] | None = None) -> None:
@@ -83,51 +154,93 @@ class CatalogIndex:
     def __len__(self) -> int:
         return len(next(iter(self.stores.values()))) if self.stores else 0
 
-    def save(self) -> None:
-        manifest = {"format_version": FORMAT_VERSION, "model": self.model_info, "spaces": self.spaces,
-                    "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self)}
-        if self.store_name == "milvus":  # Milvus persists by itself; only the manifest is ours
-            self.path.mkdir(parents=True, exist_ok=True)
-            for store in self.stores.values():
-                store.save()
-            tmp = self.path / "index.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2), "utf-8")
-            tmp.replace(self.path / "index.json")
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        recover(self.path)
-        tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
-        try:
-            for space, store in self.stores.items():
-                store.path = tmp / "spaces" / space
-                store.save()
-            write_file_synced(tmp / "index.json", json.dumps(manifest, indent=2).encode("utf-8"))
-            swap_in(tmp, self.path)
-        except BaseException:
-            import shutil
+    def _manifest(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "model": self.model_info, "spaces": self.spaces,
+                "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
+                "generation": self.generation}
 
-            shutil.rmtree(tmp, ignore_errors=True)
+    def _next_generation(self) -> int:
+        """Optimistic concurrency: refuse to overwrite a save made since this object was opened."""
+        on_disk = _read_generation(self.path)
+        if self.generation is not None and on_disk != self.generation:
+            raise StoreError(f"{self.path}: changed on disk by another writer since it was opened "
+                             f"(generation {self.generation} -> {on_disk}); reopen it and retry")
+        return (on_disk or 0) + 1
+
+    def _write_model(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, source in self.model_files.items():
+            if source.resolve() != (directory / name).resolve():
+                _link_or_copy(source, directory / name)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.store_name == "milvus":
+            self._save_milvus()
+            return
+        with index_lock(self.path):
             recover(self.path)
-            raise
-        finally:
-            for space, store in self.stores.items():
-                store.path = self.path / "spaces" / space
+            refuse_foreign_directory(self.path)
+            previous, self.generation = self.generation, self._next_generation()
+            tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
+            try:
+                self._write_model(tmp / MODEL_DIR)
+                for space, store in self.stores.items():
+                    store.path = tmp / "spaces" / space
+                    store.save()
+                # index.json is written last: a directory without one is never a complete index
+                write_file_synced(tmp / "index.json", json.dumps(self._manifest(), indent=2).encode("utf-8"))
+                swap_in(tmp, self.path)
+            except BaseException:
+                self.generation = previous
+                shutil.rmtree(tmp, ignore_errors=True)
+                recover(self.path)
+                raise
+            finally:
+                for space, store in self.stores.items():
+                    store.path = self.path / "spaces" / space
+        self.model_files = {name: self.model_dir / name for name in self.model_files}
+
+    def _save_milvus(self) -> None:
+        """Milvus persists vectors by itself; the model copy and the manifest are ours."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.model_dir.exists():  # the model never changes after the build
+            staging = Path(tempfile.mkdtemp(prefix=".model-", dir=self.path))
+            try:
+                self._write_model(staging)
+                staging.rename(self.model_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.generation = self._next_generation()
+        for store in self.stores.values():
+            store.save()
+        tmp = self.path / "index.json.tmp"
+        write_file_synced(tmp, json.dumps(self._manifest(), indent=2).encode("utf-8"))
+        tmp.replace(self.path / "index.json")
+        self.model_files = {name: self.model_dir / name for name in self.model_files}
 
     @classmethod
     def open(cls, path: str | Path) -> "CatalogIndex":
         path = Path(path)
         if not path.exists() and not path.with_name(path.name + ".old").exists():
             raise StoreError(f"{path}: no such index directory")
-        recover(path)
+        with index_lock(path):
+            recover(path)
+            return cls._read(path)
+
+    @classmethod
+    def _read(cls, path: Path) -> "CatalogIndex":
         manifest_path = path / "index.json"
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not an index built by fashion-retrieval (no index.json)")
         try:
             manifest = json.loads(manifest_path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StoreError(f"{manifest_path}: unreadable ({exc})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{manifest_path}: index format {manifest.get('format_version')!r}, "
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            found = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise StoreError(f"{manifest_path}: index format {found!r}, "
                              f"this version reads {FORMAT_VERSION}; rebuild the index")
         stores: dict[str, VectorStore] = {}
         for space in manifest["spaces"]:
@@ -137,5 +250,24 @@ class CatalogIndex:
                 stores[space] = MilvusStore.open(path / "milvus" / space, collection=f"space_{space}")
             else:
                 stores[space] = FaissStore.open(path / "spaces" / space)
-        return cls(path, manifest["model"], manifest["spaces"], manifest["dim"], manifest.get("kind", "flat"),
-                   manifest.get("store", "faiss"), stores)
+        catalog = cls(path, manifest["model"], manifest["spaces"], manifest["dim"], manifest.get("kind", "flat"),
+                      manifest.get("store", "faiss"), stores, generation=int(manifest.get("generation") or 0))
+        for name, file in catalog.model_files.items():
+            if not file.is_file():
+                raise StoreError(f"{path}: the index's model copy is missing {MODEL_DIR}/{name}; rebuild the index")
+        return catalog
+
+
+def _read_generation(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / "index.json").read_text("utf-8")).get("generation") or 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def refuse_foreign_directory(path: Path) -> None:
+    """Never swap away a folder that is not an index: ``--out ~/photos`` must not delete photos."""
+    if path.is_dir() and not (path / "index.json").is_file() and any(path.iterdir()):
+        raise StoreError(f"{path}: exists and is not an index; choose a new or empty folder")
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: exists and is not a folder")

@@ -29,7 +29,7 @@ def _fail(message: str) -> None:
 
 
 def _report(report, verb: str) -> None:
-    typer.echo(f"{verb} {report.added} images into {report.index_dir} "
+    typer.echo(f"{verb} {report.added} of {report.total} images into {report.index_dir} "
                f"(spaces: {', '.join(report.spaces)}); {len(report.skipped)} unreadable skipped")
     for line in report.skipped[:20]:
         typer.echo(f"  skipped {line}")
@@ -38,12 +38,17 @@ def _report(report, verb: str) -> None:
 
 
 def _known_errors():
+    """Errors that are the user's input, not a bug: one line, no traceback."""
+    from ..data.images import ImageLoadError
     from ..data.table import AnnotationError
     from ..engine.checkpoint import CheckpointError
     from ..registry import ConfigError
+    from ..serve.embedders import EmbedderError
+    from .catalog import UnknownSpaceError
     from .store import StoreError
 
-    return (AnnotationError, CheckpointError, ConfigError, StoreError, FileNotFoundError, KeyError)
+    return (AnnotationError, CheckpointError, ConfigError, StoreError, EmbedderError, ImageLoadError,
+            UnknownSpaceError, OSError)
 
 
 @app.command("build")
@@ -67,7 +72,7 @@ def build(
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
                              batch_size, store.value, device)
     except _known_errors() as exc:
-        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+        _fail(str(exc))
     _report(report, "indexed")
 
 
@@ -115,19 +120,19 @@ def search(
     onnx: Annotated[Optional[Path], typer.Option(help="embed the query with this ONNX export")] = None,
 ) -> None:
     """Ranked catalog items for a photo."""
-    from ..data.images import ImageLoadError, load_rgb
-    from ..serve.embedders import load_embedder
+    from ..data.images import load_rgb
+    from ..serve.embedders import embedder_for_index
     from .catalog import CatalogIndex
 
     try:
         catalog = CatalogIndex.open(index)
-        embedder = load_embedder(catalog.model_info["checkpoint"], onnx)
-        vector = embedder.embed([load_rgb(image)], attribute)
+        catalog.store(attribute)  # an unknown attribute fails before the model is loaded
+        photo = load_rgb(image)
+        embedder = embedder_for_index(catalog, onnx)
+        vector = embedder.embed([photo], attribute)
         scores, ids = catalog.search(vector, top_k, attribute)
-    except ImageLoadError as exc:
-        _fail(str(exc))
     except _known_errors() as exc:
-        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+        _fail(str(exc))
     rows = []
     for rank, (score, item_id) in enumerate(zip(scores[0].tolist(), ids[0]), 1):
         meta = catalog.get_metadata(item_id) or {}

@@ -155,6 +155,7 @@ class FaissStore(VectorStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         recover(self.path)
         tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
         try:
             if self._index is not None:
                 write_file_synced(tmp / "index.faiss", faiss.serialize_index(self._index).tobytes())

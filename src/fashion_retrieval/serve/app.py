@@ -1,36 +1,89 @@
 """HTTP API and web page over a catalog index.
 
 Only files recorded in the index metadata can be served; nothing in a request is ever used as
-a path. Uploads are bounded in bytes before they are read and in pixels before they are decoded.
+a path. Uploads are bounded in bytes while they arrive and in pixels before they are decoded;
+decoding and the model run in worker threads, at most ``Limits.max_concurrent`` at a time, so
+the event loop keeps answering (and rejecting) other requests meanwhile.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations, and
+# Query(le=limits.max_k) refers to a local of create_app that a string annotation cannot reach
 import hashlib
 import hmac
+import io
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import ImageLoadError, load_rgb
-from ..index.catalog import CatalogIndex
+from ..index.catalog import CatalogIndex, UnknownSpaceError
+from ..index.store import StoreError
 from .embedders import Embedder
 
 STATIC_DIR = Path(__file__).parent / "static"
 ALLOWED_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small form fields around the file
+STORED_UPLOAD_SIDE = 1024  # images added over HTTP are kept for display, not at full resolution
 
 
 class Limits:
-    def __init__(self, max_upload_bytes: int = 10 * 2**20, max_k: int = 100, max_pixels: int = 40_000_000):
+    def __init__(self, max_upload_bytes: int = 10 * 2**20, max_k: int = 100, max_pixels: int = 40_000_000,
+                 max_concurrent: int = 4):
         self.max_upload_bytes = max_upload_bytes
         self.max_k = max_k
         self.max_pixels = max_pixels
+        # each decode holds up to max_pixels·3 bytes: this bounds the server's memory under load
+        self.max_concurrent = max_concurrent
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_upload_bytes + MULTIPART_OVERHEAD
+
+
+class BodyTooLarge(HTTPException):  # an HTTPException, so FastAPI's body parsing passes it through
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class BodySizeLimit:
+    """Refuse bodies over the limit: from Content-Length before reading anything, and by counting
+    the bytes of chunked bodies as they arrive, so the multipart parser never spools more."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, 413,
+                                    headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
 
 
 def decode_upload(data: bytes, limits: Limits):
@@ -52,6 +105,10 @@ def decode_upload(data: bytes, limits: Limits):
             raise HTTPException(400, f"unreadable image: {exc.reason}") from None
 
 
+def image_url(item_id: str) -> str:
+    return f"/items/{quote(item_id, safe='')}/image"
+
+
 def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = None,
                limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
@@ -60,10 +117,18 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         raise ValueError(f"{index_dir}: index vectors have {catalog.dim} dimensions, the model gives "
                          f"{embedder.feat_dim}: build the index with this model")
     lock = threading.RLock()  # searches and writes see a consistent index
+    # a thread semaphore, not an asyncio one: it works whichever event loop (or test client) calls
+    slots = threading.BoundedSemaphore(limits.max_concurrent)
+
+    def bounded(function, *args):
+        with slots:
+            return function(*args)
+
     uploads_dir = Path(index_dir).resolve().parent / (Path(index_dir).name + "-uploads")
 
     app = FastAPI(title="fashion-retrieval", version="1",
                   description="Search a fashion catalog by photo, optionally within one attribute.")
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -73,28 +138,26 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     async def unexpected_error(request: Request, exc: Exception):
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_upload_bytes + 64 * 1024):
-            return JSONResponse({"detail": f"request body larger than {limits.max_upload_bytes} bytes"},
-                                status_code=413)
-        return await call_next(request)
-
     def require_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
-        if api_key is not None and not (x_api_key and hmac.compare_digest(x_api_key, api_key)):
+        if api_key is not None and not (x_api_key and hmac.compare_digest(x_api_key.encode(), api_key.encode())):
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
     async def read_upload(image: UploadFile):
         data = await image.read(limits.max_upload_bytes + 1)
-        return decode_upload(data, limits)
+        return await run_in_threadpool(bounded, decode_upload, data, limits)
+
+    async def embed(photo, attribute: str | None):
+        try:
+            return await run_in_threadpool(bounded, embedder.embed, [photo], attribute)
+        except UnknownSpaceError as exc:
+            raise HTTPException(400, str(exc)) from None
 
     def result_rows(scores, ids) -> list[dict[str, Any]]:
         rows = []
         for score, item_id in zip(scores.tolist(), ids):
             meta = catalog.get_metadata(item_id) or {}
             rows.append({"id": item_id, "score": round(float(score), 6),
-                         "image_url": f"/items/{item_id}/image" if meta.get("path") else None,
+                         "image_url": image_url(item_id) if meta.get("path") else None,
                          "metadata": {k: v for k, v in meta.items() if k not in ("path", "id")}})
         return rows
 
@@ -113,46 +176,76 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
                      k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
                      attribute: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
         started = time.perf_counter()
-        photo = await read_upload(image)
         try:
-            vector = embedder.embed([photo], attribute)
-            with lock:
-                scores, ids = catalog.search(vector, k, attribute)
-        except KeyError as exc:
-            raise HTTPException(400, exc.args[0]) from None
-        return {"attribute": attribute, "k": k, "results": result_rows(scores[0], ids[0]),
+            catalog.store(attribute)  # refuse an unknown attribute before decoding anything
+        except UnknownSpaceError as exc:
+            raise HTTPException(400, str(exc)) from None
+        photo = await read_upload(image)
+        vector = await embed(photo, attribute)
+        with lock:
+            scores, ids = catalog.search(vector, k, attribute)
+            rows = result_rows(scores[0], ids[0])
+        return {"attribute": attribute, "k": k, "results": rows,
                 "took_ms": round(1e3 * (time.perf_counter() - started), 2)}
 
-    @app.get("/items/{item_id}/image")
+    # ``:path`` so that ids containing "/" (quoted as %2F in image_url) still reach the lookup;
+    # the id is only ever a key into the metadata, never part of a file path
+    @app.get("/items/{item_id:path}/image")
     def item_image(item_id: str):
-        meta = catalog.get_metadata(item_id)
+        with lock:
+            meta = catalog.get_metadata(item_id)
         path = Path(meta["path"]) if meta and meta.get("path") else None
         if path is None or path.suffix.lower() not in ALLOWED_IMAGE_SUFFIXES or not path.is_file():
             raise HTTPException(404, f"no image for item '{item_id}'")
         return FileResponse(path)
 
-    @app.post("/items", dependencies=[Depends(require_key)], status_code=201)
-    async def add_item(image: Annotated[UploadFile, File()], item_id: Annotated[str, Form(min_length=1, max_length=200)],
-                       category: Annotated[str | None, Form()] = None) -> dict[str, Any]:
-        photo = await read_upload(image)
+    def store_upload(photo, item_id: str) -> Path:
         uploads_dir.mkdir(parents=True, exist_ok=True)
-        stored = uploads_dir / (hashlib.sha256(item_id.encode()).hexdigest()[:32] + ".png")
-        photo.save(stored)
-        meta = {"item_id": item_id, "path": str(stored), "category": category}
-        with lock:
-            for space in catalog.spaces:
-                attribute = space if catalog.attribute_conditioned else None
-                catalog.add(space, [item_id], embedder.embed([photo], attribute), [meta])
-            catalog.save()
-        return {"id": item_id, "items": len(catalog)}
+        stored = uploads_dir / (hashlib.sha256(item_id.encode()).hexdigest()[:32] + ".jpg")
+        shown = photo.copy()
+        shown.thumbnail((STORED_UPLOAD_SIDE, STORED_UPLOAD_SIDE))
+        buffer = io.BytesIO()
+        shown.save(buffer, "JPEG", quality=90)
+        tmp = stored.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(stored)
+        return stored
 
-    @app.delete("/items/{item_id}", dependencies=[Depends(require_key)])
+    def save_or_conflict() -> None:
+        try:
+            catalog.save()
+        except StoreError as exc:  # another writer (an `index add`) changed the index meanwhile
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/items", dependencies=[Depends(require_key)], status_code=201)
+    async def add_item(image: Annotated[UploadFile, File()],
+                       item_id: Annotated[str, Form(min_length=1, max_length=200)],
+                       category: Annotated[str | None, Form(max_length=200)] = None) -> dict[str, Any]:
+        photo = await read_upload(image)
+        vectors = {space: await embed(photo, space if catalog.attribute_conditioned else None)
+                   for space in catalog.spaces}
+        stored = await run_in_threadpool(store_upload, photo, item_id)
+        meta = {"item_id": item_id, "path": str(stored), "category": category, "domain": "shop"}
+
+        def write() -> None:
+            with lock:
+                for space, vector in vectors.items():
+                    catalog.add(space, [item_id], vector, [meta])
+                save_or_conflict()
+
+        await run_in_threadpool(write)
+        return {"id": item_id, "items": len(catalog), "image_url": image_url(item_id)}
+
+    @app.delete("/items/{item_id:path}", dependencies=[Depends(require_key)])
     def remove_item(item_id: str) -> dict[str, Any]:
         with lock:
-            removed = catalog.remove([item_id])
-            if not removed:
+            meta = catalog.get_metadata(item_id)
+            if not catalog.remove([item_id]):
                 raise HTTPException(404, f"no item '{item_id}'")
-            catalog.save()
+            save_or_conflict()
+        stored = Path(meta["path"]) if meta and meta.get("path") else None
+        if stored is not None and stored.parent == uploads_dir:
+            stored.unlink(missing_ok=True)  # an image this server stored; catalog files are the owner's
         return {"removed": item_id, "items": len(catalog)}
 
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="page")

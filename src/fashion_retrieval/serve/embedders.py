@@ -14,6 +14,10 @@ import numpy as np
 from PIL import Image
 
 
+class EmbedderError(RuntimeError):
+    """An ONNX model or sidecar that is missing, unreadable or not the index's model."""
+
+
 def _normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -34,14 +38,16 @@ class Embedder:
         self._lock = threading.Lock()  # one forward at a time: the model is shared by all requests
 
     def attribute_index(self, attribute: str | None) -> int | None:
+        from ..index.catalog import UnknownSpaceError
+
         if not self.attribute_conditioned:
             if attribute is not None:
-                raise KeyError(f"this model has no attribute spaces (asked for '{attribute}')")
+                raise UnknownSpaceError(f"this model has no attribute spaces (asked for '{attribute}')")
             return None
         if attribute is None:
-            raise KeyError(f"this model embeds per attribute: choose one of {', '.join(self.attributes)}")
+            raise UnknownSpaceError(f"this model embeds per attribute: choose one of {', '.join(self.attributes)}")
         if attribute not in self.attributes:
-            raise KeyError(f"unknown attribute '{attribute}'; choose one of {', '.join(self.attributes)}")
+            raise UnknownSpaceError(f"unknown attribute '{attribute}'; choose one of {', '.join(self.attributes)}")
         return self.attributes.index(attribute)
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -61,6 +67,7 @@ class Embedder:
 
 class TorchEmbedder(Embedder):
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        """``checkpoint``: a run directory, a weights file, or an index's ``model/`` copy."""
         from ..engine.checkpoint import load_for_inference
 
         model, meta = load_for_inference(checkpoint)
@@ -88,10 +95,19 @@ class OnnxEmbedder(Embedder):
 
         onnx_path = Path(onnx_path)
         sidecar = onnx_path.with_name(onnx_path.name + ".json")
+        if not onnx_path.is_file():
+            raise EmbedderError(f"{onnx_path}: ONNX model not found")
         if not sidecar.is_file():
-            raise FileNotFoundError(f"{sidecar}: missing sidecar written by `fashion-retrieval export onnx`")
-        super().__init__(json.loads(sidecar.read_text("utf-8")))
-        self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            raise EmbedderError(f"{sidecar}: missing sidecar written by `fashion-retrieval export onnx`")
+        try:
+            meta = json.loads(sidecar.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EmbedderError(f"{sidecar}: unreadable sidecar ({exc})") from None
+        super().__init__(meta)
+        try:
+            self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for corrupt files
+            raise EmbedderError(f"{onnx_path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
 
     def _forward(self, pixels: np.ndarray, attribute: int | None) -> np.ndarray:
         feeds = {"images": pixels.astype(np.float32)}
@@ -117,3 +133,17 @@ def load_embedder(checkpoint: str | Path | None = None, onnx: str | Path | None 
     if checkpoint is None:
         raise ValueError("need a checkpoint or an ONNX model")
     return TorchEmbedder(checkpoint)
+
+
+def embedder_for_index(catalog, onnx: str | Path | None = None, device: str = "cpu") -> Embedder:
+    """The index's own model, or an ONNX export of exactly that model (checked by weights digest):
+    vectors from any other model would be compared with the catalog's and rank nonsense."""
+    if onnx is None:
+        return TorchEmbedder(catalog.model_dir, device)
+    embedder = OnnxEmbedder(onnx)
+    exported_from = embedder.meta.get("weights_sha256")
+    if exported_from != catalog.model_info.get("sha256"):
+        raise EmbedderError(f"{onnx} was exported from another model than the one that built {catalog.path} "
+                         f"(weights sha256 {str(exported_from)[:12]}… vs {str(catalog.model_info.get('sha256'))[:12]}…); "
+                         f"export this index's model: fashion-retrieval export onnx --checkpoint {catalog.path}")
+    return embedder

@@ -1,6 +1,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let photo = null;
+let latest = 0; // only the answer to the newest request is shown, however the answers arrive
 
 async function loadCatalog() {
   const health = await (await fetch("/health")).json();
@@ -17,30 +18,52 @@ function choose(file) {
   photo = file;
   $("preview").src = URL.createObjectURL(file);
   $("preview").hidden = false;
-  $("drop-text").hidden = true;
+  $("drop-text").textContent = "Click or drop another photo to change";
   search();
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("summary").textContent = "";
+  $("results").replaceChildren();
 }
 
 async function search() {
   if (!photo) return;
+  const request = ++latest;
   const params = new URLSearchParams({ k: $("k").value });
   if (!$("attribute-row").hidden) params.set("attribute", $("attribute").value);
   const body = new FormData();
   body.append("image", photo);
   $("error").hidden = true;
   $("summary").textContent = "Searching…";
-  const response = await fetch(`/search?${params}`, { method: "POST", body });
-  const answer = await response.json();
+  let response, answer;
+  try {
+    response = await fetch(`/search?${params}`, { method: "POST", body });
+    answer = await response.json();
+  } catch (error) {
+    if (request === latest) showError(response ? `error ${response.status}` : `cannot reach the server (${error})`);
+    return;
+  }
+  if (request !== latest) return;
   if (!response.ok) {
-    $("error").textContent = answer.detail || `error ${response.status}`;
-    $("error").hidden = false;
-    $("summary").textContent = "";
-    $("results").replaceChildren();
+    const detail = typeof answer.detail === "string" ? answer.detail : `error ${response.status}`;
+    showError(detail);
     return;
   }
   const within = answer.attribute ? ` with the same ${answer.attribute}` : "";
   $("summary").textContent = `${answer.results.length} results${within} in ${answer.took_ms} ms`;
   $("results").replaceChildren(...answer.results.map(card));
+}
+
+function describe(metadata) {
+  const parts = [];
+  if (metadata.category) parts.push(metadata.category);
+  for (const [name, value] of Object.entries(metadata.attributes || {})) {
+    if (value !== null && value !== "") parts.push(`${name}: ${Array.isArray(value) ? value.join(", ") : value}`);
+  }
+  return parts.join(" · ");
 }
 
 function card(result) {
@@ -53,14 +76,16 @@ function card(result) {
     img.loading = "lazy";
     item.append(img);
   }
+  const title = document.createElement("div");
+  title.className = "title";
+  title.textContent = result.metadata.item_id || result.id;
   const score = document.createElement("div");
   score.className = "score";
-  score.textContent = `${result.id} · ${result.score.toFixed(3)}`;
+  score.textContent = `similarity ${result.score.toFixed(3)}`;
   const meta = document.createElement("div");
   meta.className = "meta";
-  meta.textContent = Object.entries(result.metadata)
-    .filter(([key, value]) => value && typeof value !== "object").map(([, value]) => value).join(" · ");
-  item.append(score, meta);
+  meta.textContent = describe(result.metadata);
+  item.append(title, score, meta);
   return item;
 }
 
@@ -68,6 +93,9 @@ $("file").addEventListener("change", (event) => choose(event.target.files[0]));
 $("attribute").addEventListener("change", search);
 $("k").addEventListener("change", search);
 const drop = $("drop");
+drop.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file").click(); }
+});
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {

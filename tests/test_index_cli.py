@@ -1,0 +1,289 @@
+"""`index build|add|remove` and `search` as a user runs them: real checkpoints, generated catalogs
+with broken files, JSON output, attribute spaces, one-line errors and crash safety."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from catalog_fixtures import ATTRIBUTES, model_ranking, save_tiny_checkpoint, write_catalog
+from fashion_retrieval.cli import app
+from fashion_retrieval.index.catalog import CatalogIndex
+
+runner = CliRunner()
+
+
+def run_cli(*args) -> "CliRunner.invoke":
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def search_json(index: Path, image: Path, *extra) -> list[dict]:
+    result = run_cli("search", "--index", index, image, "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["results"]
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit code 2, one `error:` line naming the problem, and no traceback."""
+    assert result.exit_code == 2, result.output
+    # tqdm redraws its progress line with carriage returns; everything else is the message
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "img/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A global_net checkpoint, a 12-photo catalog with two broken files, and its flat index."""
+    root = tmp_path_factory.mktemp("plain")
+    checkpoint = save_tiny_checkpoint(root / "run", "global_net")
+    photos = write_catalog(root / "catalog", 12, broken=True)
+    index = root / "index"
+    result = run_cli("index", "build", "--checkpoint", checkpoint, "--images", root / "catalog", "--out", index)
+    return root, checkpoint, photos, index, result
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    """An ASEN checkpoint (random init: its two attributes give unrelated rankings) and its index."""
+    root = tmp_path_factory.mktemp("conditioned")
+    checkpoint = save_tiny_checkpoint(root / "run", "asen")
+    photos = write_catalog(root / "catalog", 12)
+    index = root / "index"
+    result = run_cli("index", "build", "--checkpoint", checkpoint, "--images", root / "catalog", "--out", index,
+                     "--attribute", "colour", "--attribute", "sleeve")
+    assert result.exit_code == 0, result.output
+    return root, checkpoint, photos, index
+
+
+def test_build_skips_and_lists_unreadable_images(plain):
+    root, _, photos, index, result = plain
+    assert result.exit_code == 0, result.output
+    assert f"indexed 12 of 14 images into {index}" in result.stdout
+    assert "2 unreadable skipped" in result.stdout
+    skipped = [line for line in result.stdout.splitlines() if line.strip().startswith("skipped ")]
+    assert len(skipped) == 2
+    assert any("truncated.jpg" in line for line in skipped) and any("notes.jpg" in line for line in skipped)
+    catalog = CatalogIndex.open(index)
+    assert len(catalog) == 12 and catalog.spaces == ["default"]
+    assert (index / "model" / "model.safetensors").is_file()  # the index carries its own model
+
+
+def test_search_json_ranks_the_query_itself_first(plain):
+    _, checkpoint, photos, index, _ = plain
+    query = photos[5]
+    results = search_json(index, query, "--top-k", "12")
+    assert [r["rank"] for r in results] == list(range(1, 13))
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert results[0]["id"] == query.stem and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["path"] == str(query.resolve())
+    # the index ranks exactly as the model does when it compares the photos itself
+    assert [r["id"] for r in results] == model_ranking(checkpoint, query, photos)
+    assert len(search_json(index, query, "--top-k", "3")) == 3
+
+
+def test_search_prints_a_table_without_json(plain):
+    _, _, photos, index, _ = plain
+    result = run_cli("search", "--index", index, photos[0], "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    assert photos[0].stem in result.stdout and "score" in result.stdout
+
+
+def test_add_and_remove_without_rebuild(plain, tmp_path):
+    root, _, photos, built, _ = plain
+    index = tmp_path / "index"
+    run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog", "--out", index)
+    before = {r["id"]: r["score"] for r in search_json(index, photos[0], "--top-k", "12")}
+    generation = CatalogIndex.open(index).generation
+
+    new = write_catalog(tmp_path / "new", 3, first_seed=100, prefix="new")
+    result = run_cli("index", "add", "--index", index, "--images", tmp_path / "new")
+    assert result.exit_code == 0, result.output
+    assert "added 3 of 3 images" in result.stdout
+    catalog = CatalogIndex.open(index)
+    assert len(catalog) == 15 and catalog.generation == generation + 1
+    assert search_json(index, new[1])[0]["id"] == "new101"
+    # the old vectors were kept, not recomputed: the same scores for the old items
+    after = {r["id"]: r["score"] for r in search_json(index, photos[0], "--top-k", "15")}
+    assert {k: after[k] for k in before} == before
+
+    result = run_cli("index", "remove", "--index", index, "new101", "item003", "no-such-id")
+    assert result.exit_code == 0, result.output
+    assert "removed 2 of 3 ids" in result.stdout
+    ids = [r["id"] for r in search_json(index, new[1], "--top-k", "20")]
+    assert len(ids) == 13 and "new101" not in ids and "item003" not in ids
+
+
+def test_attribute_index_has_one_space_per_attribute(conditioned):
+    _, checkpoint, photos, index = conditioned
+    catalog = CatalogIndex.open(index)
+    assert catalog.spaces == ATTRIBUTES
+    assert sorted(p.name for p in (index / "spaces").iterdir()) == sorted(ATTRIBUTES)
+    query = photos[2]
+    rankings = {}
+    for attribute in ATTRIBUTES:
+        results = search_json(index, query, "--attribute", attribute, "--top-k", "12")
+        rankings[attribute] = [r["id"] for r in results]
+        assert rankings[attribute] == model_ranking(checkpoint, query, photos, attribute)
+        assert rankings[attribute][0] == query.stem
+    # each space answers with its own attribute's embedding: switching changes the order
+    assert rankings["colour"] != rankings["sleeve"]
+
+
+def test_attribute_errors(conditioned, plain):
+    root, _, photos, index = conditioned
+    assert_one_line_error(run_cli("search", "--index", index, photos[0], "--attribute", "pattern"),
+                          "unknown attribute 'pattern'", "colour, sleeve")
+    assert_one_line_error(run_cli("search", "--index", index, photos[0]), "choose one of colour, sleeve")
+    assert_one_line_error(run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog",
+                                  "--out", root / "other", "--attribute", "pattern"), "unknown attribute 'pattern'")
+    plain_root, _, plain_photos, plain_index, _ = plain
+    assert_one_line_error(run_cli("search", "--index", plain_index, plain_photos[0], "--attribute", "colour"),
+                          "no attribute spaces")
+    assert_one_line_error(run_cli("index", "build", "--checkpoint", plain_root / "run", "--images",
+                                  plain_root / "catalog", "--out", plain_root / "other", "--attribute", "colour"),
+                          "attribute-conditioned model")
+
+
+def test_user_errors_are_one_line(plain, tmp_path):
+    root, _, photos, index, _ = plain
+    build = ("index", "build", "--images", root / "catalog")
+    assert_one_line_error(run_cli(*build, "--checkpoint", tmp_path / "missing-run", "--out", tmp_path / "i"),
+                          "missing-run", "not found")
+    assert_one_line_error(run_cli("search", "--index", tmp_path / "nowhere", photos[0]), "no such index directory")
+    assert_one_line_error(run_cli("search", "--index", root / "catalog", photos[0]), "not an index")
+    assert_one_line_error(run_cli("index", "add", "--index", tmp_path / "nowhere", "--images", root / "catalog"),
+                          "no such index directory")
+    assert_one_line_error(run_cli("search", "--index", index, root / "catalog" / "notes.jpg"),
+                          "notes.jpg", "not an image")
+    assert_one_line_error(run_cli("search", "--index", index, root / "catalog" / "truncated.jpg"),
+                          "truncated.jpg", "truncated or corrupt")
+    assert_one_line_error(run_cli("search", "--index", index, tmp_path / "absent.jpg"), "file not found")
+    # a folder that is not an index is never replaced: --out pointing at the photos keeps them
+    keep = write_catalog(tmp_path / "my-photos", 2)
+    assert_one_line_error(run_cli(*build, "--checkpoint", root / "run", "--out", tmp_path / "my-photos"),
+                          "is not an index")
+    assert all(p.is_file() for p in keep)
+    (tmp_path / "only-broken").mkdir()
+    (tmp_path / "only-broken" / "a.jpg").write_text("no image")
+    assert_one_line_error(run_cli("index", "build", "--checkpoint", root / "run", "--images",
+                                  tmp_path / "only-broken", "--out", tmp_path / "i2"), "none of the 1 catalog images")
+
+
+def test_search_after_the_training_run_overwrote_its_checkpoint(plain, tmp_path):
+    """The index embeds queries with its own copy of the model, not whatever the run holds now."""
+    root, _, photos, _, _ = plain
+    checkpoint = save_tiny_checkpoint(tmp_path / "run", "global_net", seed=0)
+    index = tmp_path / "index"
+    run_cli("index", "build", "--checkpoint", checkpoint, "--images", root / "catalog", "--out", index)
+    expected = [r["id"] for r in search_json(index, photos[4], "--top-k", "12")]
+    save_tiny_checkpoint(checkpoint, "global_net", seed=1)  # training went on and saved new weights
+    assert [r["id"] for r in search_json(index, photos[4], "--top-k", "12")] == expected
+
+
+# ---- crash safety: SIGKILL a real `index build` over an index that already answers -------------------
+PAUSING_BUILD = """
+import sys, time
+from pathlib import Path
+import fashion_retrieval.index.catalog as catalog
+import fashion_retrieval.index.store as store
+
+phase = sys.argv[1]
+marker = Path(sys.argv[2])
+real_swap_in, real_write = catalog.swap_in, catalog.write_file_synced
+
+def pause():
+    marker.write_text(phase)
+    time.sleep(120)  # the test kills us here
+
+def write_then_pause(path, data):  # the new index half written: index.json is the last file
+    if path.name == "index.json":
+        pause()
+    real_write(path, data)
+
+def swap_halfway(tmp, path):  # the old index moved aside, the new one not yet in place
+    store.fsync_dir(tmp)
+    path.rename(path.with_name(path.name + ".old"))
+    pause()
+
+if phase == "writing":
+    catalog.write_file_synced = write_then_pause
+elif phase == "swapping":
+    catalog.swap_in = swap_halfway
+from fashion_retrieval.cli import app
+sys.argv = ["fashion-retrieval", *sys.argv[3:]]
+app()
+"""
+
+
+def start_build(tmp_path: Path, phase: str, checkpoint: Path, images: Path, index: Path):
+    marker = tmp_path / f"{phase}.marker"
+    script = tmp_path / "pausing_build.py"
+    script.write_text(PAUSING_BUILD)
+    process = subprocess.Popen([sys.executable, str(script), phase, str(marker), "index", "build",
+                                "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(index)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return process, marker
+
+
+def wait_for(condition, process, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the build never reached the point to kill it at"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("phase", ["embedding", "writing", "swapping"])
+def test_sigkill_during_build_keeps_the_previous_index(plain, tmp_path, phase):
+    root, checkpoint, photos, built, _ = plain
+    index = tmp_path / "index"
+    shutil.copytree(built, index, copy_function=os.link)  # a previous index that answers
+    bigger = tmp_path / "bigger"
+    write_catalog(bigger, 20, first_seed=200, prefix="big")
+    process, marker = start_build(tmp_path, phase, checkpoint, bigger, index)
+    try:
+        if phase == "embedding":  # tqdm's first progress line: the model is loaded, images are being read
+            stderr_seen = bytearray()
+            os.set_blocking(process.stderr.fileno(), False)
+
+            def embedding_started() -> bool:
+                stderr_seen.extend(process.stderr.read() or b"")
+                return b"embedding" in stderr_seen
+
+            wait_for(embedding_started, process)
+        else:
+            wait_for(marker.exists, process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    if phase == "swapping":
+        assert not index.exists()  # killed between the two renames: only index.old is left
+    catalog = CatalogIndex.open(index)
+    assert len(catalog) == 12
+    assert search_json(index, photos[7])[0]["id"] == photos[7].stem
+    assert not list(tmp_path.glob("index.tmp-*")) and not (tmp_path / "index.old").exists()
+    if phase == "swapping":  # and the next build over it completes
+        assert run_cli("index", "build", "--checkpoint", checkpoint, "--images", bigger, "--out", index).exit_code == 0
+        assert len(CatalogIndex.open(index)) == 20
+
+
+def test_cli_entry_point_runs_as_a_user_would(plain):
+    """The installed module entry point, in a fresh interpreter, prints JSON for a search."""
+    _, _, photos, index, _ = plain
+    result = subprocess.run([sys.executable, "-m", "fashion_retrieval", "search", "--index", str(index),
+                             str(photos[1]), "--json", "--top-k", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["id"] == photos[1].stem

@@ -1,0 +1,254 @@
+"""The HTTP API through FastAPI's TestClient: searches, limits, errors, path safety, API key."""
+from __future__ import annotations
+
+import inspect
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from catalog_fixtures import ATTRIBUTES, jpeg_bytes, model_ranking, photo_like, save_tiny_checkpoint, write_catalog
+from fashion_retrieval.index.build import build_index
+from fashion_retrieval.index.catalog import CatalogIndex
+from fashion_retrieval.serve.app import Limits, create_app
+from fashion_retrieval.serve.embedders import TorchEmbedder
+
+API_KEY = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-plain")
+    checkpoint = save_tiny_checkpoint(root / "run", "global_net")
+    photos = write_catalog(root / "catalog", 10)
+    build_index(checkpoint, root / "catalog", root / "index", progress=False)
+    return root, checkpoint, photos, TorchEmbedder(root / "index" / "model")
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-conditioned")
+    checkpoint = save_tiny_checkpoint(root / "run", "asen")
+    photos = write_catalog(root / "catalog", 10)
+    build_index(checkpoint, root / "catalog", root / "index", progress=False)
+    return root, checkpoint, photos, TorchEmbedder(root / "index" / "model")
+
+
+@pytest.fixture(scope="module")
+def client(plain):
+    root, _, _, embedder = plain
+    return TestClient(create_app(root / "index", embedder))
+
+
+def upload(data: bytes, name: str = "query.jpg", content_type: str = "image/jpeg"):
+    return {"image": (name, data, content_type)}
+
+
+def assert_error(response, status: int, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    detail = response.json()["detail"]
+    for fragment in fragments:
+        assert fragment in str(detail), detail
+
+
+def test_search_returns_sorted_results_with_working_image_urls(client, plain):
+    _, checkpoint, photos, _ = plain
+    query = photos[3]
+    response = client.post("/search", params={"k": 10}, files=upload(query.read_bytes()))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    results = answer["results"]
+    assert len(results) == 10 and answer["k"] == 10 and answer["took_ms"] > 0
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert results[0]["id"] == query.stem and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [r["id"] for r in results] == model_ranking(checkpoint, query, photos)
+    assert "path" not in results[0]["metadata"]  # the server never tells where its files are
+    image = client.get(results[1]["image_url"])
+    assert image.status_code == 200
+    assert image.content == (query.parent / f"{results[1]['id']}.jpg").read_bytes()
+    assert image.headers["content-type"] == "image/jpeg"
+    assert len(client.post("/search", params={"k": 3}, files=upload(query.read_bytes())).json()["results"]) == 3
+
+
+def test_health_and_page(client):
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "items": 10, "spaces": ["default"], "model": "global_net"}
+    assert client.get("/attributes").json() == {"attribute_conditioned": False, "attributes": []}
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="results"' in page.text
+    assert client.get("/app.js").status_code == 200
+
+
+def test_bad_uploads_get_json_errors_with_the_right_status(client):
+    assert_error(client.post("/search", files=upload(b"")), 400, "empty upload")
+    assert_error(client.post("/search", files=upload(b"just some text\n" * 20, "notes.txt", "text/plain")),
+                 415, "not an image")
+    truncated = jpeg_bytes(photo_like(5), quality=95)
+    assert_error(client.post("/search", files=upload(truncated[: len(truncated) // 2])), 400, "unreadable image")
+    assert_error(client.post("/search"), 422)  # no file at all
+    assert_error(client.post("/search", params={"k": 0}, files=upload(jpeg_bytes(photo_like(1)))), 422)
+    assert_error(client.post("/search", params={"k": 10**6}, files=upload(jpeg_bytes(photo_like(1)))), 422)
+    assert_error(client.post("/search", params={"attribute": "colour"}, files=upload(jpeg_bytes(photo_like(1)))),
+                 400, "no attribute spaces")
+
+
+def test_oversized_bodies_are_refused_declared_or_streamed(plain):
+    root, _, _, embedder = plain
+    small = TestClient(create_app(root / "index", embedder, limits=Limits(max_upload_bytes=20_000)))
+    big = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, "PNG")
+    assert len(buffer.getvalue()) > 20_000 + 64 * 1024
+    assert_error(small.post("/search", files=upload(buffer.getvalue(), "big.png", "image/png")), 413,
+                 "request body larger than")
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    response = small.post("/search", content=chunks(),
+                          headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert_error(response, 413, "request body larger than")
+    # a file just over the upload limit but within the body allowance is refused by the upload check
+    assert_error(small.post("/search", files=upload(b"\xff" * 20_001)), 413, "upload larger than")
+    assert small.post("/search", files=upload(jpeg_bytes(photo_like(2)))).status_code == 200
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header says ``width`` x ``height``: a decoder that trusts it allocates GBs."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"
+    header = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+def test_decompression_bombs_are_refused_before_decoding(plain, client):
+    root, _, _, embedder = plain
+    # a real 8000x8000 image that compresses to a few kilobytes
+    buffer = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buffer, "PNG", optimize=True)
+    assert len(buffer.getvalue()) < 100_000
+    strict = TestClient(create_app(root / "index", embedder, limits=Limits(max_pixels=1_000_000)))
+    assert_error(strict.post("/search", files=upload(buffer.getvalue(), "bomb.png", "image/png")), 413,
+                 "8000x8000", "exceeds")
+    # a forged header claiming 30000x30000 pixels, against the default limits
+    assert_error(client.post("/search", files=upload(png_claiming(30000, 30000), "forged.png", "image/png")),
+                 413, "too large")
+
+
+@pytest.mark.parametrize("path", [
+    "/items/..%2F..%2Fetc%2Fpasswd/image",
+    "/items/%2Fetc%2Fpasswd/image",
+    "/items/..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd/image",
+    "/items/item001%2F..%2F..%2Fetc%2Fpasswd/image",
+    "/items/no/such/item/image",
+    "/items/../../etc/passwd/image",
+    "/..%2F..%2Fetc%2Fpasswd",
+    "/%2Fetc%2Fpasswd",
+])
+def test_path_tricks_never_serve_files(client, path):
+    response = client.get(path)
+    assert response.status_code == 404, response.text
+    assert b"root:" not in response.content
+
+
+def test_only_image_files_recorded_in_the_index_are_served(plain, tmp_path):
+    root, _, photos, embedder = plain
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(root / "index", index)
+    catalog = CatalogIndex.open(index)
+    vector = embedder.embed([Image.open(photos[0]).convert("RGB")])
+    catalog.add("default", ["evil"], vector, [{"item_id": "evil", "path": "/etc/passwd"}])
+    catalog.save()
+    evil = TestClient(create_app(index, embedder))
+    results = evil.post("/search", files=upload(photos[0].read_bytes())).json()["results"]
+    assert "evil" in [r["id"] for r in results]
+    response = evil.get("/items/evil/image")
+    assert response.status_code == 404 and b"root:" not in response.content
+
+
+def test_write_endpoints_need_the_api_key(plain, tmp_path):
+    root, _, photos, embedder = plain
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(root / "index", index)
+    client = TestClient(create_app(index, embedder, api_key=API_KEY))
+    new_photo = jpeg_bytes(photo_like(500))
+    form = {"item_id": "shop/sku-500", "category": "dress"}
+    assert_error(client.post("/items", files=upload(new_photo), data=form), 401, "X-API-Key")
+    assert_error(client.post("/items", files=upload(new_photo), data=form, headers={"X-API-Key": "wrong"}), 401)
+    assert client.get("/health").json()["items"] == 10
+
+    created = client.post("/items", files=upload(new_photo), data=form, headers={"X-API-Key": API_KEY})
+    assert created.status_code == 201, created.text
+    assert created.json()["items"] == 11
+    found = client.post("/search", files=upload(new_photo)).json()["results"][0]
+    assert found["id"] == "shop/sku-500" and found["metadata"]["category"] == "dress"
+    image = client.get(found["image_url"])  # an id with a slash, quoted in the URL
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (96, 128)
+    assert "shop/sku-500" in CatalogIndex.open(index).stores["default"]  # saved to disk
+
+    assert_error(client.delete("/items/shop%2Fsku-500"), 401)
+    deleted = client.delete("/items/shop%2Fsku-500", headers={"X-API-Key": API_KEY})
+    assert deleted.status_code == 200 and deleted.json() == {"removed": "shop/sku-500", "items": 10}
+    ids = [r["id"] for r in client.post("/search", files=upload(new_photo)).json()["results"]]
+    assert "shop/sku-500" not in ids
+    assert client.get(found["image_url"]).status_code == 404
+    assert_error(client.delete("/items/shop%2Fsku-500", headers={"X-API-Key": API_KEY}), 404, "no item")
+    assert len(CatalogIndex.open(index)) == 10
+
+
+def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
+    root, _, photos, embedder = plain
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(root / "index", index)
+    client = TestClient(create_app(index, embedder))
+    other = CatalogIndex.open(index)  # e.g. an `index remove` run while the server is up
+    other.remove(["item000"])
+    other.save()
+    response = client.post("/items", files=upload(jpeg_bytes(photo_like(600))), data={"item_id": "x"})
+    assert_error(response, 409, "another writer")
+    assert "item000" not in CatalogIndex.open(index).stores["default"]
+
+
+def test_server_binds_loopback_by_default():
+    from fashion_retrieval.cli import app
+    from fashion_retrieval.serve import cli
+
+    assert inspect.signature(cli.serve).parameters["host"].default == "127.0.0.1"
+    help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "127.0.0.1" in help_text
+
+
+def test_attribute_conditioned_app(conditioned):
+    root, checkpoint, photos, embedder = conditioned
+    client = TestClient(create_app(root / "index", embedder))
+    assert client.get("/attributes").json() == {"attribute_conditioned": True, "attributes": ATTRIBUTES}
+    query = photos[6]
+    rankings = {}
+    for attribute in ATTRIBUTES:
+        response = client.post("/search", params={"attribute": attribute, "k": 10}, files=upload(query.read_bytes()))
+        assert response.status_code == 200, response.text
+        assert response.json()["attribute"] == attribute
+        rankings[attribute] = [r["id"] for r in response.json()["results"]]
+        assert rankings[attribute] == model_ranking(checkpoint, query, photos, attribute)
+    assert rankings["colour"] != rankings["sleeve"]
+    assert_error(client.post("/search", params={"attribute": "pattern"}, files=upload(query.read_bytes())),
+                 400, "unknown attribute 'pattern'")
+    assert_error(client.post("/search", files=upload(query.read_bytes())), 400, "choose one of colour, sleeve")
