@@ -159,11 +159,15 @@ def print_table(rows: list[dict]) -> None:
         peak = row["peak_rss_gb"] if row["peak_rss_gb"] is not None else row["ru_maxrss_gb"]
         print(f"{row['method']:<10} {row['queries']:>8} {row['gallery']:>9} {row['seconds']:>8.1f} "
               f"{row['cpu_seconds']:>8.1f} {peak:>8.2f} {row['data_gb']:>8.2f}  {metrics}")
-    timed = {row["method"]: row["seconds"] for row in rows if "error" not in row}
+    timed: dict[str, list[float]] = {}
+    for row in rows:
+        if "error" not in row:
+            timed.setdefault(row["method"], []).append(row["seconds"])
     if "pml" in timed:
         for method in ("ours", "ours-full"):
             if method in timed:
-                print(f"wall-time speed-up of {method} over pml: {timed['pml'] / timed[method]:.2f}x")
+                ratio = float(np.median(timed["pml"])) / float(np.median(timed[method]))
+                print(f"wall-time speed-up of {method} over pml (medians of {len(timed[method])} runs): {ratio:.2f}x")
 
 
 def main() -> None:
@@ -178,6 +182,7 @@ def main() -> None:
     parser.add_argument("--methods", default="ours,ours-full,pml", help="comma list of ours, ours-full, pml")
     parser.add_argument("--query-chunk", type=int, default=1024)
     parser.add_argument("--gallery-chunk", type=int, default=32768)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration (timings are noisy)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--verbose", action="store_true", help="progress of our evaluation on stderr")
     parser.add_argument("--worker", choices=("ours", "ours-full", "pml"), help=argparse.SUPPRESS)
@@ -190,7 +195,8 @@ def main() -> None:
     unknown = set(methods) - {"ours", "ours-full", "pml"}
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
-    rows = [run_configuration(args, method) for method in methods]
+    # interleaved repeats, so a burst of load from other jobs hits every method alike
+    rows = [run_configuration(args, method) for _ in range(args.repeat) for method in methods]
     print_table(rows)
     if args.json:
         report = {
