@@ -280,6 +280,47 @@ def test_sigkill_during_build_keeps_the_previous_index(plain, tmp_path, phase):
         assert len(CatalogIndex.open(index)) == 20
 
 
+def test_milvus_store_builds_searches_and_removes(plain, tmp_path):
+    pytest.importorskip("milvus_lite")
+    root, _, photos, _, _ = plain
+    index = tmp_path / "index"
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog", "--out", index,
+                     "--store", "milvus")
+    assert result.exit_code == 0, result.output
+    assert "indexed 12 of 14 images" in result.stdout
+    assert json.loads((index / "index.json").read_text())["store"] == "milvus"
+    assert search_json(index, photos[9])[0]["id"] == photos[9].stem
+    assert run_cli("index", "remove", "--index", index, photos[9].stem).exit_code == 0
+    assert photos[9].stem not in [r["id"] for r in search_json(index, photos[9], "--top-k", "12")]
+
+
+@pytest.mark.shared_data
+def test_index_of_real_shop_photos_answers_a_consumer_photo(shared_data_root, plain, tmp_path):
+    """30 fashion-product shop photos (read in their official format, then as a CSV table) and a
+    consumer photo from clothing/ as the query."""
+    from dataclasses import replace
+
+    from fashion_retrieval.data.readers import READERS
+    from fashion_retrieval.data.table import SampleTable
+
+    root = plain[0]
+    shop = READERS.build("fashion_product", root=shared_data_root / "fashion-product")
+    # absolute image paths: the table lives in tmp_path, the photos stay in the shared data
+    subset = SampleTable([replace(s, path=str(shop.resolve(s))) for s in list(shop)[:30]], tmp_path, "shop30")
+    subset.to_csv(tmp_path / "shop30.csv")
+    index = tmp_path / "index"
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", tmp_path / "shop30.csv", "--out", index)
+    assert result.exit_code == 0, result.output
+    assert "indexed 30 of 30 images" in result.stdout
+    shop_photo = shop.resolve(list(shop)[7])
+    first = search_json(index, shop_photo)[0]
+    assert first["item_id"] == list(shop)[7].item_id and first["score"] == pytest.approx(1.0, abs=1e-4)
+    consumer = sorted((shared_data_root / "clothing" / "validation" / "dress").glob("*.jpg"))[0]
+    results = search_json(index, consumer, "--top-k", "5")
+    assert len(results) == 5 and [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert all(Path(r["path"]).is_file() for r in results)
+
+
 def test_cli_entry_point_runs_as_a_user_would(plain):
     """The installed module entry point, in a fresh interpreter, prints JSON for a search."""
     _, _, photos, index, _ = plain

@@ -207,6 +207,7 @@ class CatalogIndex:
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.model_dir.exists():  # the model never changes after the build
             staging = Path(tempfile.mkdtemp(prefix=".model-", dir=self.path))
+            os.chmod(staging, 0o755)
             try:
                 self._write_model(staging)
                 staging.rename(self.model_dir)

@@ -47,8 +47,13 @@ def _known_errors():
     from .catalog import UnknownSpaceError
     from .store import StoreError
 
-    return (AnnotationError, CheckpointError, ConfigError, StoreError, EmbedderError, ImageLoadError,
-            UnknownSpaceError, OSError)
+    errors = (AnnotationError, CheckpointError, ConfigError, StoreError, EmbedderError, ImageLoadError,
+              UnknownSpaceError, OSError)
+    try:  # an unreachable or refusing Milvus server
+        from pymilvus.exceptions import MilvusException
+    except ImportError:
+        return errors
+    return (*errors, MilvusException)
 
 
 @app.command("build")

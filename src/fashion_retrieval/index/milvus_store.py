@@ -42,6 +42,9 @@ class MilvusStore(VectorStore):
         if not self._client.has_collection(collection):
             self._client.create_collection(collection, dimension=dim, metric_type="IP", auto_id=False,
                                            id_type="string", max_length=MAX_ID_LENGTH)
+        else:
+            # a collection persisted by another process starts released: searching it needs a load
+            self._client.load_collection(collection)
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
         ids = [str(i) for i in ids]

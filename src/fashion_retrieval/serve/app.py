@@ -1,18 +1,20 @@
 """HTTP API and web page over a catalog index.
 
 Only files recorded in the index metadata can be served; nothing in a request is ever used as
-a path. Uploads are bounded in bytes while they arrive and in pixels before they are decoded;
-decoding and the model run in worker threads, at most ``Limits.max_concurrent`` at a time, so
-the event loop keeps answering (and rejecting) other requests meanwhile.
+a path. Uploads are bounded in bytes while they arrive and in pixels before they are decoded.
+Decoding runs in worker threads, at most ``Limits.max_concurrent`` at a time, and the model on
+one thread of its own, so the event loop keeps answering (and rejecting) other requests meanwhile.
 """
 # no `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations, and
 # Query(le=limits.max_k) refers to a local of create_app that a string annotation cannot reach
+import asyncio
 import hashlib
 import hmac
 import io
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -117,7 +119,8 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         raise ValueError(f"{index_dir}: index vectors have {catalog.dim} dimensions, the model gives "
                          f"{embedder.feat_dim}: build the index with this model")
     lock = threading.RLock()  # searches and writes see a consistent index
-    # a thread semaphore, not an asyncio one: it works whichever event loop (or test client) calls
+    # at most max_concurrent uploads decoded at once (each may hold max_pixels·3 bytes); a thread
+    # semaphore, not an asyncio one: it works whichever event loop (or test client) calls
     slots = threading.BoundedSemaphore(limits.max_concurrent)
 
     def bounded(function, *args):
@@ -142,13 +145,22 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         if api_key is not None and not (x_api_key and hmac.compare_digest(x_api_key.encode(), api_key.encode())):
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
-    async def read_upload(image: UploadFile):
-        data = await image.read(limits.max_upload_bytes + 1)
-        return await run_in_threadpool(bounded, decode_upload, data, limits)
+    # The model runs on one dedicated thread: requests queue for it holding only their small
+    # preprocessed tensor, while decoding (and refusing bad uploads) goes on in the thread pool.
+    # One thread also keeps torch's per-thread allocator caches from multiplying under load.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
-    async def embed(photo, attribute: str | None):
+    def decode_and_preprocess(data: bytes, keep_photo: bool):
+        photo = decode_upload(data, limits)
+        return embedder.batch([photo]), (photo if keep_photo else None)
+
+    async def read_upload(image: UploadFile, keep_photo: bool = False):
+        data = await image.read(limits.max_upload_bytes + 1)
+        return await run_in_threadpool(bounded, decode_and_preprocess, data, keep_photo)
+
+    async def embed(pixels, attribute: str | None):
         try:
-            return await run_in_threadpool(bounded, embedder.embed, [photo], attribute)
+            return await asyncio.wrap_future(model_thread.submit(embedder.embed_pixels, pixels, attribute))
         except UnknownSpaceError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -180,8 +192,8 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
             catalog.store(attribute)  # refuse an unknown attribute before decoding anything
         except UnknownSpaceError as exc:
             raise HTTPException(400, str(exc)) from None
-        photo = await read_upload(image)
-        vector = await embed(photo, attribute)
+        pixels, _ = await read_upload(image)
+        vector = await embed(pixels, attribute)
         with lock:
             scores, ids = catalog.search(vector, k, attribute)
             rows = result_rows(scores[0], ids[0])
@@ -221,8 +233,8 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     async def add_item(image: Annotated[UploadFile, File()],
                        item_id: Annotated[str, Form(min_length=1, max_length=200)],
                        category: Annotated[str | None, Form(max_length=200)] = None) -> dict[str, Any]:
-        photo = await read_upload(image)
-        vectors = {space: await embed(photo, space if catalog.attribute_conditioned else None)
+        pixels, photo = await read_upload(image, keep_photo=True)
+        vectors = {space: await embed(pixels, space if catalog.attribute_conditioned else None)
                    for space in catalog.spaces}
         stored = await run_in_threadpool(store_upload, photo, item_id)
         meta = {"item_id": item_id, "path": str(stored), "category": category, "domain": "shop"}

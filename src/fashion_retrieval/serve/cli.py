@@ -19,7 +19,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(min=0.01, max=100)] = 10.0,
     max_pixels: Annotated[int, typer.Option(min=10_000, help="largest decoded upload, in pixels")] = 40_000_000,
     max_k: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
-    max_concurrent: Annotated[int, typer.Option(min=1, max=256, help="uploads decoded/embedded at once")] = 4,
+    max_concurrent: Annotated[int, typer.Option(min=1, max=256, help="uploads decoded at once")] = 4,
     device: str = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level (info logs every request)")] = "info",
 ) -> None:
