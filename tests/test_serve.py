@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import inspect
 import io
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -225,6 +231,62 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
     response = client.post("/items", files=upload(jpeg_bytes(photo_like(600))), data={"item_id": "x"})
     assert_error(response, 409, "another writer")
     assert "item000" not in CatalogIndex.open(index).stores["default"]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_serve_command_listens_on_loopback_only(plain):
+    """`fashion-retrieval serve` as a user starts it: answers on 127.0.0.1 and binds nothing else."""
+    import socket
+
+    root, _, photos, _ = plain
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "fashion_retrieval", "serve", "--index", str(root / "index"),
+                               "--port", str(port), "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.communicate()[1]
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.2)
+        assert health.json()["items"] == 10
+        assert listening_addresses(port) == {"127.0.0.1"}
+        answer = httpx.post(f"http://127.0.0.1:{port}/search", files=upload(photos[2].read_bytes()), timeout=30)
+        assert answer.json()["results"][0]["id"] == photos[2].stem
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_serve_command_errors_are_one_line(tmp_path):
+    from fashion_retrieval.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "no such index directory" in result.stderr
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--api-key-env", "FR_TEST_UNSET_KEY"],
+                                env={"FR_TEST_UNSET_KEY": ""})
+    assert result.exit_code == 2 and "FR_TEST_UNSET_KEY is empty or unset" in result.stderr
 
 
 def test_server_binds_loopback_by_default():

@@ -228,6 +228,8 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
             catalog.save()
         except StoreError as exc:  # another writer (an `index add`) changed the index meanwhile
             raise HTTPException(409, str(exc)) from None
+        except OSError as exc:  # a full or read-only disk: the index on disk is unchanged
+            raise HTTPException(503, f"could not save the index: {exc.strerror or exc}") from None
 
     @app.post("/items", dependencies=[Depends(require_key)], status_code=201)
     async def add_item(image: Annotated[UploadFile, File()],
