@@ -54,19 +54,20 @@ async function search() {
   }
   const within = answer.attribute ? ` with the same ${answer.attribute}` : "";
   $("summary").textContent = `${answer.results.length} results${within} in ${answer.took_ms} ms`;
-  $("results").replaceChildren(...answer.results.map(card));
+  $("results").replaceChildren(...answer.results.map((result) => card(result, answer.attribute)));
 }
 
-function describe(metadata) {
-  const parts = [];
-  if (metadata.category) parts.push(metadata.category);
-  for (const [name, value] of Object.entries(metadata.attributes || {})) {
-    if (value !== null && value !== "") parts.push(`${name}: ${Array.isArray(value) ? value.join(", ") : value}`);
-  }
-  return parts.join(" · ");
+function describe(metadata, attribute) {
+  // the category and the value of the attribute being compared; every attribute in the tooltip
+  const value = (v) => (Array.isArray(v) ? v.join(", ") : v);
+  const attributes = Object.entries(metadata.attributes || {}).filter(([, v]) => v !== null && v !== "");
+  const parts = metadata.category ? [metadata.category] : [];
+  const compared = attributes.find(([name]) => name === attribute);
+  if (compared) parts.push(`${compared[0]}: ${value(compared[1])}`);
+  return { text: parts.join(" · "), all: attributes.map(([name, v]) => `${name}: ${value(v)}`).join("\n") };
 }
 
-function card(result) {
+function card(result, attribute) {
   const item = document.createElement("li");
   item.dataset.id = result.id;
   if (result.image_url) {
@@ -84,7 +85,9 @@ function card(result) {
   score.textContent = `similarity ${result.score.toFixed(3)}`;
   const meta = document.createElement("div");
   meta.className = "meta";
-  meta.textContent = describe(result.metadata);
+  const description = describe(result.metadata, attribute);
+  meta.textContent = description.text;
+  if (description.all) item.title = description.all;
   item.append(title, score, meta);
   return item;
 }
