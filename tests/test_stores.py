@@ -168,3 +168,16 @@ def test_sigkill_during_incremental_adds_leaves_a_loadable_index(tmp_path):
     assert reopened.search(unit_vectors(1), 1)[1][0]
     recover(path)
     assert not list(tmp_path.glob("index.tmp-*")) and not (tmp_path / "index.old").exists()
+
+
+def test_hnsw_removal_survives_faiss_torch_patch(tmp_path):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
+    with a wrapper that has no `params`; filtered HNSW search must still work after it."""
+    import faiss.contrib.torch_utils  # noqa: F401  (the patch is the point of this test)
+
+    vectors = unit_vectors(100)
+    store = FaissStore(tmp_path / "index", DIM, "hnsw")
+    store.add([f"item-{i}" for i in range(100)], vectors, [{} for _ in range(100)])
+    assert store.remove(["item-0"]) == 1
+    _, found = store.search(vectors[:1], 5)
+    assert "item-0" not in found[0] and len(found[0]) == 5

@@ -125,7 +125,10 @@ class FaissStore(VectorStore):
                 self._selector_keepalive = selector
         elif isinstance(inner, faiss.IndexIVF):
             inner.nprobe = min(self.nprobe, inner.nlist)
-        scores, iids = self._index.search(vectors, k, params=params) if params else self._index.search(vectors, k)
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning) swaps `search` for a
+        # wrapper without `params`; `search_numpy`, when present, is faiss's own numpy method.
+        search = getattr(self._index, "search_numpy", self._index.search)
+        scores, iids = search(vectors, k, params=params) if params else search(vectors, k)
         ids = [[self._by_iid[i] for i in row if i >= 0] for row in iids.tolist()]
         return scores, ids
 
