@@ -1,5 +1,5 @@
 """M3-Net: multi-granularity, attribute- and class-conditioned attention for attribute-specific
-fashion retrieval. Design decisions are explained in docs/models_attribute.md.
+fashion retrieval. Design decisions are explained in docs/models.md (attribute-specific models).
 
 For an image and an attribute ``a``:
 
