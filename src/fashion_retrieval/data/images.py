@@ -6,6 +6,7 @@ becomes an :class:`ImageLoadError` with a short reason; the dataset turns it int
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,19 +17,24 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
 from .labels import LabelSpace
-from .table import SampleTable
+from .table import SampleTable, printable_path
 
 DEFAULT_IMAGE_SIZE = (256, 192)  # (H, W): garments and people are taller than wide
 DEFAULT_MAX_PIXELS = 40_000_000
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
+# load_rgb refuses images over max_pixels from their header, before decoding, and reports them
+# as skipped; PIL's own warning for sizes between its thresholds would only add a stderr line per
+# file (a filter, not catch_warnings: that one is not thread-safe and decoding runs in threads).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class ImageLoadError(Exception):
     """An image file that cannot be decoded; ``reason`` is short enough for a report line."""
 
     def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{printable_path(path)}: {reason}")
         self.path = str(path)
         self.reason = reason
 

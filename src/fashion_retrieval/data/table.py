@@ -8,7 +8,9 @@ dataset's own files.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,11 +22,18 @@ SPLITS = ("train", "val", "test", "query", "gallery", "unknown")
 AttributeValue = str | tuple[str, ...]  # single label, or a tuple for multi-label attributes
 
 
+def printable_path(path: str | Path) -> str:
+    """``path`` as text that any terminal or UTF-8 file accepts: bytes of a name that is not
+    UTF-8 (which Python keeps as lone surrogates) are shown as ``\\xe9`` escapes instead of
+    making the print or the JSON write that reports the problem fail itself."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class AnnotationError(ValueError):
     """A malformed annotation file: the message names the file and the 1-based line."""
 
     def __init__(self, path: str | Path, line: int | None, problem: str):
-        where = f"{path}:{line}" if line is not None else str(path)
+        where = f"{printable_path(path)}:{line}" if line is not None else printable_path(path)
         super().__init__(f"{where}: {problem}")
         self.path = str(path)
         self.line = line
@@ -151,33 +160,79 @@ class SampleTable:
 
     @classmethod
     def from_csv(cls, path: str | Path, root: str | Path | None = None, name: str | None = None) -> "SampleTable":
-        """Read a table written by :meth:`to_csv` (only ``path`` and ``item_id`` are required)."""
+        """Read a table written by :meth:`to_csv` (only ``path`` and ``item_id`` are required).
+
+        One row per image: a path listed twice is an error, as is any row that cannot become a
+        sample; every error names the file and the line.
+        """
         path = Path(path)
         samples = []
         multi: set[str] = set()
-        with open(path, newline="", encoding="utf-8", errors="strict") as f:
-            try:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or not {"path", "item_id"} <= set(reader.fieldnames):
-                    raise AnnotationError(path, 1, f"header must contain 'path' and 'item_id', got {reader.fieldnames}")
-                for row in reader:
-                    line = reader.line_num
-                    if None in row or any(v is None for v in row.values()):
-                        raise AnnotationError(path, line, "wrong number of columns")
-                    try:
-                        attrs = json.loads(row["attributes"]) if row.get("attributes") else {}
-                        attrs = {k: tuple(v) if isinstance(v, list) else str(v) for k, v in attrs.items()}
-                        multi.update(k for k, v in attrs.items() if isinstance(v, tuple))
-                        bbox = tuple(float(x) for x in row["bbox"].split()) if row.get("bbox") else None
-                        if bbox is not None and len(bbox) != 4:
-                            raise ValueError("bbox needs 4 numbers: x1 y1 x2 y2")
-                        samples.append(Sample(
-                            path=row["path"], item_id=row["item_id"],
-                            domain=row.get("domain") or "unknown", split=row.get("split") or "unknown",
-                            category=row.get("category") or None, attributes=attrs, bbox=bbox,
-                        ))
-                    except (ValueError, TypeError) as exc:
-                        raise AnnotationError(path, line, str(exc)) from None
-            except UnicodeDecodeError as exc:
-                raise AnnotationError(path, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        first_line: dict[str, int] = {}
+        reader = csv.DictReader(io.StringIO(read_utf8_text(path), newline=""))
+        try:
+            if reader.fieldnames is None or not {"path", "item_id"} <= set(reader.fieldnames):
+                raise AnnotationError(path, 1, f"header must contain 'path' and 'item_id', got {reader.fieldnames}")
+            for row in reader:
+                line = reader.line_num
+                if None in row or any(v is None for v in row.values()):
+                    raise AnnotationError(path, line, "wrong number of columns")
+                image, item_id = row["path"], row["item_id"]
+                if not image.strip() or not item_id.strip():
+                    raise AnnotationError(path, line, f"empty {'path' if not image.strip() else 'item_id'}")
+                if image in first_line:
+                    raise AnnotationError(path, line, f"{image} is listed again (first on line {first_line[image]}); "
+                                          "the table has one row per image")
+                first_line[image] = line
+                try:
+                    attrs = _attributes(row.get("attributes"))
+                    multi.update(k for k, v in attrs.items() if isinstance(v, tuple))
+                    bbox = tuple(float(x) for x in row["bbox"].split()) if row.get("bbox") else None
+                    if bbox is not None and len(bbox) != 4:
+                        raise ValueError("bbox needs 4 numbers: x1 y1 x2 y2")
+                    samples.append(Sample(
+                        path=image, item_id=item_id,
+                        domain=row.get("domain") or "unknown", split=row.get("split") or "unknown",
+                        category=row.get("category") or None, attributes=attrs, bbox=bbox,
+                    ))
+                except (ValueError, TypeError) as exc:
+                    raise AnnotationError(path, line, str(exc)) from None
+        except csv.Error as exc:
+            raise AnnotationError(path, reader.line_num, str(exc)) from None
         return cls(samples, root if root is not None else path.parent, name or path.stem, sorted(multi))
+
+
+def _attributes(cell: str | None) -> dict[str, AttributeValue]:
+    """The ``attributes`` cell: a JSON object of names to a value or a list of values.
+
+    ``null`` means unlabelled (the attribute is left out), as an empty cell does in the other
+    formats; numbers become their text. Nested objects have no label meaning and are refused.
+    """
+    if not cell:
+        return {}
+    try:
+        parsed = json.loads(cell)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"attributes is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"attributes must be a JSON object like {{\"colour\": \"red\"}}, got {cell[:60]}")
+    attributes: dict[str, AttributeValue] = {}
+    for name, value in parsed.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise ValueError(f"attribute '{name}' must be a value or a list of values, got {json.dumps(value)[:60]}")
+        if value is None:
+            continue
+        attributes[name] = tuple(str(v) for v in value if v is not None) if isinstance(value, list) else str(value)
+    return attributes
+
+
+def read_utf8_text(path: Path) -> str:
+    """A whole annotation file as text (a byte-order mark is dropped); bytes that are not UTF-8
+    raise an AnnotationError naming the line they are on."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise AnnotationError(path, line, f"not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None

@@ -93,9 +93,26 @@ def evaluate(
     with _one_line_errors():
         from .evaluate import evaluate as run_evaluation
 
-        run_evaluation(checkpoint, benchmark, split, data_root or default_data_root(), json_out, plots,
-                       batch_size=batch_size, device=device, num_workers=num_workers, progress=sys.stderr.isatty())
+        evaluation = run_evaluation(checkpoint, benchmark, split, data_root or default_data_root(), json_out, plots,
+                                    batch_size=batch_size, device=device, num_workers=num_workers,
+                                    progress=sys.stderr.isatty())
+        _report_skipped(evaluation.results)
         typer.echo(f"results: {json_out}")
+
+
+SHOWN_SKIPPED = 20
+
+
+def _report_skipped(results: dict) -> None:
+    """Unreadable images left the benchmark: say which, so the numbers are not read as complete."""
+    count = results["counts"]["skipped_images"]
+    if not count:
+        return
+    typer.echo(f"{count} unreadable images skipped (left out of queries and gallery):")
+    for line in results["skipped"][:SHOWN_SKIPPED]:
+        typer.echo(f"  skipped {line}")
+    if count > SHOWN_SKIPPED:
+        typer.echo(f"  … and {count - SHOWN_SKIPPED} more (the first {len(results['skipped'])} are in the JSON)")
 
 
 def demo(

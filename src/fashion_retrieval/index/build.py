@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
                        domain: str | None = None) -> SampleTable:
     """A folder of images, a folder in a known dataset format, or a CSV sample table."""
     from ..data.readers import READERS
+    from ..data.readers.catalog import image_files
 
     images = Path(images)
     if not images.exists():
@@ -37,9 +39,8 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
     elif format is not None:
         table = READERS.build(format, root=images)
     elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir() if p.is_file()):
-        files = sorted(p for p in images.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
-        table = SampleTable([Sample(path=p.name, item_id=p.stem, domain="shop") for p in files], images, images.name)
+        table = SampleTable([Sample(path=p.name, item_id=p.stem, domain="shop") for p in image_files(images)],
+                            images, images.name)
     else:
         table = READERS.build("folder", root=images)
     if split or domain:
@@ -50,11 +51,15 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
 
 
 def _image_ids(table: SampleTable, rows: Sequence[int]) -> list[str]:
-    """Item ids when they are unique, else item id plus file name: one vector per image."""
-    item_ids = [table[i].item_id for i in rows]
-    if len(set(item_ids)) == len(item_ids):
-        return item_ids
-    return [f"{table[i].item_id}:{Path(table[i].path).stem}" for i in rows]
+    """One id per image: item ids when they are unique, else item id and file name, else (the
+    same file name in two folders of one item) item id and the image's path in the catalog."""
+    for id_of in (lambda s: s.item_id, lambda s: f"{s.item_id}:{Path(s.path).stem}", lambda s: f"{s.item_id}:{s.path}"):
+        ids = [id_of(table[i]) for i in rows]
+        if len(set(ids)) == len(ids):
+            return ids
+    counts = Counter(ids)
+    twice = next(table[i] for i, image_id in zip(rows, ids) if counts[image_id] > 1)
+    raise AnnotationError(table.resolve(twice), None, "listed twice in the catalog; each image must appear once")
 
 
 def _metadata(table: SampleTable, index: int) -> dict[str, Any]:

@@ -11,11 +11,17 @@ domain     no       ``consumer`` (a customer's photo), ``shop`` or ``unknown``
 split      no       ``train``, ``val``, ``test``, ``query``, ``gallery`` or ``unknown``
 category   no       category name
 attributes no       JSON object ``{"colour": "red", "style": ["casual", "sport"]}``;
-                    a list value makes that attribute multi-label
+                    a list value makes that attribute multi-label, ``null`` leaves
+                    it unlabelled
 bbox       no       ``x1 y1 x2 y2`` in pixels of the file
 ========== ======== ===============================================================
 
-``folder`` reads ``<root>/<class>/<image>`` or ``<root>/<split>/<class>/<image>``.
+A path listed twice, an empty path or item id, a value outside those lists and text that is
+not UTF-8 stop the reader with the file and line; image files are only opened later, where an
+unreadable one is skipped and reported.
+
+``folder`` reads ``<root>/<class>/<image>`` or ``<root>/<split>/<class>/<image>``; names that
+are not UTF-8 are refused by name (they would become ids and index metadata).
 """
 from __future__ import annotations
 
@@ -72,8 +78,21 @@ def visible_subfolders(folder: Path) -> list[Path]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in files:
+        require_utf8_path(path)
+    return files
+
+
+def require_utf8_path(path: Path) -> None:
+    """File and folder names become item ids, categories and index metadata, all UTF-8 text: a
+    name in another encoding (Python keeps its bytes as lone surrogates) is refused here, by name,
+    instead of failing when the index or a JSON answer is written."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AnnotationError(path, None, "file name is not UTF-8; rename it (e.g. convmv -f latin1 -t utf8)") from None
 
 
 def class_folder_samples(root: Path, folder: Path, split: str, domain: str,

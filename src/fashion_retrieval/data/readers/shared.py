@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Iterator
 
-from ..table import AnnotationError, Sample, SampleTable
+from ..table import AnnotationError, Sample, SampleTable, read_utf8_text
 from . import READERS
 from .catalog import SPLIT_FOLDERS, check_unique_items, class_folder_samples, visible_subfolders
 
@@ -102,12 +102,7 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> tuple[list[str], Iterato
     """Header and ``(line, row)`` pairs of a CSV whose rows must all have the header's width."""
     if not path.is_file():
         raise AnnotationError(path, None, "file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise AnnotationError(path, line, f"not UTF-8 text ({exc.reason})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(read_utf8_text(path), newline=""))
     try:
         header = [name.strip() for name in next(reader)]
     except StopIteration:
