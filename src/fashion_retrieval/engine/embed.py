@@ -3,10 +3,16 @@
 Embeddings are L2-normalised float32, so inner product = cosine similarity everywhere
 downstream. Unreadable images are skipped and reported, never fatal: ``indices`` says which
 table rows the embedding rows belong to.
+
+``decode="device"`` moves JPEG decoding from the DataLoader workers (PIL) to the embedding device
+(``torchvision.io.decode_jpeg``, nvJPEG on CUDA): on a fast GPU the workers' PIL decode and
+resize, not the model, limit the images per second.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import ImageDataset, Transform, collate_skipping, default_transform
 from ..data.table import SampleTable
@@ -68,20 +74,122 @@ def _forward_embeddings(model: nn.Module, images: torch.Tensor, attributes: Sequ
     return [F.normalize(e.float(), dim=1) for e in outputs]
 
 
+DECODERS = ("pil", "device")
+EXIF_ORIENTATION = 0x0112
+
+
+def _plain_jpeg_bytes(path: Path, max_pixels: int) -> torch.Tensor | None:
+    """The file's bytes when decoding them without PIL gives the same picture: a JPEG in RGB or
+    grey, upright (no EXIF rotation to apply), within the pixel limit. None otherwise, and for
+    any file that fails here: the PIL path then decodes it or names the error."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:  # parses the header only
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            if image.width * image.height > max_pixels or image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                return None
+    except Exception:  # noqa: BLE001 - any problem is the PIL path's to report
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class _EncodedJpegDataset(Dataset):
+    """Rows as ``{"index", "jpeg": bytes}`` for device decoding; rows it cannot take that way
+    (other formats, CMYK, EXIF-rotated, cropped to a box) come decoded by the PIL dataset."""
+
+    def __init__(self, decoded: ImageDataset):
+        self.decoded = decoded
+
+    def __len__(self) -> int:
+        return len(self.decoded)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        table = self.decoded.table
+        sample = table[index]
+        if not (self.decoded.crop_bbox and sample.bbox is not None):
+            data = _plain_jpeg_bytes(table.resolve(sample), self.decoded.max_pixels)
+            if data is not None:
+                return {"index": int(index), "jpeg": data}
+        return self.decoded[index]
+
+
+def _collate_encoded(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    collated = collate_skipping([record for record in batch if "jpeg" not in record])
+    encoded = [record for record in batch if "jpeg" in record]
+    collated["jpeg"] = [record["jpeg"] for record in encoded]
+    collated["jpeg_index"] = [record["index"] for record in encoded]
+    return collated
+
+
+def _decode_on_device(batch: dict[str, Any], transform: Transform, fallback: ImageDataset,
+                      device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """(images [B, 3, H, W] on ``device``, their table rows, skip messages) of a collated batch of
+    :func:`_collate_encoded`, rows in table order like the PIL path's."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    by_row: dict[int, torch.Tensor] = {}
+    skipped: list[str] = []
+    if "image" in batch:
+        for row, image in zip(batch["index"].tolist(), batch["image"].to(device, non_blocking=True)):
+            by_row[row] = image
+    rows, data = batch["jpeg_index"], batch["jpeg"]
+    if data:
+        try:  # one batched call: nvJPEG decodes the whole batch at once
+            decoded: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except (RuntimeError, ValueError):  # one bad file fails the batch: find it (them) one by one
+            decoded = []
+            for item in data:
+                try:
+                    decoded.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+                except (RuntimeError, ValueError):
+                    decoded.append(None)
+        # Catalog photos often share a size: resize each size's images in one call, not one by one.
+        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+        for row, image in zip(rows, decoded):
+            if image is None:
+                record = fallback[row]  # decodes it after all, or says why it cannot be read
+                if "error" in record:
+                    skipped.append(record["error"])
+                else:
+                    by_row[row] = record["image"].to(device)
+                continue
+            by_shape.setdefault(tuple(image.shape), []).append((row, image))
+        for group in by_shape.values():
+            resized = transform(torch.stack([image for _, image in group]))
+            by_row.update((row, image) for (row, _), image in zip(group, resized))
+    if not by_row:
+        return None, None, skipped
+    order = sorted(by_row)
+    return (torch.stack([by_row[row].as_subclass(torch.Tensor) for row in order]),
+            torch.tensor(order, dtype=torch.long), skipped)
+
+
 @torch.inference_mode()
 def embed_table_attributes(model: nn.Module, table: SampleTable, image_size: Sequence[int],
                            attributes: Sequence[int | None], batch_size: int = 64,
                            device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
-                           crop_bbox: bool = False, amp: bool = False, desc: str = "embedding") -> EmbedResult:
-    """Embed every row once per attribute index in ``attributes``, decoding each image only once."""
+                           crop_bbox: bool = False, amp: bool = False, desc: str = "embedding",
+                           decode: str = "pil") -> EmbedResult:
+    """Embed every row once per attribute index in ``attributes``, decoding each image only once.
+
+    ``decode``: ``"pil"`` decodes and resizes in the DataLoader workers; ``"device"`` has the
+    workers only read JPEG bytes and decodes and resizes them on ``device`` (other files still
+    go through PIL)."""
     if not attributes:
         raise ValueError("attributes must name at least one attribute index (or None)")
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    dataset = ImageDataset(table, inference_transform(image_size), labels=None, crop_bbox=crop_bbox)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+    transform = inference_transform(image_size)
+    dataset = ImageDataset(table, transform, labels=None, crop_bbox=crop_bbox)
+    on_device = decode == "device"
+    loader = DataLoader(_EncodedJpegDataset(dataset) if on_device else dataset, batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_encoded if on_device else collate_skipping,
+                        pin_memory=device.type == "cuda",
                         # Its own generator: embedding must not consume the training RNG stream.
                         generator=torch.Generator().manual_seed(0))
     was_training = model.training
@@ -92,15 +200,21 @@ def embed_table_attributes(model: nn.Module, table: SampleTable, image_size: Seq
     try:
         with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for batch in loader:
-                skipped += batch["skipped"]
-                if "image" in batch:
-                    images = batch["image"].to(device, non_blocking=True)
+                batch_skipped = list(batch["skipped"])
+                if on_device:
+                    images, rows, failed = _decode_on_device(batch, transform, dataset, device)
+                    batch_skipped += failed
+                else:
+                    images = batch["image"].to(device, non_blocking=True) if "image" in batch else None
+                    rows = batch.get("index")
+                skipped += batch_skipped
+                if images is not None:
                     if device.type == "cuda":
                         images = images.contiguous(memory_format=torch.channels_last)
                     for slot, embedding in enumerate(_forward_embeddings(model, images, attributes, amp)):
                         chunks[slot].append(embedding.cpu().numpy())
-                    kept.append(batch["index"].numpy())
-                bar.update(len(batch["skipped"]) + (len(batch["index"]) if "index" in batch else 0))
+                    kept.append(rows.numpy())
+                bar.update(len(batch_skipped) + (len(rows) if rows is not None else 0))
     finally:
         model.train(was_training)
     dim = int(getattr(model, "feat_dim", 0))
@@ -113,11 +227,12 @@ def embed_table_attributes(model: nn.Module, table: SampleTable, image_size: Seq
 
 def embed_table(model: nn.Module, table: SampleTable, image_size: Sequence[int], batch_size: int = 64,
                 attribute: int | None = None, device: str | torch.device = "cpu", num_workers: int = 0,
-                progress: bool = True, crop_bbox: bool = False, amp: bool = False) -> EmbedResult:
+                progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil") -> EmbedResult:
     """L2-normalised embeddings of every readable row of ``table`` (for ``attribute`` when the
-    model is attribute-conditioned)."""
+    model is attribute-conditioned); ``decode`` as in :func:`embed_table_attributes`."""
     return embed_table_attributes(model, table, image_size, [attribute], batch_size=batch_size, device=device,
-                                  num_workers=num_workers, progress=progress, crop_bbox=crop_bbox, amp=amp)
+                                  num_workers=num_workers, progress=progress, crop_bbox=crop_bbox, amp=amp,
+                                  decode=decode)
 
 
 @torch.inference_mode()
