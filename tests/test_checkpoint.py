@@ -213,7 +213,8 @@ def test_failed_inference_save_keeps_previous(tmp_path: Path, monkeypatch: pytes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "_fsync_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: could not write the model \(No space left on "
+                                              r"device\); the previous model is unchanged"):
         _tiny(tmp_path, feat_dim=8)
     monkeypatch.undo()
     loaded, meta = load_for_inference(tmp_path)

@@ -15,9 +15,11 @@ pairing new weights with an old description.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -92,11 +94,25 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    # save_model drops tied duplicates and makes channels_last tensors contiguous.
-    save_model(unwrap_model(model), str(path), metadata=metadata, force_contiguous=True)
+    try:
+        # save_model drops tied duplicates and makes channels_last tensors contiguous.
+        save_model(unwrap_model(model), str(path), metadata=metadata, force_contiguous=True)
+    except SafetensorError as exc:
+        # A failed write (a full disk) arrives as safetensors' own error, "... (os error 28)":
+        # as an OSError it reaches the handlers that keep the previous checkpoint and say so.
+        raise _as_os_error(exc, path) from exc
     _fsync_file(path)
+
+
+def _as_os_error(exc: BaseException, path: Path) -> OSError:
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number), str(path))
+    return OSError(errno.EIO, _first_line(exc), str(path))
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -177,10 +193,19 @@ def save_for_inference(model: nn.Module, meta: dict[str, Any], run_dir: str | Pa
         _save_weights(plain, tmp_weights, {"format_version": str(FORMAT_VERSION), "model": spec["name"],
                                            "save_id": meta["save_id"]})
         os.replace(tmp_weights, weights)
-    except BaseException:
+    except BaseException as exc:
         tmp_weights.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"{weights}: could not write the model ({exc.strerror or exc}); "
+                                  "the previous model is unchanged") from exc
         raise
-    write_json_atomic(run_dir / META_FILE, meta)
+    try:
+        write_json_atomic(run_dir / META_FILE, meta)
+    except OSError as exc:
+        # the new weights are in place but the meta.json beside them is the old one: their save
+        # ids differ, so loading refuses the pair instead of rebuilding a mismatched model
+        raise CheckpointError(f"{run_dir / META_FILE}: could not write ({exc.strerror or exc}); this model "
+                              "cannot be loaded until a save completes") from exc
     return weights
 
 

@@ -1,8 +1,8 @@
 """``fashion-retrieval train | evaluate | demo``.
 
 Heavy imports (torch) happen inside the commands so ``--help`` stays fast. Expected failures
-(a bad recipe, a malformed annotation file, an unusable checkpoint, a missing folder) print one
-line and exit with code 2; anything else is a bug and keeps its traceback.
+(a bad recipe, a malformed annotation file, an unusable checkpoint, a missing folder, a full
+disk) print one line and exit with code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ..registry import ConfigError
     from .checkpoint import CheckpointError
 
-    return (ConfigError, AnnotationError, CheckpointError, ImageLoadError, FileNotFoundError, NotADirectoryError,
-            PermissionError)
+    # OSError: a full disk or a failing drive is the machine's state, not a bug in the run
+    return (ConfigError, AnnotationError, CheckpointError, ImageLoadError, OSError)
 
 
 @contextmanager

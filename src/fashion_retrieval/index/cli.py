@@ -28,6 +28,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _fail_writing(exc: Exception, index: Path) -> None:
+    """A failed write (a full disk) names no file of its own: name the index, which the atomic
+    save left as it was."""
+    if isinstance(exc, OSError) and not exc.filename:
+        _fail(f"{index}: could not write the index ({exc.strerror or exc}); the previous index is unchanged")
+    _fail(str(exc))
+
+
 def _report(report, verb: str) -> None:
     typer.echo(f"{verb} {report.added} of {report.total} images into {report.index_dir} "
                f"(spaces: {', '.join(report.spaces)}); {len(report.skipped)} unreadable skipped")
@@ -77,7 +85,7 @@ def build(
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
                              batch_size, store.value, device)
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail_writing(exc, out)
     _report(report, "indexed")
 
 
@@ -97,7 +105,7 @@ def add(
     try:
         report = add_to_index(index, images, format, split, domain, batch_size, device)
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail_writing(exc, index)
     _report(report, "added")
 
 
@@ -112,7 +120,7 @@ def remove(
     try:
         removed = remove_from_index(index, ids)
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail_writing(exc, index)
     typer.echo(f"removed {removed} of {len(ids)} ids from {index}")
 
 

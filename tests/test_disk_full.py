@@ -1,0 +1,96 @@
+"""A disk that fills up under `train`, `index build` and `index add`, for real: the commands run
+in a child process whose files may not grow past a few kilobytes (RLIMIT_FSIZE), so its writes
+fail with an OSError exactly where a full disk fails them. Each must stop with one line naming
+what it could not write, leave the previous checkpoint or index loadable, and leave no
+temporary files behind.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from catalog_fixtures import write_catalog
+from test_checkpoint import _tiny
+from test_index_cli import assert_one_line_error, search_json
+from test_train import _env, _recipe, write_synthetic_viton
+
+from fashion_retrieval.cli import app
+from fashion_retrieval.config import config_from_dict
+from fashion_retrieval.engine.checkpoint import load_for_inference, load_training_state
+from fashion_retrieval.engine.train import train
+from fashion_retrieval.index.catalog import CatalogIndex
+
+resource = pytest.importorskip("resource", reason="RLIMIT_FSIZE needs a POSIX system")
+
+# the test models are registered by importing test_checkpoint, in the child as in this process
+CLI = [sys.executable, "-c", "import test_checkpoint; from fashion_retrieval.cli import app; app()"]
+
+
+def run_with_file_size_limit(limit: int, *args) -> SimpleNamespace:
+    """The CLI in a child process whose files cannot grow past ``limit`` bytes; the result has
+    the attributes of a CliRunner result, so the one-line-error assertion applies to it."""
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=_env(), timeout=300,
+                          preexec_fn=limit_file_size)
+    return SimpleNamespace(exit_code=done.returncode, stderr=done.stderr, output=done.stdout + done.stderr)
+
+
+def temporary_leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
+
+
+def test_training_that_cannot_write_its_checkpoint_keeps_the_previous_one(tmp_path):
+    data_root = tmp_path / "data"
+    write_synthetic_viton(data_root / "viton", pairs=20, broken=())
+    short = {"train__max_steps_per_epoch": 2, "train__checkpoint_every_steps": None}
+    one_epoch, two_epochs = _recipe(tmp_path, train__epochs=1, **short), _recipe(tmp_path, train__epochs=2, **short)
+    run = tmp_path / "run"
+    train(config_from_dict(yaml.safe_load(one_epoch.read_text())), data_root, run, log=lambda _: None)
+
+    # the tiny model's files are a few kilobytes: a 3 kB limit fails the next checkpoint's writes
+    full = run_with_file_size_limit(3000, "train", "--config", two_epochs, "--data-root", data_root, "--out", run,
+                                    "--resume")
+    assert_one_line_error(full, str(run), "could not write", "File too large", "unchanged")
+    assert not temporary_leftovers(run)
+    model, meta = load_for_inference(run)
+    assert meta["epoch"] == 1 and load_training_state(run, model).epoch == 1
+
+    # with space again the run continues from the checkpoint the failure left in place
+    resumed = train(config_from_dict(yaml.safe_load(two_epochs.read_text())), data_root, run, resume=True,
+                    log=lambda _: None)
+    assert resumed.epochs == 2 and load_for_inference(run)[1]["epoch"] == 2
+
+
+def test_an_index_that_cannot_be_written_keeps_answering_from_the_previous_one(tmp_path):
+    checkpoint = tmp_path / "run"
+    _tiny(checkpoint)
+    photos = write_catalog(tmp_path / "catalog", 120)
+    index = tmp_path / "index"
+    built = CliRunner().invoke(app, ["index", "build", "--checkpoint", str(checkpoint), "--images",
+                                     str(tmp_path / "catalog"), "--out", str(index)])
+    assert built.exit_code == 0, built.output
+    # 12 kB: the model copy and the vectors fit, the metadata of 120 images does not
+    limit = 12_000
+    assert (checkpoint / "model.safetensors").stat().st_size < limit
+    assert (index / "spaces" / "default" / "metadata.jsonl").stat().st_size > limit
+
+    rebuild = run_with_file_size_limit(limit, "index", "build", "--checkpoint", checkpoint,
+                                       "--images", tmp_path / "catalog", "--out", index)
+    assert_one_line_error(rebuild, f"{index}: could not write the index (File too large); "
+                                   "the previous index is unchanged")
+    add = run_with_file_size_limit(limit, "index", "add", "--index", index, "--images", tmp_path / "catalog")
+    assert_one_line_error(add, f"{index}: could not write the index (File too large)")
+
+    assert len(CatalogIndex.open(index)) == 120
+    assert search_json(index, photos[7])[0]["id"] == photos[7].stem
+    assert not temporary_leftovers(tmp_path)
