@@ -2,7 +2,7 @@
 in a child process whose files may not grow past a few kilobytes (RLIMIT_FSIZE), so its writes
 fail with an OSError exactly where a full disk fails them. Each must stop with one line naming
 what it could not write, leave the previous checkpoint or index loadable, and leave no
-temporary files behind.
+temporary files behind. The server's writes fail by an injected ENOSPC (it runs in-process).
 """
 from __future__ import annotations
 
@@ -14,18 +14,23 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from catalog_fixtures import write_catalog
+from catalog_fixtures import jpeg_bytes, photo_like, write_catalog
 from test_checkpoint import _tiny
 from test_index_cli import assert_one_line_error, search_json
+from test_serve import assert_error, upload
 from test_train import _env, _recipe, write_synthetic_viton
 
 from fashion_retrieval.cli import app
 from fashion_retrieval.config import config_from_dict
 from fashion_retrieval.engine.checkpoint import load_for_inference, load_training_state
 from fashion_retrieval.engine.train import train
+from fashion_retrieval.index.build import build_index
 from fashion_retrieval.index.catalog import CatalogIndex
+from fashion_retrieval.serve.app import create_app
+from fashion_retrieval.serve.embedders import TorchEmbedder
 
 resource = pytest.importorskip("resource", reason="RLIMIT_FSIZE needs a POSIX system")
 
@@ -94,3 +99,32 @@ def test_an_index_that_cannot_be_written_keeps_answering_from_the_previous_one(t
     assert len(CatalogIndex.open(index)) == 120
     assert search_json(index, photos[7])[0]["id"] == photos[7].stem
     assert not temporary_leftovers(tmp_path)
+
+
+def test_a_server_that_cannot_save_an_added_item_answers_503_and_forgets_it(tmp_path, monkeypatch):
+    import fashion_retrieval.index.faiss_store as faiss_store
+
+    checkpoint = tmp_path / "run"
+    _tiny(checkpoint)
+    photos = write_catalog(tmp_path / "catalog", 6)
+    build_index(checkpoint, tmp_path / "catalog", tmp_path / "index", progress=False)
+    client = TestClient(create_app(tmp_path / "index", TorchEmbedder(tmp_path / "index" / "model")))
+    new_photo = jpeg_bytes(photo_like(500))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss_store, "write_file_synced", disk_full)
+    assert_error(client.post("/items", files=upload(new_photo), data={"item_id": "new"}), 503,
+                 "could not save the index: No space left on device")
+    assert_error(client.delete(f"/items/{photos[0].stem}"), 503, "No space left on device")
+    # what the server answers is what is on disk: the refused item is not found, the item it
+    # could not delete still is
+    found = [r["id"] for r in client.post("/search", params={"k": 10}, files=upload(new_photo)).json()["results"]]
+    assert "new" not in found and photos[0].stem in found and len(found) == 6
+    assert client.get("/health").json()["items"] == len(CatalogIndex.open(tmp_path / "index")) == 6
+
+    monkeypatch.undo()  # space again: the next write succeeds and carries only its own change
+    assert client.post("/items", files=upload(new_photo), data={"item_id": "other"}).status_code == 201
+    saved = CatalogIndex.open(tmp_path / "index")
+    assert len(saved) == 7 and "other" in saved.stores["default"] and "new" not in saved.stores["default"]

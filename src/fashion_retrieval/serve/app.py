@@ -223,12 +223,23 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         tmp.replace(stored)
         return stored
 
+    def serve_what_is_on_disk() -> None:
+        """After a failed save: a change the client is told failed must not stay searchable, nor
+        be saved later with someone else's request; another writer's changes are picked up."""
+        nonlocal catalog
+        try:
+            catalog = CatalogIndex.open(index_dir)
+        except (StoreError, OSError):
+            pass  # nothing better to serve than what is in memory
+
     def save_or_conflict() -> None:
         try:
             catalog.save()
         except StoreError as exc:  # another writer (an `index add`) changed the index meanwhile
+            serve_what_is_on_disk()
             raise HTTPException(409, str(exc)) from None
         except OSError as exc:  # a full or read-only disk: the index on disk is unchanged
+            serve_what_is_on_disk()
             raise HTTPException(503, f"could not save the index: {exc.strerror or exc}") from None
 
     @app.post("/items", dependencies=[Depends(require_key)], status_code=201)
@@ -238,7 +249,10 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         pixels, photo = await read_upload(image, keep_photo=True)
         vectors = {space: await embed(pixels, space if catalog.attribute_conditioned else None)
                    for space in catalog.spaces}
-        stored = await run_in_threadpool(store_upload, photo, item_id)
+        try:
+            stored = await run_in_threadpool(store_upload, photo, item_id)
+        except OSError as exc:  # a full disk, before the index is touched
+            raise HTTPException(503, f"could not store the image: {exc.strerror or exc}") from None
         meta = {"item_id": item_id, "path": str(stored), "category": category, "domain": "shop"}
 
         def write() -> None:
