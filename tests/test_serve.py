@@ -231,6 +231,10 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
     response = client.post("/items", files=upload(jpeg_bytes(photo_like(600))), data={"item_id": "x"})
     assert_error(response, 409, "another writer")
     assert "item000" not in CatalogIndex.open(index).stores["default"]
+    # the server now serves the other writer's index, without the item it answered 409 for
+    found = [r["id"] for r in client.post("/search", params={"k": 20}, files=upload(jpeg_bytes(photo_like(600))))
+             .json()["results"]]
+    assert len(found) == 9 and "x" not in found and "item000" not in found
 
 
 def listening_addresses(port: int) -> set[str]:
