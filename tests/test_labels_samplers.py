@@ -136,6 +136,21 @@ def test_pk_resume_skips_consumed_batches():
     assert len(sampler) == len(whole) - 3 and list(sampler) == whole[3:]
 
 
+def test_pk_with_few_identities_an_epoch_is_a_pass_over_the_images():
+    # 3 categories as identities: one pass over the identities would be a single batch of 3 x 4.
+    labels = [0] * 20 + [1] * 20 + [2] * 12 + [-1] * 5
+    sampler = PKSampler(labels, p=3, k=4, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 52 // 12
+    seen = Counter(i for batch in batches for i in batch)
+    assert all(len({labels[i] for i in batch}) == 3 and len(set(batch)) == 12 for batch in batches)
+    # categories 0 and 1 (20 images, 16 dealt each) never repeat an image; category 2 (12 images)
+    # comes round once more after all of its images were seen.
+    assert max(seen[i] for i in range(40)) == 1 and len([i for i in range(40) if seen[i]]) == 32
+    assert {seen[i] for i in range(40, 52)} == {1, 2} and sum(seen[i] for i in range(40, 52)) == 16
+    assert not any(seen[i] for i in range(52, 57))
+
+
 def test_pk_refuses_too_few_identities():
     with pytest.raises(ValueError, match="at least p=5 identities"):
         PKSampler([0, 1, 1], p=5, k=2)
@@ -150,7 +165,7 @@ def test_pk_property_batches_are_valid(labels, p, k, world_size, seed):
     for rank in range(world_size):
         sampler = PKSampler(labels, p, k, seed=seed, rank=rank, world_size=world_size)
         batches = list(sampler)
-        assert len(batches) == len(sampler) == (len(set(labels)) // p) // world_size
+        assert len(batches) == len(sampler) == max(len(set(labels)) // p, len(labels) // (p * k)) // world_size
         for batch in batches:
             assert len(batch) == p * k
             assert all(0 <= i < len(labels) for i in batch)

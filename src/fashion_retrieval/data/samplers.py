@@ -81,7 +81,13 @@ def _as_list(values: Sequence[Hashable] | torch.Tensor | np.ndarray) -> list:
 
 
 class PKSampler(_ShardedBatchSampler):
-    """P identities × K images per batch; each identity appears once per epoch.
+    """P identities × K images per batch.
+
+    An epoch is one pass over the identities or over the images, whichever takes more batches:
+    ``max(G // P, N // (P·K))``. With many identities (items) each appears once per epoch. With few
+    (the 10 categories of a category-level recipe) one pass over the identities would be a single
+    batch, so identities come round again in reshuffled rounds, and each identity's images are
+    dealt from its own shuffled deck: every image is seen before any repeats.
 
     An identity with fewer than K images repeats some (single-image identities still count).
     Negative labels mean unknown and are never sampled.
@@ -93,17 +99,36 @@ class PKSampler(_ShardedBatchSampler):
         self.groups = list(_groups(labels).values())
         if len(self.groups) < p:
             raise ValueError(f"PKSampler needs at least p={p} identities, the labels have {len(self.groups)}")
+        self.num_images = sum(len(group) for group in self.groups)
 
     def _num_planned(self) -> int:
-        return len(self.groups) // self.p
+        return max(len(self.groups) // self.p, self.num_images // self.batch_size)
 
     def _plan(self, rng: np.random.Generator) -> list[Batch]:
-        order = rng.permutation(len(self.groups))
+        order: list[int] = []
+        decks: list[list[int]] = [[] for _ in self.groups]
         batches = []
-        for b in range(self._num_planned()):
-            chosen = order[b * self.p:(b + 1) * self.p]
-            batches.append([i for g in chosen for i in _take(rng, self.groups[g], self.k)])
+        for _ in range(self._num_planned()):
+            chosen = _deal(rng, order, range(len(self.groups)), self.p)
+            batches.append([i for g in chosen for i in _deal(rng, decks[g], self.groups[g], self.k)])
         return batches
+
+
+def _deal(rng: np.random.Generator, deck: list[int], pool: Sequence[int], count: int) -> list[int]:
+    """``count`` distinct members of ``pool`` from the top of ``deck`` (mutated), refilled with a
+    reshuffled ``pool`` when it runs low; the members just dealt go to the bottom of the new deck so
+    none repeats within one deal. A pool smaller than ``count`` gives all of it plus random repeats."""
+    if len(pool) < count:
+        return _take(rng, pool, count)
+    dealt = deck[:count]
+    del deck[:count]
+    if len(dealt) < count:
+        taken = set(dealt)
+        fresh = [i for i in rng.permutation(np.asarray(pool)).tolist() if i not in taken]
+        need = count - len(dealt)
+        dealt += fresh[:need]
+        deck[:] = fresh[need:] + sorted(taken)
+    return dealt
 
 
 class CrossDomainSampler(_ShardedBatchSampler):
