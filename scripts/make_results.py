@@ -5,12 +5,17 @@ Every row links back to how its number was made: the JSON file, the command that
 the hardware it ran on (both recorded by ``fashion-retrieval evaluate`` and by training).
 
     python scripts/make_results.py results/*.json runs/*/eval.json --out docs/results.md
+
+The reading of the numbers is written by hand in ``results/analysis.md`` (``--analysis``): its text
+before the first ``## <benchmark>`` heading follows the header, and each ``## <benchmark>`` section
+follows that benchmark's table, so tables stay generated and the words stay next to them.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -64,11 +69,31 @@ def _hardware(data: dict[str, Any]) -> str:
     return f"{device}, torch {hardware.get('torch', '?')}, {hardware.get('cpu_threads', '?')} CPU threads"
 
 
-def render(results: list[tuple[Path, dict[str, Any]]], relative_to: Path) -> str:
+def load_analysis(path: Path | None) -> dict[str, str]:
+    """Sections of the hand-written analysis: '' (the preamble) and one per ``## <benchmark>``."""
+    if path is None or not path.exists():
+        return {}
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        heading = re.fullmatch(r"##\s+(\S+)\s*", line)
+        if heading:
+            current = heading.group(1)
+            sections.setdefault(current, [])
+            continue
+        sections[current].append(line)
+    return {name: "\n".join(lines).strip() for name, lines in sections.items() if "".join(lines).strip()}
+
+
+def render(results: list[tuple[Path, dict[str, Any]]], relative_to: Path,
+           analysis: dict[str, str] | None = None) -> str:
+    analysis = dict(analysis or {})
     groups: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
     for path, data in results:
         groups[(data["benchmark"], data.get("split", "?"))].append((path, data))
     parts = [HEADER]
+    if "" in analysis:
+        parts.append("\n" + analysis.pop(""))
     if not groups:
         parts.append("\nNo results yet: run `fashion-retrieval evaluate ... --json results/NAME.json`, then this script.\n")
     for (benchmark, split), rows in sorted(groups.items()):
@@ -97,6 +122,10 @@ def render(results: list[tuple[Path, dict[str, Any]]], relative_to: Path) -> str
             notes.append(f"{number}. `{shown}` — `{command}` — {_hardware(data)}")
         parts.append("")
         parts.extend(notes)
+        if benchmark in analysis:
+            parts.append("\n" + analysis.pop(benchmark))
+    for benchmark, text in analysis.items():
+        print(f"warning: analysis section '{benchmark}' matches no benchmark with results, left out", file=sys.stderr)
     return "\n".join(parts) + "\n"
 
 
@@ -104,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", default=["results/*.json"], help="JSON files or glob patterns")
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--analysis", type=Path, default=Path("results/analysis.md"),
+                        help="hand-written reading of the tables (sections '## <benchmark>'); skipped if absent")
     args = parser.parse_args(argv)
     results = load_results(args.inputs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = render(results, args.out.parent.parent if args.out.parent.name == "docs" else Path.cwd())
+    text = render(results, args.out.parent.parent if args.out.parent.name == "docs" else Path.cwd(),
+                  load_analysis(args.analysis))
     tmp = args.out.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(args.out)

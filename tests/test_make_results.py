@@ -1,0 +1,43 @@
+"""scripts/make_results.py: tables from evaluation JSON, the hand-written analysis placed under them."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("make_results", ROOT / "scripts" / "make_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(path: Path, benchmark: str, experiment: str, top1: float) -> None:
+    path.write_text(json.dumps({
+        "benchmark": benchmark, "kind": "instance", "split": "test", "metric_names": ["top1", "mAP"],
+        "metrics": {"overall": {"top1": top1, "mAP": top1 / 2, "queries": 10}},
+        "experiment": experiment, "command": f"fashion-retrieval train --config {experiment}.yaml",
+        "hardware": {"cpu": "test cpu", "torch": "x", "cpu_threads": 2},
+    }))
+
+
+def test_tables_rows_and_analysis_sections(tmp_path, capsys):
+    make_results = _load_script()
+    _result(tmp_path / "a.json", "bench_one", "model_b", 0.5)
+    _result(tmp_path / "b.json", "bench_one", "model_a", 0.25)
+    _result(tmp_path / "c.json", "bench_two", "model_c", 1.0)
+    (tmp_path / "analysis.md").write_text(
+        "Preamble words.\n\n## bench_two\nTwo is read so.\n\n## bench_one\nOne is read so.\n\n## bench_gone\nOrphan.\n")
+    out = tmp_path / "docs" / "results.md"
+    assert make_results.main([str(tmp_path / "*.json"), "--out", str(out),
+                              "--analysis", str(tmp_path / "analysis.md")]) == 0
+    text = out.read_text()
+    assert "| model_a [1] | 25.00 | 12.50 | 10 |" in text and "| model_b [2] | 50.00 | 25.00 | 10 |" in text
+    assert "`fashion-retrieval train --config model_c.yaml` — test cpu" in text
+    order = [text.index(s) for s in ("Preamble words.", "## bench_one", "One is read so.", "## bench_two",
+                                     "Two is read so.")]
+    assert order == sorted(order)
+    assert "Orphan." not in text and "bench_gone" in capsys.readouterr().err
