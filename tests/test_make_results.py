@@ -29,15 +29,19 @@ def test_tables_rows_and_analysis_sections(tmp_path, capsys):
     _result(tmp_path / "a.json", "bench_one", "model_b", 0.5)
     _result(tmp_path / "b.json", "bench_one", "model_a", 0.25)
     _result(tmp_path / "c.json", "bench_two", "model_c", 1.0)
+    (tmp_path / "long").mkdir()
+    _result(tmp_path / "long" / "d.json", "bench_one", "model_a", 0.75)  # another budget: its own table
     (tmp_path / "analysis.md").write_text(
         "Preamble words.\n\n## bench_two\nTwo is read so.\n\n## bench_one\nOne is read so.\n\n## bench_gone\nOrphan.\n")
     out = tmp_path / "docs" / "results.md"
-    assert make_results.main([str(tmp_path / "*.json"), "--out", str(out),
+    assert make_results.main([str(tmp_path / "**" / "*.json"), "--out", str(out),
                               "--analysis", str(tmp_path / "analysis.md")]) == 0
     text = out.read_text()
     assert "| model_a [1] | 25.00 | 12.50 | 10 |" in text and "| model_b [2] | 50.00 | 25.00 | 10 |" in text
     assert "`fashion-retrieval train --config model_c.yaml` — test cpu" in text
-    order = [text.index(s) for s in ("Preamble words.", "## bench_one", "One is read so.", "## bench_two",
-                                     "Two is read so.")]
+    assert text.count("## bench_one\n") == 1 and text.count("### test split") == 3
+    assert "| model_a [1] | 75.00 | 37.50 | 10 |" in text
+    order = [text.index(s) for s in ("Preamble words.", "## bench_one", "| model_a [1] | 25.00",
+                                     "| model_a [1] | 75.00", "One is read so.", "## bench_two", "Two is read so.")]
     assert order == sorted(order)
     assert "Orphan." not in text and "bench_gone" in capsys.readouterr().err

@@ -93,6 +93,20 @@ def test_clothing_without_split_folders_or_with_clashing_names(tmp_path):
     assert "also used by" in annotation_error("clothing", tmp_path).problem
 
 
+def test_clothing_to_shop_joins_consumer_photos_and_mapped_shop_photos(tiny_data_root):
+    table = read("clothing_to_shop", tiny_data_root)
+    consumer, shop = table.filter(domain="consumer"), table.filter(domain="shop")
+    assert len(consumer) == 13 and consumer[0].path.startswith("clothing/")
+    # TINY_STYLES: Watches and Tops have no clothing category and are left out.
+    assert {s.attributes["articleType"]: s.category for s in shop} == {
+        "Tshirts": "t-shirt", "Dresses": "dress", "Casual Shoes": "shoes", "Jeans": "pants", "Sports Shoes": "shoes",
+        "Shirts": "shirt"}
+    assert len(shop) == 8 and {s.split for s in shop} == {"train", "val", "test"}
+    sample = shop.filter(predicate=lambda s: s.item_id == "fashion-product/10")[0]
+    assert sample.path == "fashion-product/images/10.jpg" and sample.split == "test"
+    assert all(path.is_file() for path in table.paths())
+
+
 # ---- viton ---------------------------------------------------------------------------
 
 def test_viton_two_rows_per_pair(tmp_path):

@@ -86,8 +86,7 @@ class PKSampler(_ShardedBatchSampler):
     An epoch is one pass over the identities or over the images, whichever takes more batches:
     ``max(G // P, N // (P·K))``. With many identities (items) each appears once per epoch. With few
     (the 10 categories of a category-level recipe) one pass over the identities would be a single
-    batch, so identities come round again in reshuffled rounds, and each identity's images are
-    dealt from its own shuffled deck: every image is seen before any repeats.
+    batch, so identities come round again in reshuffled rounds (see ``_deal``).
 
     An identity with fewer than K images repeats some (single-image identities still count).
     Negative labels mean unknown and are never sampled.
@@ -106,28 +105,29 @@ class PKSampler(_ShardedBatchSampler):
 
     def _plan(self, rng: np.random.Generator) -> list[Batch]:
         order: list[int] = []
-        decks: list[list[int]] = [[] for _ in self.groups]
         batches = []
         for _ in range(self._num_planned()):
-            chosen = _deal(rng, order, range(len(self.groups)), self.p)
-            batches.append([i for g in chosen for i in _deal(rng, decks[g], self.groups[g], self.k)])
+            chosen = _deal(rng, order, len(self.groups), self.p)
+            batches.append([i for g in chosen for i in _take(rng, self.groups[g], self.k)])
         return batches
 
 
-def _deal(rng: np.random.Generator, deck: list[int], pool: Sequence[int], count: int) -> list[int]:
-    """``count`` distinct members of ``pool`` from the top of ``deck`` (mutated), refilled with a
-    reshuffled ``pool`` when it runs low; the members just dealt go to the bottom of the new deck so
-    none repeats within one deal. A pool smaller than ``count`` gives all of it plus random repeats."""
-    if len(pool) < count:
-        return _take(rng, pool, count)
-    dealt = deck[:count]
-    del deck[:count]
+def _deal(rng: np.random.Generator, order: list[int], num_groups: int, count: int) -> list[int]:
+    """The next ``count`` distinct groups from ``order`` (mutated), a round of shuffled groups.
+
+    When the round runs out, a new shuffled round starts; the groups just dealt from the old one go
+    to its end so a batch never holds a group twice. The first round is ``rng.permutation``, so an
+    epoch that needs only one round is the same plan as shuffling the groups once.
+    """
+    dealt = order[:count]
+    del order[:count]
     if len(dealt) < count:
         taken = set(dealt)
-        fresh = [i for i in rng.permutation(np.asarray(pool)).tolist() if i not in taken]
+        fresh = rng.permutation(num_groups).tolist()
         need = count - len(dealt)
+        fresh = [g for g in fresh if g not in taken] + [g for g in fresh if g in taken]
         dealt += fresh[:need]
-        deck[:] = fresh[need:] + sorted(taken)
+        order[:] = fresh[need:]
     return dealt
 
 
@@ -135,6 +135,8 @@ class CrossDomainSampler(_ShardedBatchSampler):
     """P items per batch, each with K/2 consumer and K/2 shop images.
 
     Items without both a consumer and a shop image cannot form a cross-domain pair and are left out.
+    As in ``PKSampler``, an epoch is one pass over the items or over their images, whichever takes
+    more batches, so a category-level recipe (categories as items) gets more than one batch.
     """
 
     def __init__(self, item_ids: Sequence[Hashable], domains: Sequence[str], p: int, k: int, seed: int = 0,
@@ -154,17 +156,18 @@ class CrossDomainSampler(_ShardedBatchSampler):
         if len(self.pairs) < p:
             raise ValueError(f"CrossDomainSampler needs at least p={p} items with both {consumer} and {shop} "
                              f"images, found {len(self.pairs)}")
+        self.num_images = sum(len(c) + len(s) for c, s in self.pairs)
 
     def _num_planned(self) -> int:
-        return len(self.pairs) // self.p
+        return max(len(self.pairs) // self.p, self.num_images // self.batch_size)
 
     def _plan(self, rng: np.random.Generator) -> list[Batch]:
-        order = rng.permutation(len(self.pairs))
+        order: list[int] = []
         half = self.k // 2
         batches = []
-        for b in range(self._num_planned()):
+        for _ in range(self._num_planned()):
             batch: list[int] = []
-            for g in order[b * self.p:(b + 1) * self.p]:
+            for g in _deal(rng, order, len(self.pairs), self.p):
                 consumer_images, shop_images = self.pairs[g]
                 batch += _take(rng, consumer_images, half) + _take(rng, shop_images, half)
             batches.append(batch)

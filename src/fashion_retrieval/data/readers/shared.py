@@ -3,11 +3,13 @@
 ``fashion_product`` (shop photos with attributes), ``clothing`` (consumer photos in category
 folders) and ``viton`` (person/product pairs of the same garment). Their splits follow the
 shared data's conventions so that numbers are comparable between runs and projects.
+``clothing_to_shop`` joins the first two into one cross-domain category table.
 """
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -70,6 +72,30 @@ def read_clothing(root: Path) -> SampleTable:
         samples += class_folder_samples(root, folder, split=SPLIT_FOLDERS[folder.name.lower()], domain="consumer")
     check_unique_items(samples, root)
     return SampleTable(samples, root=root, name="clothing")
+
+
+@READERS.register("clothing_to_shop")
+def read_clothing_to_shop(root: Path, clothing: str = "clothing", shop: str = "fashion-product",
+                          category_map: str | None = None) -> SampleTable:
+    """Both sides of the cross-domain category benchmark, for training on both domains.
+
+    ``root`` is the data root: the consumer photos of ``root/clothing`` (category = folder) and the
+    shop photos of ``root/fashion-product`` whose articleType the category map (``category_map.csv``
+    by default, see docs/benchmarks.md) sends to a clothing category, with that category as theirs.
+    Splits are each dataset's own, so training on ``train`` never sees a benchmark query (clothing
+    validation) or gallery image (fashion-product test). Paths are relative to ``root``.
+    """
+    from ..benchmarks import CATEGORY_MAP_PATH, load_category_map
+
+    root = Path(root)
+    category_of = load_category_map(category_map or CATEGORY_MAP_PATH)
+    consumer = read_clothing(root / clothing)
+    samples = [replace(s, path=f"{clothing}/{s.path}") for s in consumer]
+    for s in read_fashion_product(root / shop):
+        category = category_of.get(str(s.attributes.get("articleType")))
+        if category is not None:
+            samples.append(replace(s, path=f"{shop}/{s.path}", item_id=f"{shop}/{s.item_id}", category=category))
+    return SampleTable(samples, root=root, name="clothing_to_shop")
 
 
 @READERS.register("viton")
