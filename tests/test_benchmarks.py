@@ -14,7 +14,8 @@ def build(name: str, data_root, split: str = "test") -> Benchmark:
 
 
 def test_registered_benchmarks():
-    assert BENCHMARKS.names() == ["clothing_to_shop_category", "fashion_product_attributes", "viton_c2s"]
+    assert BENCHMARKS.names() == ["clothing_to_shop_category", "darn", "deepfashion_c2s", "deepfashion_inshop",
+                                 "fashion_product_attributes", "fashionai", "street2shop", "viton_c2s"]
 
 
 def test_viton_one_product_per_person(tiny_data_root):
@@ -132,3 +133,55 @@ def test_shared_benchmark_sizes(shared_data_root, name, queries, gallery):
     assert (len(bench.queries), len(bench.gallery)) == (queries, gallery)
     for attribute in bench.attributes:
         assert bench.evaluable(attribute).sum() > 0.99 * queries
+
+
+# ---- the papers' datasets, official protocols (fixtures in tests/fixtures_official.py) ----------
+
+def test_deepfashion_c2s_consumer_test_photos_against_shop_test_photos(tmp_path):
+    from fixtures_official import write_deepfashion_c2s
+
+    write_deepfashion_c2s(tmp_path / "deepfashion_c2s")
+    bench = build("deepfashion_c2s", tmp_path)
+    assert bench.kind == "instance" and bench.crop_bbox
+    assert {s.domain for s in bench.queries} == {"consumer"} and {s.domain for s in bench.gallery} == {"shop"}
+    assert len(bench.queries) == 2 and len(bench.gallery) == 3  # id_3: 1 consumer + 2 shop; id_4: 1 + 1
+    assert bench.relevant_counts("item").tolist() == [2, 1]
+    assert len(build("deepfashion_c2s", tmp_path, split="val").queries) == 1
+
+
+def test_deepfashion_inshop_query_against_gallery(tmp_path):
+    from fixtures_official import write_deepfashion_inshop
+
+    write_deepfashion_inshop(tmp_path / "deepfashion_inshop")
+    bench = build("deepfashion_inshop", tmp_path)
+    assert len(bench.queries) == 2 and len(bench.gallery) == 3 and not bench.crop_bbox
+    assert sorted(bench.relevant_counts("item").tolist()) == [1, 2]
+    with pytest.raises(ConfigError, match="only the test protocol"):
+        build("deepfashion_inshop", tmp_path, split="val")
+
+
+def test_street2shop_test_street_photos_against_the_test_gallery(tmp_path):
+    from fixtures_official import write_street2shop
+
+    write_street2shop(tmp_path / "street2shop")
+    bench = build("street2shop", tmp_path)
+    # photo 2 is in two test pairs (products 100 and 101); the gallery is every shop photo of a
+    # product in a test pair or in no pair (100, 101, 102, 201), over both categories.
+    assert sorted(s.item_id for s in bench.queries) == ["100", "101"] and bench.crop_bbox
+    assert sorted(s.item_id for s in bench.gallery) == ["100", "100", "101", "102", "201"]
+    assert sorted(bench.relevant_counts("item").tolist()) == [1, 2]
+
+
+def test_asen_lists_give_one_query_set_per_attribute(tmp_path):
+    from fixtures_official import write_asen_lists
+
+    write_asen_lists(tmp_path / "darn" / "split")
+    bench = build("darn", tmp_path)
+    assert bench.kind == "attribute" and bench.attributes == ["clothes pattern", "clothes shape"]
+    assert len(bench.queries) == 2 and len(bench.gallery) == 3
+    # q0 (pattern 27) has c0 as its one relevant candidate; both.jpg's shape query has none.
+    assert bench.evaluable("clothes pattern").tolist() == [True, False]
+    assert bench.relevant_counts("clothes pattern").tolist() == [1, 0]
+    assert not bench.evaluable("clothes shape").any()
+    with pytest.raises(FileNotFoundError, match="fashionai/ in the layout of the 'fashionai' reader"):
+        build("fashionai", tmp_path)

@@ -1,4 +1,7 @@
-"""Retrieval benchmarks on the shared data, defined as data: queries, gallery and labels.
+"""Retrieval benchmarks, defined as data: queries, gallery and labels. Three on the shared data
+(``viton_c2s``, ``fashion_product_attributes``, ``clothing_to_shop_category``) and the official
+protocols of the papers' datasets (``deepfashion_c2s``, ``deepfashion_inshop``, ``street2shop``,
+``fashionai``, ``darn``), each read from ``data_root/<its name>/`` in the layout of its reader.
 
 A gallery image is relevant to a query when both have the same label for the evaluated
 attribute. Label ``-1`` means unknown: such queries are not evaluated for that attribute and
@@ -33,6 +36,7 @@ class Benchmark:
     gallery_labels: dict[str, np.ndarray]  # attribute -> int64 [G], -1 = unknown
     exclude_self: bool = False  # queries are the gallery (same rows, same order); never retrieve yourself
     values: dict[str, list[str]] = field(default_factory=dict)  # attribute -> name of each label id
+    crop_bbox: bool = False  # the protocol embeds each image's annotated box, not the whole photo
 
     def __post_init__(self) -> None:
         if self.kind not in ("instance", "attribute", "category"):
@@ -108,12 +112,13 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"unknown split '{split}'; benchmarks use one of {', '.join(SPLITS)}")
 
 
-def _read(data_root: Path, folder: str, reader: str) -> SampleTable:
+def _read(data_root: Path, folder: str, reader: str, **options) -> SampleTable:
     root = Path(data_root) / folder
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset folder not found "
-                                "(data_root must contain fashion-product/, clothing/ and viton/)")
-    return READERS.build(reader, root=root)
+        expected = ("fashion-product/, clothing/ and viton/" if folder in ("fashion-product", "clothing", "viton")
+                    else f"{folder}/ in the layout of the '{reader}' reader (docs/datasets.md)")
+        raise FileNotFoundError(f"{root}: dataset folder not found (data_root must contain {expected})")
+    return READERS.build(reader, root=root, **options)
 
 
 @BENCHMARKS.register("viton_c2s")
@@ -181,3 +186,76 @@ def load_category_map(path: str | Path = CATEGORY_MAP_PATH) -> dict[str, str]:
                 raise AnnotationError(path, reader.line_num, f"articleType '{article_type}' is mapped twice")
             mapping[article_type] = category
     return mapping
+
+
+# ---- the papers' datasets, official protocols ---------------------------------------------------
+
+def _instance(name: str, queries: SampleTable, gallery: SampleTable, crop_bbox: bool) -> Benchmark:
+    if len(queries) == 0 or len(gallery) == 0:
+        raise ConfigError(f"{name}: the split has {len(queries)} queries and {len(gallery)} gallery images")
+    q, g, vocabulary = encode_shared([s.item_id for s in queries], [s.item_id for s in gallery])
+    return Benchmark(name, "instance", queries, gallery, ["item"], {"item": q}, {"item": g},
+                     values={"item": vocabulary}, crop_bbox=crop_bbox)
+
+
+@BENCHMARKS.register("deepfashion_c2s")
+def deepfashion_c2s(data_root: Path, split: str = "test") -> Benchmark:
+    """DeepFashion Consumer-to-Shop: consumer photos of the split query all shop photos of the
+    split; relevant = same item. Both sides are cropped to their annotated boxes, as in the
+    benchmark's paper (images without a box are used whole)."""
+    _check_split(split)
+    table = _read(data_root, "deepfashion_c2s", "deepfashion_c2s").filter(split=split)
+    return _instance("deepfashion_c2s", table.filter(domain="consumer"), table.filter(domain="shop"), True)
+
+
+@BENCHMARKS.register("deepfashion_inshop")
+def deepfashion_inshop(data_root: Path, split: str = "test") -> Benchmark:
+    """DeepFashion In-Shop: the ``query`` images against the ``gallery`` images; relevant = same
+    item. The release has no validation protocol, so ``split`` must be ``test``; the whole
+    photos are used (the boxes are optional in the protocol)."""
+    if split != "test":
+        raise ConfigError("deepfashion_inshop: the release defines only the test protocol (query vs gallery); "
+                          f"use split test, not '{split}'")
+    table = _read(data_root, "deepfashion_inshop", "deepfashion_inshop")
+    return _instance("deepfashion_inshop", table.filter(split="query"), table.filter(split="gallery"), False)
+
+
+@BENCHMARKS.register("street2shop")
+def street2shop(data_root: Path, split: str = "test") -> Benchmark:
+    """Street2Shop: the street photos of the test pairs (cropped to their boxes) against every shop
+    photo of the test gallery (products of a test pair or of no pair); relevant = same product.
+    The paper ranks within each category; here all categories share one gallery, which only adds
+    distractors (numbers are a lower bound of the per-category protocol)."""
+    if split != "test":
+        raise ConfigError(f"street2shop: the release has train and test pairs only; use split test, not '{split}'")
+    table = _read(data_root, "street2shop", "street2shop").filter(split="test")
+    return _instance("street2shop", table.filter(domain="consumer"), table.filter(domain="shop"), True)
+
+
+def _asen_benchmark(name: str, reader: str, data_root: Path, split: str) -> Benchmark:
+    """ASEN's attribute-specific protocol: for each attribute, the queries listed for it against
+    the candidates listed for it; relevant = same value of that attribute."""
+    if split not in ("test", "val"):
+        raise ConfigError(f"{name}: ASEN's lists define test and valid protocols; use split test or val")
+    root = Path(data_root) / name
+    split_dir = "split" if (root / "split").is_dir() else "."
+    table = _read(data_root, name, reader, split_dir=split_dir, eval_split="test" if split == "test" else "valid")
+    queries, gallery = table.filter(split="query"), table.filter(split="gallery")
+    attributes = [a for a in table.attribute_names() if any(a in s.attributes for s in queries)]
+    query_labels, gallery_labels, values = {}, {}, {}
+    for attribute in attributes:
+        query_labels[attribute], gallery_labels[attribute], values[attribute] = encode_shared(
+            [_single(s.attributes.get(attribute)) for s in queries], [_single(s.attributes.get(attribute)) for s in gallery])
+    return Benchmark(name, "attribute", queries, gallery, attributes, query_labels, gallery_labels, values=values)
+
+
+@BENCHMARKS.register("fashionai")
+def fashionai(data_root: Path, split: str = "test") -> Benchmark:
+    """FashionAI attributes as split by ASEN (``data_root/fashionai/[split/]``)."""
+    return _asen_benchmark("fashionai", "fashionai", data_root, split)
+
+
+@BENCHMARKS.register("darn")
+def darn(data_root: Path, split: str = "test") -> Benchmark:
+    """DARN as split by ASEN (``data_root/darn/[split/]``)."""
+    return _asen_benchmark("darn", "darn", data_root, split)

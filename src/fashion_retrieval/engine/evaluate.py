@@ -97,10 +97,11 @@ def _attribute_indices(model: nn.Module, meta: dict[str, Any], benchmark: Any) -
 
 
 def _embed_side(model: nn.Module, table: Any, image_size: Sequence[int], indices: dict[str, int | None],
-                batch_size: int, device: torch.device, num_workers: int, progress: bool, desc: str):
+                batch_size: int, device: torch.device, num_workers: int, progress: bool, desc: str,
+                crop_bbox: bool = False):
     wanted = sorted({i for i in indices.values() if i is not None}) or [None]
     result = embed_table_attributes(model, table, image_size, wanted, batch_size=batch_size, device=device,
-                                    num_workers=num_workers, progress=progress, desc=desc)
+                                    num_workers=num_workers, progress=progress, desc=desc, crop_bbox=crop_bbox)
     per_attribute = {a: (result.by_attribute[i] if i is not None else result.embeddings) for a, i in indices.items()}
     return per_attribute, result.indices, result.skipped
 
@@ -123,12 +124,13 @@ def evaluate_model(model: nn.Module, meta: dict[str, Any], benchmark_name: str, 
     indices = _attribute_indices(model, meta, benchmark)
     conditioned = any(i is not None for i in indices.values())
     query_emb, query_kept, skipped = _embed_side(model, benchmark.queries, image_size, indices, batch_size, device,
-                                                 num_workers, progress, "queries")
+                                                 num_workers, progress, "queries", benchmark.crop_bbox)
     if benchmark.exclude_self:
         gallery_emb, gallery_kept = query_emb, query_kept
     else:
         gallery_emb, gallery_kept, gallery_skipped = _embed_side(model, benchmark.gallery, image_size, indices,
-                                                                 batch_size, device, num_workers, progress, "gallery")
+                                                                 batch_size, device, num_workers, progress, "gallery",
+                                                                 benchmark.crop_bbox)
         skipped = skipped + gallery_skipped
     bad_queries = sorted(set(range(len(benchmark.queries))) - set(query_kept.tolist()))
     bad_gallery = sorted(set(range(len(benchmark.gallery))) - set(gallery_kept.tolist()))
