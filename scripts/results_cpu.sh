@@ -63,11 +63,13 @@ for group in "${GROUPS_WANTED[@]}"; do
   clothing)
     # Cross-domain category retrieval: clothing consumer photos (10 categories) -> fashion-product shop
     # photos; trained on both domains (10 categories x 2 consumer + 2 shop photos), or on the consumer
-    # photos alone (10 x 4), 2 x 120 steps at 128x96.
+    # photos alone (10 x 4), and the category classifier (10 x 4 of either domain); 2 x 120 steps at 128x96.
     C=(data.image_size=[128,96] train.max_steps_per_epoch=120 optim.warmup_epochs=0.2 eval.final_split=test)
     run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C[@]}" data.sampler.p=10 \
         data.sampler.k=4 "${LITE0[@]}"
     run clothing_to_shop_consumer_only configs/clothing_to_shop_consumer_only.yaml "${C[@]}" data.sampler.p=10 \
+        data.sampler.k=4 "${LITE0[@]}"
+    run clothing_to_shop_classifier configs/clothing_to_shop_classifier.yaml "${C[@]}" data.sampler.p=10 \
         data.sampler.k=4 "${LITE0[@]}"
     ;;
   attributes_3x)

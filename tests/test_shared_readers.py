@@ -105,6 +105,7 @@ def test_clothing_to_shop_joins_consumer_photos_and_mapped_shop_photos(tiny_data
     sample = shop.filter(predicate=lambda s: s.item_id == "fashion-product/10")[0]
     assert sample.path == "fashion-product/images/10.jpg" and sample.split == "test"
     assert all(path.is_file() for path in table.paths())
+    assert all(s.attributes["category"] == s.category for s in table)
 
 
 # ---- viton ---------------------------------------------------------------------------

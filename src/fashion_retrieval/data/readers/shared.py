@@ -84,17 +84,21 @@ def read_clothing_to_shop(root: Path, clothing: str = "clothing", shop: str = "f
     by default, see docs/benchmarks.md) sends to a clothing category, with that category as theirs.
     Splits are each dataset's own, so training on ``train`` never sees a benchmark query (clothing
     validation) or gallery image (fashion-product test). Paths are relative to ``root``.
+    Every row also carries its category as the attribute ``category``, so that attribute models
+    (the classifier baseline) can learn it from both domains.
     """
     from ..benchmarks import CATEGORY_MAP_PATH, load_category_map
 
     root = Path(root)
     category_of = load_category_map(category_map or CATEGORY_MAP_PATH)
     consumer = read_clothing(root / clothing)
-    samples = [replace(s, path=f"{clothing}/{s.path}") for s in consumer]
+    samples = [replace(s, path=f"{clothing}/{s.path}", attributes={"category": s.category}) for s in consumer
+               if s.category is not None]
     for s in read_fashion_product(root / shop):
         category = category_of.get(str(s.attributes.get("articleType")))
         if category is not None:
-            samples.append(replace(s, path=f"{shop}/{s.path}", item_id=f"{shop}/{s.item_id}", category=category))
+            samples.append(replace(s, path=f"{shop}/{s.path}", item_id=f"{shop}/{s.item_id}", category=category,
+                                   attributes={**s.attributes, "category": category}))
     return SampleTable(samples, root=root, name="clothing_to_shop")
 
 
