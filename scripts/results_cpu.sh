@@ -5,7 +5,7 @@
 #
 #   bash scripts/results_cpu.sh                 # the same-budget rows (about 90 min on 2 CPU cores)
 #   bash scripts/results_cpu.sh viton           # one group: viton | attributes | clothing
-#   bash scripts/results_cpu.sh attributes_seed1 attributes_3x   # seed and budget checks (about 45 min)
+#   bash scripts/results_cpu.sh attributes_seed1 attributes_3x   # seed and budget checks (about 50 min)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -73,12 +73,15 @@ for group in "${GROUPS_WANTED[@]}"; do
         data.sampler.k=4 "${LITE0[@]}"
     ;;
   attributes_3x)
-    # Is the attribute ranking a matter of budget? The best baseline and M3-Net with three times the
+    # Is the attribute ranking a matter of budget? Four of the attribute runs with three times the
     # steps (3 x 300).
     FOLDER=cpu_3x
     A3=("${A[@]}" train.epochs=3 train.max_steps_per_epoch=300)
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A3[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax
+    run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A3[@]}" \
+        "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate
+    run fashion_product_asen configs/fashion_product_asen.yaml "${A3[@]}" "${LITE0[@]}"
     run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A3[@]}" "${LITE0[@]}"
     ;;
   attributes_seed1)
