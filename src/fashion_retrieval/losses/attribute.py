@@ -76,14 +76,15 @@ class AttributeTripletLoss(nn.Module):
 
     Anchor and positive share the attribute value, the negative has another value of the same
     attribute. Distances are cosine (pytorch-metric-learning's ``CosineSimilarity`` normalises the
-    embeddings), hinge ``[s(a, n) - s(a, p) + margin]_+``. ``mining="batch_hard"``: per anchor the
-    farthest positive and the closest negative (PML ``BatchHardMiner``); ``"all"``: every valid
-    triplet. ``reduction="nonzero_mean"`` averages over triplets that still violate the margin
+    embeddings), hinge ``[s(a, n) - s(a, p) + margin]_+``. ``mining="all"`` (default): every valid
+    triplet, closest to the papers' random triplets; ``"batch_hard"``: per anchor the farthest
+    positive and the closest negative (PML ``BatchHardMiner``), which noisy attribute labels make
+    a poor choice (docs/models.md). ``reduction="nonzero_mean"`` averages over triplets that still violate the margin
     (keeps the gradient from vanishing as most triplets become easy); ``"mean"`` over all triplets.
     With several attributes in one batch, each group's loss is weighted by its size.
     """
 
-    def __init__(self, margin: float = 0.2, mining: str = "batch_hard", reduction: str = "nonzero_mean"):
+    def __init__(self, margin: float = 0.2, mining: str = "all", reduction: str = "nonzero_mean"):
         super().__init__()
         from pytorch_metric_learning import distances, losses, miners, reducers
 
