@@ -150,3 +150,18 @@ def test_recipe_trains_and_evaluates_on_fixtures(recipe: Path, data_root: Path, 
         metrics = result.evaluation["metrics"]["overall"]
         assert result.evaluation["benchmark"] == config.eval.benchmark and metrics["queries"] > 0
         assert all(0.0 <= value <= 1.0 for name, value in metrics.items() if name != "queries")
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if "attribute_triplet" in p.read_text()],
+                         ids=lambda p: p.stem)
+def test_attribute_recipes_mine_all_triplets_not_the_hardest(recipe: Path) -> None:
+    # Batch-hard mining on noisy attribute labels trained ASEN below its untrained start
+    # (results/cpu_asen_diagnosis/); the papers sample random triplets.
+    from fashion_retrieval.losses.objective import build_term
+
+    for term in load_config(recipe).loss.terms:
+        spec = term.model_dump() if hasattr(term, "model_dump") else dict(term)
+        if spec.get("name") == "attribute_triplet":
+            kwargs = {k: v for k, v in {**spec, **(spec.get("kwargs") or {})}.items()
+                      if k not in ("name", "weight", "label", "kwargs") and v is not None}
+            assert build_term("attribute_triplet", kwargs).miner is None
