@@ -6,7 +6,7 @@
 #   bash scripts/results_cpu.sh                 # the same-budget rows (about 90 min on 2 CPU cores)
 #   bash scripts/results_cpu.sh viton           # one group: viton | attributes | clothing
 #   bash scripts/results_cpu.sh attributes_seed1 attributes_3x   # seed and budget checks (about 50 min)
-#   bash scripts/results_cpu.sh viton_backbone_lr1 asen_diagnosis # two diagnoses (about 45 min)
+#   bash scripts/results_cpu.sh viton_backbone_lr1 asen_diagnosis # two diagnoses (about 40 min)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -100,12 +100,11 @@ for group in "${GROUPS_WANTED[@]}"; do
     ;;
   viton_backbone_lr1)
     # Is the recipes' backbone learning rate (0.1x, chosen for 40 epochs) what holds the VITON rows
-    # back at this budget? Two of them again with the backbone at the full rate.
+    # back at this budget? The global baseline again with the backbone at the full rate (17 min).
     FOLDER=cpu_backbone_lr1
     V=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
        optim.warmup_epochs=0.2 eval.final_split=test optim.backbone_lr_mult=1.0)
     run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml configs/viton_dml.yaml "${V[@]}" "${LITE0[@]}"
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
