@@ -6,7 +6,8 @@
 #   bash scripts/results_cpu.sh                 # the same-budget rows (about 90 min on 2 CPU cores)
 #   bash scripts/results_cpu.sh viton           # one group: viton | attributes | clothing
 #   bash scripts/results_cpu.sh attributes_seed1 attributes_3x   # seed and budget checks (about 50 min)
-#   bash scripts/results_cpu.sh viton_backbone_lr1 asen_diagnosis # two diagnoses (about 40 min)
+#   bash scripts/results_cpu.sh viton_backbone_lr1 asen_diagnosis # two diagnoses (about 2.5 h)
+#   bash scripts/results_cpu.sh viton_backbone_lr1_seed1           # a seed check of that (45 min)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -100,11 +101,24 @@ for group in "${GROUPS_WANTED[@]}"; do
     ;;
   viton_backbone_lr1)
     # Is the recipes' backbone learning rate (0.1x, chosen for 40 epochs) what holds the VITON rows
-    # back at this budget? The global baseline again with the backbone at the full rate (17 min).
+    # back at this budget? Every VITON row again with the backbone at the full rate (about 2 h).
     FOLDER=cpu_backbone_lr1
     V=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
        optim.warmup_epochs=0.2 eval.final_split=test optim.backbone_lr_mult=1.0)
     run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
+    run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
+    run viton_dml configs/viton_dml.yaml "${V[@]}" "${LITE0[@]}"
+    run viton_dml_cosface configs/viton_dml_cosface.yaml "${V[@]}" "${LITE0[@]}"
+    run viton_dml_arcface configs/viton_dml_arcface.yaml "${V[@]}" "${LITE0[@]}"
+    run viton_dml_softmax configs/viton_dml_softmax.yaml "${V[@]}" "${LITE0[@]}"
+    ;;
+  viton_backbone_lr1_seed1)
+    # How much of the MMFL-Net / global gap at the full backbone rate is the seed? Both again with seed 1 (45 min).
+    FOLDER=cpu_backbone_lr1_seed1
+    V=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
+       optim.warmup_epochs=0.2 eval.final_split=test optim.backbone_lr_mult=1.0 seed=1)
+    run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
+    run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
@@ -117,7 +131,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run asen_all configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all
     run asen_all_lr1e3 configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all "${PAPER_MODEL[@]}"
     ;;
-  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | asen_diagnosis)" >&2; exit 2 ;;
+  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | asen_diagnosis)" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md
