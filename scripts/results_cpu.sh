@@ -32,6 +32,11 @@ run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   cp "$out/eval.json" "$result"
 }
 
+# Instance-level consumer-to-shop: 3 epochs over the training garments, 16 garments x
+# (1 worn + 1 product photo) per batch, at 96x72 (the CPU's budget; the recipes use 256x192).
+VITON=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
+       optim.warmup_epochs=0.2 eval.final_split=test)
+
 # Attribute-specific retrieval: 2 x 150 steps of one attribute x 8 values x 4 images, native 80x60 photos.
 A=(data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.max_steps_per_epoch=150
    eval.final_split=test)
@@ -46,10 +51,7 @@ for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
   case $group in
   viton)
-    # Instance-level consumer-to-shop: 3 epochs over the training garments, 16 garments x
-    # (1 worn + 1 product photo) per batch, at 96x72 (the CPU's budget; the recipes use 256x192).
-    V=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
-       optim.warmup_epochs=0.2 eval.final_split=test)
+    V=("${VITON[@]}")
     run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
     run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
     run viton_dml configs/viton_dml.yaml "${V[@]}" "${LITE0[@]}"
@@ -103,8 +105,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # Is the recipes' backbone learning rate (0.1x, chosen for 40 epochs) what holds the VITON rows
     # back at this budget? Every VITON row again with the backbone at the full rate (about 2 h).
     FOLDER=cpu_backbone_lr1
-    V=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
-       optim.warmup_epochs=0.2 eval.final_split=test optim.backbone_lr_mult=1.0)
+    V=("${VITON[@]}" optim.backbone_lr_mult=1.0)
     run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
     run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
     run viton_dml configs/viton_dml.yaml "${V[@]}" "${LITE0[@]}"
@@ -115,8 +116,7 @@ for group in "${GROUPS_WANTED[@]}"; do
   viton_backbone_lr1_seed1)
     # How much of the MMFL-Net / global gap at the full backbone rate is the seed? Both again with seed 1 (45 min).
     FOLDER=cpu_backbone_lr1_seed1
-    V=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
-       optim.warmup_epochs=0.2 eval.final_split=test optim.backbone_lr_mult=1.0 seed=1)
+    V=("${VITON[@]}" optim.backbone_lr_mult=1.0 seed=1)
     run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
     run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
     ;;
