@@ -36,6 +36,14 @@ run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
 # (1 worn + 1 product photo) per batch, at 96x72 (the CPU's budget; the recipes use 256x192).
 VITON=(data.image_size=[96,72] data.sampler.p=16 data.sampler.k=2 train.epochs=3
        optim.warmup_epochs=0.2 eval.final_split=test)
+viton_rows() {  # viton_rows RECIPE... [-- OVERRIDES...]: configs/viton_<RECIPE>.yaml under the VITON budget
+  local recipes=()
+  while (($#)) && [[ $1 != -- ]]; do recipes+=("$1"); shift; done
+  (($#)) && shift
+  for recipe in "${recipes[@]}"; do
+    run "viton_$recipe" "configs/viton_$recipe.yaml" "${VITON[@]}" "$@" "${LITE0[@]}"
+  done
+}
 
 # Attribute-specific retrieval: 2 x 150 steps of one attribute x 8 values x 4 images, native 80x60 photos.
 A=(data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.max_steps_per_epoch=150
@@ -51,13 +59,7 @@ for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
   case $group in
   viton)
-    V=("${VITON[@]}")
-    run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml configs/viton_dml.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml_cosface configs/viton_dml_cosface.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml_arcface configs/viton_dml_arcface.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml_softmax configs/viton_dml_softmax.yaml "${V[@]}" "${LITE0[@]}"
+    viton_rows global_ce mmfl_net dml dml_cosface dml_arcface dml_softmax
     ;;
   attributes)
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
@@ -105,20 +107,12 @@ for group in "${GROUPS_WANTED[@]}"; do
     # Is the recipes' backbone learning rate (0.1x, chosen for 40 epochs) what holds the VITON rows
     # back at this budget? Every VITON row again with the backbone at the full rate (about 2 h).
     FOLDER=cpu_backbone_lr1
-    V=("${VITON[@]}" optim.backbone_lr_mult=1.0)
-    run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml configs/viton_dml.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml_cosface configs/viton_dml_cosface.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml_arcface configs/viton_dml_arcface.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_dml_softmax configs/viton_dml_softmax.yaml "${V[@]}" "${LITE0[@]}"
+    viton_rows global_ce mmfl_net dml dml_cosface dml_arcface dml_softmax -- optim.backbone_lr_mult=1.0
     ;;
   viton_backbone_lr1_seed1)
     # How much of the MMFL-Net / global gap at the full backbone rate is the seed? Both again with seed 1 (45 min).
     FOLDER=cpu_backbone_lr1_seed1
-    V=("${VITON[@]}" optim.backbone_lr_mult=1.0 seed=1)
-    run viton_global_ce configs/viton_global_ce.yaml "${V[@]}" "${LITE0[@]}"
-    run viton_mmfl_net configs/viton_mmfl_net.yaml "${V[@]}" "${LITE0[@]}"
+    viton_rows global_ce mmfl_net -- optim.backbone_lr_mult=1.0 seed=1
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
