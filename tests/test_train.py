@@ -174,6 +174,20 @@ def test_training_outputs_and_skipped_images(data_root: Path, tmp_path: Path) ->
     assert any(m.startswith("evaluation after epoch 2 on viton_c2s/test: top1") for m in messages)
 
 
+def test_learned_margins_are_logged(data_root: Path, tmp_path: Path) -> None:
+    terms = [{"name": "dml", "learn_margins": True, "margin_reward": 1.0, "learn_scale": True}]
+    config = config_from_dict(yaml.safe_load(_recipe(tmp_path, loss__terms=terms, train__epochs=2,
+                                                     train__checkpoint_every_steps=None).read_text()))
+    train(config, data_root, tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train.loss")]
+    positive = [float(row["learned.dml.positive_margin"]) for row in rows]
+    negative = [float(row["learned.dml.negative_margin"]) for row in rows]
+    scale = [float(row["learned.dml.scale"]) for row in rows]
+    assert len(rows) == 6 and all(0 < p < n for p, n in zip(positive, negative))
+    assert positive[0] != positive[-1] and negative[0] != negative[-1] and scale[0] != scale[-1], "nothing was learned"
+
+
 def test_skipped_images_are_counted(data_root: Path, tmp_path: Path) -> None:
     # With P×K over items (pk), the broken product photo is drawn and must be counted, not fatal.
     config = config_from_dict(yaml.safe_load(_recipe(tmp_path, train__epochs=1, data__sampler={"kind": "pk", "p": 21, "k": 2},

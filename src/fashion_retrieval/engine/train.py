@@ -540,6 +540,8 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
                     row = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                            **{f"train.{k}": round(v, 6) for k, v in means.items()},
                            "images_per_s": round(throughput, 1), "skipped_images": skips.count}
+                    if hasattr(objective, "learned_values"):
+                        row.update({f"learned.{k}": round(v, 6) for k, v in objective.learned_values().items()})
                     metrics_log.log(row)
                     bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{throughput:.0f}"})
                     sums, window_images, steps_in_window = {}, 0, 0

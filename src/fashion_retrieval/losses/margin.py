@@ -261,6 +261,12 @@ class DiscriminativeMarginLoss(nn.Module):
         positive, negative, scale = (v.item() for v in self.margins_and_scale())
         return {"positive_margin": positive, "negative_margin": negative, "scale": scale}
 
+    def learned_values(self) -> dict[str, float]:
+        """The margins and scale, when any of them is learned (for the training log)."""
+        if not (self.learn_margins or self.learn_scale):
+            return {}
+        return self.current_margins()
+
     def logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine = F.normalize(features, dim=1) @ F.normalize(self.weight.float(), dim=1).t()
         positive, negative, scale = self.margins_and_scale()

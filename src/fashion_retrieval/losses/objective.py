@@ -80,6 +80,16 @@ class Objective(nn.Module):
                 common.extend(params)
         return ([{"params": common}] if common else []) + groups
 
+    def learned_values(self) -> dict[str, float]:
+        """``{"<label>.<name>": value}`` of what terms learn besides weights (margins, scale), from
+        terms that define ``learned_values()``; the trainer logs them next to the loss."""
+        values: dict[str, float] = {}
+        for label, term in zip(self.labels, self.terms):
+            reporter = getattr(term, "learned_values", None)
+            if reporter is not None:
+                values.update({f"{label}.{name}": value for name, value in reporter().items()})
+        return values
+
     def extra_repr(self) -> str:
         return ", ".join(f"{label}×{weight:g}" for label, weight in zip(self.labels, self.weights))
 
