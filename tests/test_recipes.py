@@ -50,6 +50,21 @@ def _deepfashion_c2s(root: Path) -> None:
     write_counted_list(root / "Anno" / "list_attr_items.txt", "item_id attribute_labels", attributes)
 
 
+def _deepfashion_inshop(root: Path) -> None:
+    rows, boxes = [], []
+    for number in range(1, 15):
+        item = f"id_{number:08d}"
+        folder = f"img/WOMEN/Dresses/{item}"
+        for pose, view in enumerate(("1_front", "2_side", "3_back"), start=1):
+            status = "train" if number <= 10 else "query" if pose == 1 else "gallery"
+            rows.append(f"{folder}/01_{view}.jpg {item} {status}")
+            boxes.append(f"{folder}/01_{view}.jpg 3 {pose} 8 10 110 150")
+    write_counted_list(root / "Eval" / "list_eval_partition.txt", "image_name item_id evaluation_status", rows)
+    write_counted_list(root / "Anno" / "list_bbox_inshop.txt",
+                       "image_name clothes_type pose_type x_1 y_1 x_2 y_2", boxes)
+    write_counted_list(root / "Anno" / "list_item_inshop.txt", None, [f"id_{n:08d}" for n in range(1, 15)])
+
+
 def _street2shop(root: Path) -> None:
     meta = root / "meta" / "json"
     meta.mkdir(parents=True)
@@ -89,8 +104,8 @@ def _darn(root: Path) -> None:
     _asen_lists(root / "split", list(DARN_ATTRIBUTES.values()))
 
 
-OFFICIAL_WRITERS = {"deepfashion_c2s": _deepfashion_c2s, "street2shop": _street2shop, "fashionai": _fashionai,
-                    "darn": _darn}
+OFFICIAL_WRITERS = {"deepfashion_c2s": _deepfashion_c2s, "deepfashion_inshop": _deepfashion_inshop,
+                    "street2shop": _street2shop, "fashionai": _fashionai, "darn": _darn}
 
 
 def _write_images(root: Path, format_name: str, options: dict) -> None:
