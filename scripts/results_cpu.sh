@@ -8,7 +8,7 @@
 #   bash scripts/results_cpu.sh attributes_seed1 attributes_3x   # seed and budget checks (about 50 min)
 #   bash scripts/results_cpu.sh viton_backbone_lr1 asen_diagnosis # two diagnoses (about 2.5 h)
 #   bash scripts/results_cpu.sh viton_backbone_lr1_seed1           # a seed check of that (45 min)
-#   bash scripts/results_cpu.sh viton_dml_variants                 # the DML table's other losses (50 min)
+#   bash scripts/results_cpu.sh viton_dml_variants                 # the DML table's other losses (70 min)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -118,7 +118,8 @@ for group in "${GROUPS_WANTED[@]}"; do
   viton_dml_variants)
     # The DML comparison's missing rows at the full backbone rate (about 50 min): DML with learned
     # margins (the reward lambda only sets where they would settle; at this budget the
-    # cross-entropy's pull dominates, metrics.csv logs them), normalized softmax and SphereFace.
+    # cross-entropy's pull dominates, metrics.csv logs them), normalized softmax, and SphereFace
+    # with and without the paper's softmax annealing (about 70 min).
     FOLDER=cpu_backbone_lr1
     LR1=(optim.backbone_lr_mult=1.0)
     run viton_dml_learned configs/viton_dml.yaml "${VITON[@]}" "${LR1[@]}" loss.terms.0.learn_margins=true \
@@ -127,6 +128,8 @@ for group in "${GROUPS_WANTED[@]}"; do
         "loss.terms=[{name: normalized_softmax, weight: 1.0}]" "${LITE0[@]}"
     run viton_dml_sphereface configs/viton_dml_softmax.yaml "${VITON[@]}" "${LR1[@]}" \
         "loss.terms=[{name: sphereface, weight: 1.0}]" "${LITE0[@]}"
+    run viton_dml_sphereface_no_anneal configs/viton_dml_softmax.yaml "${VITON[@]}" "${LR1[@]}" \
+        "loss.terms=[{name: sphereface, weight: 1.0, softmax_blend_start: 0}]" "${LITE0[@]}"
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the

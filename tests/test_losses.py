@@ -250,6 +250,47 @@ def test_learned_margins_need_a_reward_and_ordered_margins():
         dml(positive_margin=0.4, negative_margin=0.3)
 
 
+def _sphereface_by_hand(features, labels, weight, scale, blend):
+    """The paper's annealed A-softmax, margin 4: ψ(θ) = (−1)^k cos 4θ − 2k, k = floor(4θ/π)."""
+    norms = features.norm(dim=1, keepdim=True)
+    cosine = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(weight, dim=1).t()
+    theta = torch.acos(cosine.clamp(-1, 1))
+    k = torch.floor(theta / (math.pi / 4))
+    psi = (-1) ** k * torch.cos(4 * theta) - 2 * k
+    target = (blend * cosine + psi) / (1 + blend)
+    is_target = torch.nn.functional.one_hot(labels, weight.shape[0]).bool()
+    logits = scale * norms * torch.where(is_target, target, cosine)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("steps,blend", [(0, 1000.0), (50, 1000.0 / 7.0), (10_000, 5.0)])
+def test_sphereface_anneals_from_softmax_as_the_paper(steps, blend):
+    term = LOSSES.build("sphereface", num_classes=5, embedding_size=4, scale=2.0)
+    term.steps.fill_(steps)
+    assert term.softmax_blend() == pytest.approx(blend)
+    outputs, batch = random_batch(3)
+    expected = _sphereface_by_hand(outputs["features"], batch["item"], term.class_weights.detach(), 2.0, blend)
+    assert term(outputs, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert int(term.steps) == steps + 1, "a training step advances the schedule"
+    term.eval()
+    term(outputs, batch)
+    assert int(term.steps) == steps + 1, "evaluation does not"
+    assert "steps" in term.state_dict(), "the schedule is checkpointed"
+
+
+def test_sphereface_without_annealing_is_plain_pml():
+    from pytorch_metric_learning.losses import SphereFaceLoss
+
+    term = LOSSES.build("sphereface", num_classes=5, embedding_size=4, softmax_blend_start=0)
+    reference = SphereFaceLoss(num_classes=5, embedding_size=4, margin=4, scale=1.0)
+    reference.W.data.copy_(term.loss.W.data)
+    outputs, batch = random_batch(4)
+    assert term(outputs, batch).item() == pytest.approx(reference(outputs["features"], batch["item"]).item(), rel=1e-6)
+    assert term.learned_values() == {}
+    with pytest.raises(ConfigError, match="softmax_blend"):
+        LOSSES.build("sphereface", num_classes=5, embedding_size=4, softmax_blend_decay=-1)
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("softmax", {}), ("normalized_softmax", {}), ("cosface", {}), ("arcface", {}), ("sphereface", {}),
     ("dml", {"learn_margins": True, "margin_reward": 0.1, "learn_scale": True}),
