@@ -134,9 +134,8 @@ for group in "${GROUPS_WANTED[@]}"; do
     ;;
   viton_margin_on_embedding)
     # Are the margin softmaxes held back by the space they train? By default they read the
-    # pre-BN features, pooled after the backbone's last ReLU6, so every feature lies in the positive
-    # orthant, while retrieval uses the centred post-BN embedding. DML and CosFace again on the
-    # embedding (about 35 min).
+    # pre-BN features, while retrieval uses the post-BN embedding, whose per-dimension scaling
+    # changes the angles the loss shaped. DML and CosFace again on the embedding (about 35 min).
     FOLDER=cpu_backbone_lr1
     run viton_dml_on_embedding configs/viton_dml.yaml "${VITON[@]}" optim.backbone_lr_mult=1.0 \
         loss.terms.0.input=embedding "${LITE0[@]}"
