@@ -81,8 +81,9 @@ class Objective(nn.Module):
         return ([{"params": common}] if common else []) + groups
 
     def learned_values(self) -> dict[str, float]:
-        """``{"<label>.<name>": value}`` of what terms learn besides weights (margins, scale), from
-        terms that define ``learned_values()``; the trainer logs them next to the loss."""
+        """``{"<label>.<name>": value}`` of what terms learn besides weights (margins, scale) or
+        follow on a schedule (SphereFace's softmax blend), from terms that define
+        ``learned_values()``; the trainer logs them as ``learned.<label>.<name>``."""
         values: dict[str, float] = {}
         for label, term in zip(self.labels, self.terms):
             reporter = getattr(term, "learned_values", None)
