@@ -47,6 +47,11 @@ viton_rows() {  # viton_rows RECIPE... [-- OVERRIDES...]: configs/viton_<RECIPE>
   done
 }
 
+viton_lr1_variant() {  # viton_lr1_variant NAME RECIPE OVERRIDES...: one more row beside viton_backbone_lr1's
+  local name=$1 recipe=$2; shift 2
+  run "$name" "configs/viton_$recipe.yaml" "${VITON[@]}" optim.backbone_lr_mult=1.0 "$@" "${LITE0[@]}"
+}
+
 # Attribute-specific retrieval: 2 x 150 steps of one attribute x 8 values x 4 images, native 80x60 photos.
 A=(data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.max_steps_per_epoch=150
    eval.final_split=test)
@@ -117,30 +122,24 @@ for group in "${GROUPS_WANTED[@]}"; do
     viton_rows global_ce mmfl_net -- optim.backbone_lr_mult=1.0 seed=1
     ;;
   viton_dml_variants)
-    # The DML comparison's missing rows at the full backbone rate (about 50 min): DML with learned
+    # The DML comparison's missing rows at the full backbone rate (about 70 min): DML with learned
     # margins (the reward lambda only sets where they would settle; at this budget the
     # cross-entropy's pull dominates, metrics.csv logs them), normalized softmax, and SphereFace
-    # with and without the paper's softmax annealing (about 70 min).
+    # with and without the paper's softmax annealing.
     FOLDER=cpu_backbone_lr1
-    LR1=(optim.backbone_lr_mult=1.0)
-    run viton_dml_learned configs/viton_dml.yaml "${VITON[@]}" "${LR1[@]}" loss.terms.0.learn_margins=true \
-        loss.terms.0.margin_reward=1.0 "${LITE0[@]}"
-    run viton_dml_normalized_softmax configs/viton_dml_softmax.yaml "${VITON[@]}" "${LR1[@]}" \
-        "loss.terms=[{name: normalized_softmax, weight: 1.0}]" "${LITE0[@]}"
-    run viton_dml_sphereface configs/viton_dml_softmax.yaml "${VITON[@]}" "${LR1[@]}" \
-        "loss.terms=[{name: sphereface, weight: 1.0}]" "${LITE0[@]}"
-    run viton_dml_sphereface_no_anneal configs/viton_dml_softmax.yaml "${VITON[@]}" "${LR1[@]}" \
-        "loss.terms=[{name: sphereface, weight: 1.0, softmax_blend_start: 0}]" "${LITE0[@]}"
+    viton_lr1_variant viton_dml_learned dml loss.terms.0.learn_margins=true loss.terms.0.margin_reward=1.0
+    viton_lr1_variant viton_dml_normalized_softmax dml_softmax "loss.terms=[{name: normalized_softmax, weight: 1.0}]"
+    viton_lr1_variant viton_dml_sphereface dml_softmax "loss.terms=[{name: sphereface, weight: 1.0}]"
+    viton_lr1_variant viton_dml_sphereface_no_anneal dml_softmax \
+        "loss.terms=[{name: sphereface, weight: 1.0, softmax_blend_start: 0}]"
     ;;
   viton_margin_on_embedding)
     # Are the margin softmaxes held back by the space they train? By default they read the
     # pre-BN features, while retrieval uses the post-BN embedding, whose per-dimension scaling
     # changes the angles the loss shaped. DML and CosFace again on the embedding (about 35 min).
     FOLDER=cpu_backbone_lr1
-    run viton_dml_on_embedding configs/viton_dml.yaml "${VITON[@]}" optim.backbone_lr_mult=1.0 \
-        loss.terms.0.input=embedding "${LITE0[@]}"
-    run viton_dml_cosface_on_embedding configs/viton_dml_cosface.yaml "${VITON[@]}" optim.backbone_lr_mult=1.0 \
-        loss.terms.0.input=embedding "${LITE0[@]}"
+    viton_lr1_variant viton_dml_on_embedding dml loss.terms.0.input=embedding
+    viton_lr1_variant viton_dml_cosface_on_embedding dml_cosface loss.terms.0.input=embedding
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
