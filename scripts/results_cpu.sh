@@ -10,6 +10,7 @@
 #   bash scripts/results_cpu.sh viton_backbone_lr1_seed1           # a seed check of that (45 min)
 #   bash scripts/results_cpu.sh viton_dml_variants                 # the DML table's other losses (70 min)
 #   bash scripts/results_cpu.sh viton_margin_on_embedding          # margin losses on the post-BN embedding (35 min)
+#   bash scripts/results_cpu.sh viton_margin_on_embedding_seed1 viton_softmaxes_on_embedding  # its checks (70 min)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -141,6 +142,20 @@ for group in "${GROUPS_WANTED[@]}"; do
     viton_lr1_variant viton_dml_on_embedding dml loss.terms.0.input=embedding
     viton_lr1_variant viton_dml_cosface_on_embedding dml_cosface loss.terms.0.input=embedding
     ;;
+  viton_margin_on_embedding_seed1)
+    # How much of the on-embedding gain is the seed? DML and CosFace on the embedding again with seed 1,
+    # beside viton_backbone_lr1_seed1's MMFL-Net and global rows (about 35 min).
+    FOLDER=cpu_backbone_lr1_seed1
+    viton_lr1_variant viton_dml_on_embedding dml loss.terms.0.input=embedding seed=1
+    viton_lr1_variant viton_dml_cosface_on_embedding dml_cosface loss.terms.0.input=embedding seed=1
+    ;;
+  viton_softmaxes_on_embedding)
+    # The remaining rivals on the embedding, so the DML table compares every loss in the same space:
+    # softmax and ArcFace (about 35 min).
+    FOLDER=cpu_backbone_lr1
+    viton_lr1_variant viton_dml_softmax_on_embedding dml_softmax loss.terms.0.input=embedding
+    viton_lr1_variant viton_dml_arcface_on_embedding dml_arcface loss.terms.0.input=embedding
+    ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
     # batch-hard triplets the recipe had until commit a2f5690, all triplets at the paper's Adam 1e-4,
@@ -152,7 +167,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run asen_all configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all
     run asen_all_lr1e3 configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all "${PAPER_MODEL[@]}"
     ;;
-  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | asen_diagnosis)" >&2; exit 2 ;;
+  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | asen_diagnosis)" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md

@@ -14,8 +14,8 @@ def build(name: str, data_root, split: str = "test") -> Benchmark:
 
 
 def test_registered_benchmarks():
-    assert BENCHMARKS.names() == ["clothing_to_shop_category", "darn", "deepfashion_c2s", "deepfashion_inshop",
-                                 "fashion_product_attributes", "fashionai", "street2shop", "viton_c2s"]
+    assert BENCHMARKS.names() == ["clothing_to_shop_category", "darn", "deepfashion_asen", "deepfashion_c2s",
+                                 "deepfashion_inshop", "fashion_product_attributes", "fashionai", "street2shop", "viton_c2s"]
 
 
 def test_viton_one_product_per_person(tiny_data_root):
@@ -185,3 +185,18 @@ def test_asen_lists_give_one_query_set_per_attribute(tmp_path):
     assert not bench.evaluable("clothes shape").any()
     with pytest.raises(FileNotFoundError, match="fashionai/ in the layout of the 'fashionai' reader"):
         build("fashionai", tmp_path)
+
+
+def test_deepfashion_asen_benchmark_queries_per_attribute_type(tmp_path):
+    from fixtures_official import write_asen_lists
+
+    write_asen_lists(tmp_path / "deepfashion_asen" / "split", {
+        "filenames_train.txt": ["img/A/1.jpg"], "label_train.txt": ["0 0 1"],
+        "filenames_test.txt": ["img/B/1.jpg", "img/C/1.jpg", "img/D/1.jpg", "img/E/1.jpg"],
+        "query_test.txt": ["0 0 5", "1 4 7"],
+        "candidate_test.txt": ["2 0 5", "3 0 6", "3 4 7", "2 4 8"]})
+    bench = build("deepfashion_asen", tmp_path)
+    assert bench.kind == "attribute" and bench.attributes == ["texture", "style"]
+    assert bench.relevant_counts("texture").tolist() == [1, 0] and bench.relevant_counts("style").tolist() == [0, 1]
+    with pytest.raises(ConfigError, match="use split test or val"):
+        build("deepfashion_asen", tmp_path, split="train")

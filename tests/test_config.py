@@ -116,7 +116,7 @@ def test_recipes_exist() -> None:
                 "fashion_product_m3_net_a", "fashion_product_m3_net_c", "fashionai_asen", "fashionai_m3_net",
                 "darn_asen", "darn_m3_net", "viton_global_ce", "viton_mmfl_net", "viton_dml", "viton_dml_softmax",
                 "viton_dml_cosface", "viton_dml_arcface", "clothing_to_shop_global", "deepfashion_c2s_mmfl_net",
-                "deepfashion_c2s_dml", "street2shop_mmfl_net"}
+                "deepfashion_c2s_dml", "street2shop_mmfl_net", "deepfashion_asen", "deepfashion_m3_net"}
     assert expected <= names, sorted(expected - names)
 
 

@@ -591,3 +591,47 @@ def test_darn_missing_lists(tmp_path):
     facts["files"]["filenames_valid.txt"].unlink()
     with pytest.raises(MissingAnnotationFile, match="filenames_valid.txt: file not found"):
         read("darn", tmp_path, eval_split="valid")
+
+
+# ---- deepfashion_asen (ASEN's DeepFashion split lists) ----------------------------------------
+
+DEEPFASHION_ASEN_FILES = {
+    "filenames_train.txt": ["img/Sheer_Blouse/img_00000001.jpg", "img/Sheer_Blouse/img_00000002.jpg",
+                            "img/Floral_Dress/img_00000001.jpg"],
+    "label_train.txt": ["0 0 1 4 229", "1 1 0", "2 2 2"],
+    "filenames_test.txt": ["img/Denim_Shorts/img_00000001.jpg", "img/Knit_Top/img_00000003.jpg"],
+    "query_test.txt": ["0 3 215"],
+    "candidate_test.txt": ["1 3 215", "1 1 217"],
+}
+
+
+def test_deepfashion_asen_table_counts_values_per_type_and_items_are_product_folders(tmp_path):
+    write_asen_lists(tmp_path / "split", DEEPFASHION_ASEN_FILES)
+    table = read("deepfashion_asen", tmp_path, split_dir="split")
+    assert [(s.path, s.item_id, s.split) for s in table] == [
+        ("img/Sheer_Blouse/img_00000001.jpg", "Sheer_Blouse", "train"),
+        ("img/Sheer_Blouse/img_00000002.jpg", "Sheer_Blouse", "train"),
+        ("img/Floral_Dress/img_00000001.jpg", "Floral_Dress", "train"),
+        ("img/Denim_Shorts/img_00000001.jpg", "Denim_Shorts", "query"),
+        ("img/Knit_Top/img_00000003.jpg", "Knit_Top", "gallery")]
+    assert table[0].attributes == {"texture": "value_1", "style": "value_229"}
+    assert table[4].attributes == {"part": "value_215", "fabric": "value_217"}
+    # the last value of each type is the largest index the type accepts
+    replace_line(tmp_path / "split" / "label_train.txt", 2, "1 1 218")
+    error = annotation_error("deepfashion_asen", tmp_path, split_dir="split")
+    assert error.line == 2 and "value of 'fabric' must be in 0..217, got 218" in error.problem
+
+
+def test_deepfashion_asen_names_values_from_the_official_attribute_list(tmp_path):
+    write_asen_lists(tmp_path / "split", DEEPFASHION_ASEN_FILES)
+    counts = {1: 156, 2: 218, 3: 180, 4: 216, 5: 230}
+    # the official list interleaves types; values count the attributes of one type in file order
+    rows = [f"{kind}-{n} name{'':<12} {kind}" for n in range(230) for kind in counts if n < counts[kind]]
+    write_counted_list(tmp_path / "Anno" / "list_attr_cloth.txt", "attribute_name attribute_type", rows)
+    table = read("deepfashion_asen", tmp_path, split_dir="split", attribute_list="Anno/list_attr_cloth.txt")
+    assert table[0].attributes == {"texture": "1-1 name", "style": "5-229 name"}
+    assert table[4].attributes == {"part": "4-215 name", "fabric": "2-217 name"}
+    with pytest.raises(MissingAnnotationFile, match="named by attribute_list"):
+        read("deepfashion_asen", tmp_path, split_dir="split", attribute_list="Anno/absent.txt")
+    with pytest.raises(ConfigError, match="meta or attribute_list, not both"):
+        read("deepfashion_asen", tmp_path, split_dir="split", meta="meta.json", attribute_list="Anno/list_attr_cloth.txt")

@@ -104,8 +104,18 @@ def _darn(root: Path) -> None:
     _asen_lists(root / "split", list(DARN_ATTRIBUTES.values()))
 
 
+def _deepfashion_asen(root: Path) -> None:
+    from fashion_retrieval.data.readers.darn import DEEPFASHION_ATTRIBUTES
+
+    _asen_lists(root / "split", list(DEEPFASHION_ATTRIBUTES.values()))
+    types = enumerate(DEEPFASHION_ATTRIBUTES.values(), 1)
+    write_counted_list(root / "Anno" / "list_attr_cloth.txt", "attribute_name attribute_type",
+                       [f"attribute {kind}.{n:<20} {kind}" for kind, count in types for n in range(count)])
+
+
 OFFICIAL_WRITERS = {"deepfashion_c2s": _deepfashion_c2s, "deepfashion_inshop": _deepfashion_inshop,
-                    "street2shop": _street2shop, "fashionai": _fashionai, "darn": _darn}
+                    "street2shop": _street2shop, "fashionai": _fashionai, "darn": _darn,
+                    "deepfashion_asen": _deepfashion_asen}
 
 
 def _write_images(root: Path, format_name: str, options: dict) -> None:

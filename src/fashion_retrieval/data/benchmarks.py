@@ -259,3 +259,9 @@ def fashionai(data_root: Path, split: str = "test") -> Benchmark:
 def darn(data_root: Path, split: str = "test") -> Benchmark:
     """DARN as split by ASEN (``data_root/darn/[split/]``)."""
     return _asen_benchmark("darn", "darn", data_root, split)
+
+
+@BENCHMARKS.register("deepfashion_asen")
+def deepfashion_asen(data_root: Path, split: str = "test") -> Benchmark:
+    """DeepFashion's five attribute types as split by ASEN (``data_root/deepfashion_asen/[split/]``)."""
+    return _asen_benchmark("deepfashion_asen", "deepfashion_asen", data_root, split)

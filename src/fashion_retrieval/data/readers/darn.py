@@ -1,4 +1,5 @@
-"""Reader for DARN (Huang et al., ICCV 2015) as split by ASEN / ASEN++ (Ma et al., AAAI 2020).
+"""Readers for DARN (Huang et al., ICCV 2015) and DeepFashion's attributes as split by ASEN /
+ASEN++ (Ma et al., AAAI 2020).
 
 DARN itself is distributed as image URLs; attribute-specific retrieval papers use the split
 files ASEN's authors released for DARN, FashionAI and DeepFashion. Their layout, per dataset
@@ -13,18 +14,19 @@ folder:
   "ATTRIBUTES_VALUES": {name: [value names]}}``.
 
 Attribute and value numbers are 0-based indices into the attribute list and its values.
-``read_asen_lists`` reads any dataset in this layout; ``fashionai`` uses it for its ``split_dir``.
+``read_asen_lists`` reads any dataset in this layout: ``darn`` and ``deepfashion_asen`` here,
+``fashionai`` for its ``split_dir``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ...registry import ConfigError
 from ..table import AnnotationError, Sample, SampleTable
 from . import READERS
-from ._annotations import iter_lines, parse_int, read_json
+from ._annotations import image_folder_parts, iter_lines, parse_int, read_json, require_file
 
 # Attribute names and value counts of ASEN++'s DARN split (its config/DARN/DARN.yaml); DARN's
 # value names were never published with the split, so values are named value_<index>.
@@ -32,6 +34,9 @@ DARN_ATTRIBUTES = {
     "clothes category": 20, "clothes button": 13, "clothes color": 55, "clothes length": 7,
     "clothes pattern": 28, "clothes shape": 11, "collar shape": 26, "sleeve length": 8, "sleeve shape": 17,
 }
+# ASEN's DeepFashion split: the five attribute types of DeepFashion Category and Attribute
+# Prediction, each with the attributes of that type in list_attr_cloth.txt order as its values.
+DEEPFASHION_ATTRIBUTES = {"texture": 156, "fabric": 218, "shape": 180, "part": 216, "style": 230}
 EVAL_SPLITS = {"valid": "val", "test": "test"}
 
 
@@ -101,8 +106,46 @@ def load_schema(folder: Path, meta: Path | None, default: AsenSchema) -> AsenSch
         {name: counts.get(name, len(values[name]) if name in values else None) for name in names}, values)
 
 
+@READERS.register("deepfashion_asen")
+def read_deepfashion_asen(root: Path | str, split_dir: str = ".", meta: str | None = None, eval_split: str = "test",
+                          image_prefix: str = "", attribute_list: str | None = None) -> SampleTable:
+    """ASEN's DeepFashion split (five attribute types over DeepFashion Category and Attribute
+    Prediction images) in ``root/split_dir``; image paths are relative to ``root``.
+
+    Value indices count the attributes of one type in ``list_attr_cloth.txt`` order. Without
+    names they are ``value_<index>``; ``attribute_list`` (a path under ``root``, e.g.
+    ``Anno/list_attr_cloth.txt``) names them from the official attribute list, and ``meta``
+    (an ASEN ``meta.json``, default ``split_dir/meta.json`` if present) may name anything.
+    The item is the image's product folder, as for ``deepfashion_attributes``.
+    """
+    root = Path(root)
+    default = AsenSchema.from_counts(DEEPFASHION_ATTRIBUTES)
+    if attribute_list is not None:
+        if meta is not None:
+            raise ConfigError("deepfashion_asen: give meta or attribute_list, not both")
+        default = _deepfashion_schema(root / attribute_list)
+    schema = load_schema(root / split_dir, root / meta if meta else None, default)
+    return read_asen_lists(root, split_dir, schema, eval_split=eval_split, image_prefix=image_prefix,
+                           domain="unknown", name="deepfashion_asen", item_of=_product_folder)
+
+
+def _deepfashion_schema(path: Path) -> AsenSchema:
+    from .deepfashion import ATTRIBUTE_TYPES, read_attribute_list
+
+    names: dict[str, list[str]] = {kind: [] for kind in ATTRIBUTE_TYPES.values()}
+    for name, kind in read_attribute_list(require_file(path, "named by attribute_list")):
+        names[ATTRIBUTE_TYPES[kind]].append(name)
+    return AsenSchema.from_counts({kind: len(values) for kind, values in names.items()}, names)
+
+
+def _product_folder(path: str) -> str:
+    _, folder = image_folder_parts(path)
+    return folder or Path(path).stem
+
+
 def read_asen_lists(root: Path, split_dir: str, schema: AsenSchema, eval_split: str = "test",
-                    image_prefix: str = "", domain: str = "unknown", name: str = "asen") -> SampleTable:
+                    image_prefix: str = "", domain: str = "unknown", name: str = "asen",
+                    item_of: Callable[[str], str] = lambda path: Path(path).stem) -> SampleTable:
     """One row per labelled image of each split; in ``eval_split`` one row per image and role
     (an image that is a query for one attribute and a candidate for another has two rows)."""
     if eval_split not in EVAL_SPLITS:
@@ -114,7 +157,7 @@ def read_asen_lists(root: Path, split_dir: str, schema: AsenSchema, eval_split: 
     def add(files: list[str], labels: dict[int, dict[str, tuple[str, int]]], split: str) -> None:
         for index in sorted(labels):
             path = image_prefix + files[index]
-            samples.append(Sample(path=path, item_id=Path(path).stem, domain=domain, split=split,
+            samples.append(Sample(path=path, item_id=item_of(path), domain=domain, split=split,
                                   attributes={attr: value for attr, (value, _) in labels[index].items()}))
 
     files = _filenames(folder / "filenames_train.txt")

@@ -188,10 +188,12 @@ def _category_names(anno: Path) -> list[str] | None:
 
 
 def _attribute_names_and_types(anno: Path) -> list[tuple[str, int]] | None:
-    """``list_attr_cloth.txt``: names may hold spaces (``"a-line dress"``), the type is last."""
     path = anno / "list_attr_cloth.txt"
-    if not path.is_file():
-        return None
+    return read_attribute_list(path) if path.is_file() else None
+
+
+def read_attribute_list(path: Path) -> list[tuple[str, int]]:
+    """``list_attr_cloth.txt``: names may hold spaces (``"a-line dress"``), the type is last."""
     attributes = []
     for line, text in counted_rows(path, first_column="attribute_name"):
         columns = text.rsplit(None, 1)
