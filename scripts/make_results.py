@@ -129,7 +129,10 @@ def render(results: list[tuple[Path, dict[str, Any]]], relative_to: Path,
             parts.append("| " + " | ".join(cells) + " |")
             command = data.get("command") or "not recorded"
             commit = data.get("git_commit")
-            at = f" — commit `{commit[:7]}`" if commit else ""
+            at = ""
+            if commit:
+                sha, _, dirty = commit.partition("+")
+                at = f" — commit `{sha[:7]}`" + (" with uncommitted changes" if dirty else "")
             notes.append(f"{number}. `{_shown(path, relative_to)}` — `{command}` — {_hardware(data)}{at}")
         parts.append("")
         parts.extend(notes)

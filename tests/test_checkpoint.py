@@ -230,3 +230,32 @@ def test_interrupted_swap_falls_back_to_previous(tmp_path: Path) -> None:
     assert load_training_state(tmp_path, TinyNet(num_items=3)).epoch == 1
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         load_training_state(tmp_path / "empty", model)
+
+
+def test_git_commit_marks_uncommitted_source_changes(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "code.py").write_text("x = 1\n")
+    (repo / "notes.txt").write_text("notes\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert ckpt.git_commit(repo / "src") == head
+    (repo / "notes.txt").write_text("other notes\n")  # outside src/ and configs/: not the run's code
+    (repo / "src" / "new_untracked.py").write_text("")
+    assert ckpt.git_commit(repo) == head
+    (repo / "src" / "code.py").write_text("x = 2\n")
+    assert ckpt.git_commit(repo) == head + "+dirty"
+    (tmp_path / "not_a_checkout").mkdir()
+    assert ckpt.git_commit(tmp_path / "not_a_checkout") is None

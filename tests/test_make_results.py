@@ -21,7 +21,8 @@ def _result(path: Path, benchmark: str, experiment: str, top1: float) -> None:
         "metrics": {"overall": {"top1": top1, "mAP": top1 / 2, "queries": 10}},
         "experiment": experiment, "command": f"fashion-retrieval train --config {experiment}.yaml",
         "hardware": {"cpu": "test cpu", "torch": "x", "cpu_threads": 2},
-        "git_commit": "0123456789abcdef0123456789abcdef01234567" if experiment == "model_c" else None,
+        "git_commit": {"model_c": "0123456789abcdef0123456789abcdef01234567",
+                       "model_b": "89abcdef0123456789abcdef0123456789abcdef+dirty"}.get(experiment),
     }))
 
 
@@ -40,7 +41,9 @@ def test_tables_rows_and_analysis_sections(tmp_path, capsys):
     text = out.read_text()
     assert "| model_a [1] | 25.00 | 12.50 | 10 |" in text and "| model_b [2] | 50.00 | 25.00 | 10 |" in text
     assert "`fashion-retrieval train --config model_c.yaml` — test cpu, torch x, 2 CPU threads — commit `0123456`\n" in text
-    assert "`fashion-retrieval train --config model_b.yaml` — test cpu, torch x, 2 CPU threads\n" in text
+    assert ("`fashion-retrieval train --config model_b.yaml` — test cpu, torch x, 2 CPU threads — commit `89abcde` "
+            "with uncommitted changes\n") in text
+    assert "`fashion-retrieval train --config model_a.yaml` — test cpu, torch x, 2 CPU threads\n" in text
     assert text.count("## bench_one\n") == 1 and text.count("### test split") == 3
     assert "| model_a [1] | 75.00 | 37.50 | 10 |" in text
     order = [text.index(s) for s in ("Preamble words.", "## bench_one", "| model_a [1] | 25.00",

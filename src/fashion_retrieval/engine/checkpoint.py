@@ -148,14 +148,24 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def git_commit() -> str | None:
-    """The source checkout's commit, recorded so a result can be traced to its code."""
+def git_commit(where: str | Path | None = None) -> str | None:
+    """The source checkout's commit, recorded so a result can be traced to its code; ``+dirty``
+    is appended when tracked files under ``src/`` or ``configs/`` differ from it (the commit alone
+    would then not reproduce the run). ``where``: a folder of the checkout (default: this package's)."""
     import subprocess
 
+    folder = Path(where) if where is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        top = git("rev-parse", "--show-toplevel").stdout.strip()
+        changed = git("-C", top, "diff", "--quiet", "HEAD", "--", "src", "configs") if top else None
+        return head.stdout.strip() + ("+dirty" if changed is not None and changed.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
