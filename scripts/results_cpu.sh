@@ -10,7 +10,7 @@
 #   bash scripts/results_cpu.sh viton_backbone_lr1_seed1           # a seed check of that (45 min)
 #   bash scripts/results_cpu.sh viton_dml_variants                 # the DML table's other losses (70 min)
 #   bash scripts/results_cpu.sh viton_margin_on_embedding          # margin losses on the post-BN embedding (35 min)
-#   bash scripts/results_cpu.sh viton_margin_on_embedding_seed1 viton_softmaxes_on_embedding  # its checks (70 min)
+#   bash scripts/results_cpu.sh viton_margin_on_embedding_seed1 viton_softmaxes_on_embedding  # its checks (2 h)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -143,11 +143,14 @@ for group in "${GROUPS_WANTED[@]}"; do
     viton_lr1_variant viton_dml_cosface_on_embedding dml_cosface loss.terms.0.input=embedding
     ;;
   viton_margin_on_embedding_seed1)
-    # How much of the on-embedding gain is the seed? DML and CosFace on the embedding again with seed 1,
-    # beside viton_backbone_lr1_seed1's MMFL-Net and global rows (about 35 min).
+    # How much of the on-embedding gain is the seed? DML and CosFace on the embedding and on the
+    # pre-BN features again with seed 1, beside viton_backbone_lr1_seed1's MMFL-Net and global rows
+    # (about 80 min).
     FOLDER=cpu_backbone_lr1_seed1
     viton_lr1_variant viton_dml_on_embedding dml loss.terms.0.input=embedding seed=1
     viton_lr1_variant viton_dml_cosface_on_embedding dml_cosface loss.terms.0.input=embedding seed=1
+    viton_lr1_variant viton_dml dml loss.terms.0.input=features seed=1
+    viton_lr1_variant viton_dml_cosface dml_cosface loss.terms.0.input=features seed=1
     ;;
   viton_softmaxes_on_embedding)
     # The remaining rivals on the embedding, so the DML table compares every loss in the same space:
