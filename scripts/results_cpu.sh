@@ -48,6 +48,11 @@ viton_rows() {  # viton_rows RECIPE... [-- OVERRIDES...]: configs/viton_<RECIPE>
   done
 }
 
+# The DML recipes train their margin softmax on the post-BN embedding since 2026-12-03 (see the
+# viton_margin_on_embedding* groups); the rows made before then read the pre-BN features, the
+# default until then, and this pin makes them again. Their JSONs record the command as it ran.
+ON_FEATURES=(loss.terms.0.input=features)
+
 viton_lr1_variant() {  # viton_lr1_variant NAME RECIPE OVERRIDES...: one more row beside viton_backbone_lr1's
   local name=$1 recipe=$2; shift 2
   run "$name" "configs/viton_$recipe.yaml" "${VITON[@]}" optim.backbone_lr_mult=1.0 "$@" "${LITE0[@]}"
@@ -67,7 +72,8 @@ for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
   case $group in
   viton)
-    viton_rows global_ce mmfl_net dml dml_cosface dml_arcface dml_softmax
+    viton_rows global_ce mmfl_net
+    viton_rows dml dml_cosface dml_arcface dml_softmax -- "${ON_FEATURES[@]}"
     ;;
   attributes)
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
@@ -115,7 +121,8 @@ for group in "${GROUPS_WANTED[@]}"; do
     # Is the recipes' backbone learning rate (0.1x, chosen for 40 epochs) what holds the VITON rows
     # back at this budget? Every VITON row again with the backbone at the full rate (about 2 h).
     FOLDER=cpu_backbone_lr1
-    viton_rows global_ce mmfl_net dml dml_cosface dml_arcface dml_softmax -- optim.backbone_lr_mult=1.0
+    viton_rows global_ce mmfl_net -- optim.backbone_lr_mult=1.0
+    viton_rows dml dml_cosface dml_arcface dml_softmax -- optim.backbone_lr_mult=1.0 "${ON_FEATURES[@]}"
     ;;
   viton_backbone_lr1_seed1)
     # How much of the MMFL-Net / global gap at the full backbone rate is the seed? Both again with seed 1 (45 min).
@@ -128,7 +135,8 @@ for group in "${GROUPS_WANTED[@]}"; do
     # cross-entropy's pull dominates, metrics.csv logs them), normalized softmax, and SphereFace
     # with and without the paper's softmax annealing.
     FOLDER=cpu_backbone_lr1
-    viton_lr1_variant viton_dml_learned dml loss.terms.0.learn_margins=true loss.terms.0.margin_reward=1.0
+    viton_lr1_variant viton_dml_learned dml loss.terms.0.learn_margins=true loss.terms.0.margin_reward=1.0 \
+        "${ON_FEATURES[@]}"
     viton_lr1_variant viton_dml_normalized_softmax dml_softmax "loss.terms=[{name: normalized_softmax, weight: 1.0}]"
     viton_lr1_variant viton_dml_sphereface dml_softmax "loss.terms=[{name: sphereface, weight: 1.0}]"
     viton_lr1_variant viton_dml_sphereface_no_anneal dml_softmax \
