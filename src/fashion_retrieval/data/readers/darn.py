@@ -27,6 +27,7 @@ from ...registry import ConfigError
 from ..table import AnnotationError, Sample, SampleTable
 from . import READERS
 from ._annotations import image_folder_parts, iter_lines, parse_int, read_json, require_file
+from .deepfashion import ATTRIBUTE_TYPES, read_attribute_list
 
 # Attribute names and value counts of ASEN++'s DARN split (its config/DARN/DARN.yaml); DARN's
 # value names were never published with the split, so values are named value_<index>.
@@ -130,8 +131,6 @@ def read_deepfashion_asen(root: Path | str, split_dir: str = ".", meta: str | No
 
 
 def _deepfashion_schema(path: Path) -> AsenSchema:
-    from .deepfashion import ATTRIBUTE_TYPES, read_attribute_list
-
     names: dict[str, list[str]] = {kind: [] for kind in ATTRIBUTE_TYPES.values()}
     for name, kind in read_attribute_list(require_file(path, "named by attribute_list")):
         names[ATTRIBUTE_TYPES[kind]].append(name)
