@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from fashion_retrieval.engine.checkpoint import load_for_inference
+from fashion_retrieval.engine.embed import inference_transform
 
 
 def main() -> None:
@@ -31,9 +31,8 @@ def main() -> None:
         raise SystemExit(f"error: {args.images}: fewer than 2 .jpg files found")
     for run in args.runs:
         model, meta = load_for_inference(run)
-        height, width = meta["image_size"]
-        images = torch.stack([TF.normalize(TF.to_tensor(Image.open(f).convert("RGB").resize((width, height))),
-                                           [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for f in files])
+        transform = inference_transform(meta)  # what evaluation feeds the model (which normalises itself)
+        images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
         with torch.no_grad():
             model.train()
             features = model(images)["features"]
