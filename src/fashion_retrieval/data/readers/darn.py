@@ -37,7 +37,7 @@ DARN_ATTRIBUTES = {
 }
 # ASEN's DeepFashion split: the five attribute types of DeepFashion Category and Attribute
 # Prediction, each with the attributes of that type in list_attr_cloth.txt order as its values.
-DEEPFASHION_ATTRIBUTES = {"texture": 156, "fabric": 218, "shape": 180, "part": 216, "style": 230}
+DEEPFASHION_ATTRIBUTES = dict(zip(ATTRIBUTE_TYPES.values(), (156, 218, 180, 216, 230)))
 EVAL_SPLITS = {"valid": "val", "test": "test"}
 
 
