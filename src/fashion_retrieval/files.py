@@ -1,0 +1,121 @@
+"""Reading the project's own files and guarding the directories it writes.
+
+Two rules every module follows:
+
+- **Every file we read is parsed through a validating loader** that turns any failure (missing,
+  unreadable, not UTF-8, not JSON, the wrong shape) into one exception whose message is one line
+  naming the file (and the line, for JSON Lines). Callers pass the error type their command
+  already reports as one line (``StoreError``, ``CheckpointError`` …).
+- **No destructive step leaves the directory it owns**: before a write, a rename or an
+  ``rmtree``, :func:`ensure_inside` checks that the resolved path (symlinks followed) lies inside
+  the owning directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+MAX_QUOTED = 200  # characters of offending input an error message may quote
+
+
+class FileFormatError(ValueError):
+    """A file of ours that cannot be read or has the wrong content; one line naming the file."""
+
+
+class OutsideDirectoryError(ValueError):
+    """A path that would be written, renamed or removed outside the directory that owns it."""
+
+
+def quote(value: Any, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages stay one short line whatever
+    the input (a 4,000-character name, a YAML alias bomb)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def one_line(text: str, limit: int = MAX_QUOTED) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def read_text(path: str | Path, error: type[Exception] = FileFormatError, max_bytes: int | None = None) -> str:
+    path = Path(path)
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise error(f"{path}: larger than {max_bytes} bytes; not a file this project wrote")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (corrupt file?)") from None
+
+
+def read_json(path: str | Path, error: type[Exception] = FileFormatError, expect: type = dict,
+              max_bytes: int | None = None) -> Any:
+    """A whole JSON file, checked to be of type ``expect`` (a JSON object by default)."""
+    path = Path(path)
+    text = read_text(path, error, max_bytes)
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise error(f"{path}{where}: corrupt JSON ({message})") from None
+    if expect is not None and not isinstance(data, expect):
+        raise error(f"{path}: expected a JSON {_json_kind(expect)}, got {_json_kind(type(data))}")
+    return data
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = FileFormatError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each line of a JSON Lines file; any bad line is an error."""
+    path = Path(path)
+    text = read_text(path, error)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise error(f"{path}:{number}: corrupt JSON line") from None
+        if not isinstance(item, dict):
+            raise error(f"{path}:{number}: expected a JSON object, got {_json_kind(type(item))}")
+        yield number, item
+
+
+def require_keys(data: dict[str, Any], types: dict[str, type | tuple[type, ...]], path: str | Path,
+                 error: type[Exception] = FileFormatError, line: int | None = None) -> None:
+    """Each key present with a value of its type (``bool`` is not accepted for ``int``)."""
+    where = f"{path}:{line}" if line is not None else str(path)
+    for key, kind in types.items():
+        if key not in data:
+            raise error(f"{where}: missing '{key}'")
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise error(f"{where}: '{key}' must be {' or '.join(_json_kind(k) for k in kinds)}, got {quote(value, 60)}")
+
+
+def _json_kind(kind: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean",
+            type(None): "null"}.get(kind, kind.__name__)
+
+
+def ensure_inside(path: str | Path, owner: str | Path, what: str = "path") -> Path:
+    """``path`` resolved (symlinks followed), refused unless it lies inside ``owner`` (resolved).
+
+    Used before every write, rename and removal of a directory, so that a name from data, a
+    symlink planted in an index, or a bug can never make the project touch another folder.
+    """
+    resolved_owner = Path(os.path.realpath(owner))
+    resolved = Path(os.path.realpath(path))
+    if resolved != resolved_owner and resolved_owner not in resolved.parents:
+        raise OutsideDirectoryError(f"{path}: refusing to write this {what}: it resolves to {resolved}, "
+                                    f"outside {resolved_owner}")
+    return resolved
