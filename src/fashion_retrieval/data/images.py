@@ -112,8 +112,20 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
 
 def default_transform(image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, train: bool = False) -> Transform:
     """PIL image -> float tensor [3, H, W] in [0, 1]; models normalise inside themselves."""
+    return v2.Compose([*resize_stage(image_size).transforms, *tensor_stage(image_size, train).transforms])
+
+
+def resize_stage(image_size: tuple[int, int]) -> v2.Compose:
+    """The deterministic head of :func:`default_transform`: PIL image -> uint8 [3, H, W]
+    (what the decoded-image cache stores)."""
     height, width = image_size
-    steps: list[Any] = [v2.ToImage(), v2.Resize((height, width), antialias=True)]
+    return v2.Compose([v2.ToImage(), v2.Resize((height, width), antialias=True)])
+
+
+def tensor_stage(image_size: tuple[int, int], train: bool = False) -> v2.Compose:
+    """The rest of :func:`default_transform`, on the resized uint8 tensor: augmentation, then floats."""
+    height, width = image_size
+    steps: list[Any] = []
     if train:
         aspect = width / height
         steps += [
@@ -130,6 +142,9 @@ def default_transform(image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, train: b
 class ImageDataset(Dataset):
     """Rows of a :class:`SampleTable` as tensors plus their encoded labels.
 
+    With a :class:`~fashion_retrieval.data.image_cache.DecodedImageCache`, images come from the
+    cache as resized uint8 tensors and ``transform`` must be the matching :func:`tensor_stage`.
+
     ``dataset[i]`` gives one image; ``dataset[(i, attribute)]`` (what
     :class:`~fashion_retrieval.data.samplers.AttributeBatchSampler` yields) also gives the
     attribute index and the image's value id for it.
@@ -137,8 +152,9 @@ class ImageDataset(Dataset):
 
     def __init__(self, table: SampleTable, transform: Transform | None = None,
                  labels: LabelSpace | None = None, crop_bbox: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cache: Any = None):
         self.table = table
+        self.cache = cache
         self.transform = transform if transform is not None else default_transform()
         self.labels = labels
         self.crop_bbox = crop_bbox
@@ -154,12 +170,16 @@ class ImageDataset(Dataset):
             raise ValueError("indexing with (index, attribute) needs a LabelSpace")
         sample = self.table[index]
         path = self.table.resolve(sample)
+        box = sample.bbox if self.crop_bbox else None
         try:
-            image = load_rgb(path, self.max_pixels)
+            if self.cache is not None:
+                image = self.cache.get(path, box)
+            else:
+                image = load_rgb(path, self.max_pixels)
+                if box is not None:
+                    image = crop_to_box(image, box)
         except ImageLoadError as exc:
             return {"index": index, "error": str(exc)}
-        if self.crop_bbox and sample.bbox is not None:
-            image = _crop(image, sample.bbox)
         record: dict[str, Any] = {"image": self.transform(image), "index": index}
         if self.labels is not None:
             record.update(self.labels.encode(sample))
@@ -170,7 +190,7 @@ class ImageDataset(Dataset):
         return record
 
 
-def _crop(image: Image.Image, bbox: Sequence[float]) -> Image.Image:
+def crop_to_box(image: Image.Image, bbox: Sequence[float]) -> Image.Image:
     x1, y1, x2, y2 = bbox
     left, top = max(0, int(x1)), max(0, int(y1))
     right, bottom = min(image.width, int(round(x2))), min(image.height, int(round(y2)))
