@@ -294,3 +294,22 @@ def test_attribute_conditioned_training(tmp_path: Path) -> None:
     recipe["data"]["sampler"]["kind"] = "pk"
     with pytest.raises(ConfigError, match="attribute-conditioned and needs kind: attribute"):
         train(config_from_dict(recipe), tmp_path / "data", tmp_path / "other", log=lambda _: None)
+
+
+def test_decoded_image_cache_trains_bit_identically(data_root: Path, tmp_path: Path) -> None:
+    """Augmentation on: the cached run takes the same steps as decoding on the fly, and its
+    second epoch onwards reads every image from the cache."""
+    def weights(decoded_cache: str, out: str):
+        recipe = config_from_dict(yaml.safe_load(_recipe(tmp_path, data__decoded_cache=decoded_cache).read_text()))
+        result = train(recipe, data_root, tmp_path / out)
+        return {k: v.clone() for k, v in result.model.state_dict().items()}, _train_rows(tmp_path / out)
+
+    plain, plain_rows = weights("off", "plain")
+    cached, cached_rows = weights("run", "cached")
+    assert plain_rows == cached_rows
+    assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+    assert not (tmp_path / "plain" / "decoded-images").exists()
+    from fashion_retrieval.data.image_cache import DecodedImageCache
+
+    stats = DecodedImageCache(tmp_path / "cached" / "decoded-images", TINY_RECIPE["data"]["image_size"]).stats()
+    assert stats.entries > 0 and stats.failures == 1  # the truncated product photo, still skipped

@@ -53,6 +53,9 @@ class DataConfig(StrictModel):
                                                                          "its category (category-level retrieval)")
     augment: bool = True
     crop_bbox: bool = Field(False, description="crop each image to its annotated box (DeepFashion, Street2Shop)")
+    decoded_cache: str = Field("run", description="decoded-image cache for training: 'run' (inside the run "
+                                                  "directory), 'off', or a folder shared by runs; epochs after "
+                                                  "the first then do no JPEG work")
 
     @field_validator("image_size")
     @classmethod

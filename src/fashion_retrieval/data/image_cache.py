@@ -55,8 +55,9 @@ class CacheStats:
     misses: int
 
     def summary(self) -> str:
+        # hits and misses of DataLoader workers stay in their processes: the totals are what count
         return (f"decoded-image cache: {self.entries} images ({self.bytes_on_disk / 2**20:.1f} MiB on disk), "
-                f"{self.failures} unreadable recorded; this process {self.hits} hits, {self.misses} decodes")
+                f"{self.failures} unreadable recorded")
 
 
 class DecodedImageCache:

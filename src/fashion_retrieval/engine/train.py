@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, ExperimentConfig, config_from_dict, dump_config
-from ..data.images import ImageDataset, SkipCounter, collate_skipping, default_transform
+from ..data.images import ImageDataset, SkipCounter, collate_skipping, default_transform, tensor_stage
 from ..data.labels import LabelSpace
 from ..data.table import SampleTable
 from . import checkpoint as ckpt
@@ -364,7 +364,8 @@ def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
     current = config.to_dict()
     # What may change on resume: how long and how often, not what is trained.
     for volatile in (("train", "epochs"), ("train", "eval_every"), ("train", "log_every"), ("train", "progress"),
-                     ("train", "checkpoint_every_steps"), ("data", "num_workers"), ("eval",), ("description",)):
+                     ("train", "checkpoint_every_steps"), ("data", "num_workers"), ("data", "decoded_cache"),
+                     ("eval",), ("description",)):
         for snapshot in (saved, current):
             node = snapshot
             for key in volatile[:-1]:
@@ -382,6 +383,20 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
     return prefix or "(top level)"
+
+
+DECODED_CACHE_DIR = "decoded-images"
+
+
+def decoded_cache_for(config: ExperimentConfig, run_dir: Path):
+    """The recipe's decoded-image cache (``data.decoded_cache``), or None when it is off."""
+    from ..data.image_cache import DecodedImageCache
+
+    where = config.data.decoded_cache
+    if where == "off":
+        return None
+    folder = run_dir / DECODED_CACHE_DIR if where == "run" else Path(where)
+    return DecodedImageCache(folder, config.data.image_size)
 
 
 def _is_empty_run(run_dir: Path) -> bool:
@@ -432,8 +447,11 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             raise ConfigError(f"data.sampler: p={config.data.sampler.p} × k={config.data.sampler.k} leaves no "
                               f"full batch per process for {len(table)} training images")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
-        transform = default_transform(tuple(config.data.image_size), train=config.data.augment)
-        dataset = SeededDataset(ImageDataset(table, transform, labels, crop_bbox=config.data.crop_bbox))
+        cache = decoded_cache_for(config, run_dir)
+        size = tuple(config.data.image_size)
+        # with the cache, images arrive decoded and resized: only the random part of the transform runs
+        transform = (tensor_stage if cache is not None else default_transform)(size, config.data.augment)
+        dataset = SeededDataset(ImageDataset(table, transform, labels, crop_bbox=config.data.crop_bbox, cache=cache))
         workers = config.data.num_workers
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping, num_workers=workers,
                             pin_memory=on_gpu, persistent_workers=workers > 0,
@@ -568,6 +586,8 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
 
         if is_main and skips.count:
             log(skips.summary())
+        if is_main and cache is not None:
+            log(cache.stats().summary())
         metrics_log.close()
         return TrainResult(run_dir, model, epoch, step, skips.count, evaluation, history)
     finally:
