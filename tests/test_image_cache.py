@@ -132,3 +132,27 @@ def test_cache_is_shared_by_dataloader_workers(tmp_path):
     second = torch.cat([b["image"] for b in loader])
     assert torch.equal(first, second)
     assert cache.stats().entries == len(paths)
+
+
+def test_a_cache_that_cannot_be_written_decodes_on_the_fly_and_says_so(tmp_path):
+    """A full disk (here: a file-size limit in a child process) under the cache must not stop
+    training: the images come out as without the cache and the summary says it was turned off."""
+    paths = _photos(tmp_path / "img", count=3)
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from pathlib import Path
+        from fashion_retrieval.data.image_cache import DecodedImageCache
+        from fashion_retrieval.data.images import load_rgb, resize_stage
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        cache = DecodedImageCache({str(tmp_path / 'cache')!r}, {SIZE!r})
+        resize = resize_stage({SIZE!r})
+        for path in {[str(p) for p in paths]!r}:
+            expected = torch.as_tensor(resize(load_rgb(Path(path))).numpy())
+            assert torch.equal(cache.get(path), expected), path
+        summary = cache.stats().summary()
+        assert "turned off" in summary and "decoded on the fly" in summary, summary
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -21,6 +21,11 @@ entry that is read; every read is checked against its CRC and a mismatch (a torn
 a power loss, a damaged disk) is decoded again. Images that fail to decode are recorded with
 their reason and keep being skipped, and counted, as without the cache. Several DataLoader
 worker processes share one cache (each opens its own connection).
+
+A cache only saves time, so it never stops a run: when its folder cannot be written (a full
+disk, a file-size limit, a read-only mount) or its index cannot be opened, that process stops
+using it, says so once in :meth:`CacheStats.summary`, and decodes on the fly. The run then
+fails, if at all, where its own files cannot be written, with the error that names them.
 """
 from __future__ import annotations
 
@@ -46,6 +51,10 @@ CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns 
 """
 
 
+class _UnreadableImage(Exception):
+    """The image file itself cannot be read (an OSError of the cache's own files is another matter)."""
+
+
 @dataclass
 class CacheStats:
     entries: int
@@ -53,11 +62,15 @@ class CacheStats:
     bytes_on_disk: int
     hits: int
     misses: int
+    disabled: str | None = None
 
     def summary(self) -> str:
         # hits and misses of DataLoader workers stay in their processes: the totals are what count
-        return (f"decoded-image cache: {self.entries} images ({self.bytes_on_disk / 2**20:.1f} MiB on disk), "
+        text = (f"decoded-image cache: {self.entries} images ({self.bytes_on_disk / 2**20:.1f} MiB on disk), "
                 f"{self.failures} unreadable recorded")
+        if self.disabled:
+            text += f"; turned off in this process, images decoded on the fly ({self.disabled})"
+        return text
 
 
 class DecodedImageCache:
@@ -72,6 +85,7 @@ class DecodedImageCache:
         self._fd: int | None = None
         self.hits = 0
         self.misses = 0
+        self.disabled: str | None = None  # why this process stopped using the cache
 
     # ---- per-process handles (DataLoader workers fork after the cache is made) ---------------
     def _open(self) -> tuple[sqlite3.Connection, int]:
@@ -110,11 +124,17 @@ class DecodedImageCache:
 
     # ---- lookups ------------------------------------------------------------------------------
     def _content_hash(self, db: sqlite3.Connection, path: Path) -> str:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise _UnreadableImage from exc
         row = db.execute("SELECT size, mtime_ns, inode, sha256 FROM files WHERE path = ?", (str(path),)).fetchone()
         if row is not None and tuple(row[:3]) == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
             return row[3]
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise _UnreadableImage from exc
         db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
                    (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, digest))
         return digest
@@ -122,10 +142,29 @@ class DecodedImageCache:
     def get(self, path: str | Path, bbox: Sequence[float] | None = None) -> torch.Tensor:
         """uint8 [3, H, W] of ``path`` (cropped to ``bbox`` first), or :class:`ImageLoadError`."""
         path = Path(path)
+        if self.disabled is None:
+            try:
+                return self._cached(path, bbox)
+            except (OSError, sqlite3.Error) as exc:  # cannot write or read the cache: not the image
+                self.disabled = f"{self.folder}: {exc}"
+                self._drop_handles()
+        return self._decode(path, bbox)
+
+    def _drop_handles(self) -> None:
+        try:
+            if self._db is not None:
+                self._db.close()
+            if self._fd is not None:
+                os.close(self._fd)
+        except (OSError, sqlite3.Error):
+            pass
+        self._pid = self._db = self._fd = None
+
+    def _cached(self, path: Path, bbox: Sequence[float] | None) -> torch.Tensor:
         db, fd = self._open()
         try:
             key = self._content_hash(db, path)
-        except OSError:
+        except _UnreadableImage:
             return self._decode(path, bbox)  # missing / unreadable: load_rgb names the reason
         if bbox is not None:
             key += ":" + ",".join(f"{float(v):.6g}" for v in bbox)
@@ -161,8 +200,11 @@ class DecodedImageCache:
         return torch.as_tensor(np.ascontiguousarray(pixels.numpy()), dtype=torch.uint8)
 
     def stats(self) -> CacheStats:
-        db, _ = self._open()
-        entries = db.execute("SELECT COUNT(*) FROM entries WHERE error IS NULL").fetchone()[0]
-        failures = db.execute("SELECT COUNT(*) FROM entries WHERE error IS NOT NULL").fetchone()[0]
-        size = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
-        return CacheStats(entries, failures, size, self.hits, self.misses)
+        try:
+            db, _ = self._open()
+            entries = db.execute("SELECT COUNT(*) FROM entries WHERE error IS NULL").fetchone()[0]
+            failures = db.execute("SELECT COUNT(*) FROM entries WHERE error IS NOT NULL").fetchone()[0]
+            size = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        except (OSError, sqlite3.Error) as exc:
+            return CacheStats(0, 0, 0, self.hits, self.misses, self.disabled or f"{self.folder}: {exc}")
+        return CacheStats(entries, failures, size, self.hits, self.misses, self.disabled)
