@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +45,9 @@ class DataConfig(StrictModel):
     image_size: tuple[int, int] = Field((256, 192), description="[height, width] fed to the model")
     train_split: list[str] = Field(default_factory=lambda: ["train"])
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    num_workers: int = Field(2, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field("auto", description="DataLoader workers; auto: 1 on a CPU of "
+                                                                      "up to 4 cores, more on bigger ones and "
+                                                                      "on CUDA (engine/execution.py)")
     attributes: list[str] | None = Field(None, description="attributes a model learns, in this order "
                                                            "(default: all of the table's)")
     identity: Literal["item", "category"] = Field("item", description="what counts as the same identity for "
@@ -102,8 +104,16 @@ class OptimConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=1)
-    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels-last memory format on GPU")
+    amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto: on CUDA only (it measured "
+                                                              "slower on the CPU, docs/performance.md)")
+    channels_last: bool | Literal["auto"] = Field("auto", description="channels-last memory format; auto: on "
+                                                                        "(CPU and CUDA)")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step; auto: once "
+                                                                  "a few timed steps show the rest of the run "
+                                                                  "pays the compile time back")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the cores, per rank)")
+    freeze_backbone_stages: int = Field(0, ge=0, description="freeze the backbone's stem and its first N "
+                                                               "stages (weights and BatchNorm statistics)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     log_every: int = Field(20, ge=1, description="steps between metrics.csv / TensorBoard rows")
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only after the last)")

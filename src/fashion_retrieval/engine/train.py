@@ -35,6 +35,7 @@ from ..data.table import SampleTable
 from . import checkpoint as ckpt
 from .distributed import (DistributedContext, all_true, barrier, broadcast_object, cleanup, gather_objects,
                           init_distributed, wrap_model)
+from .execution import CompileGate, compile_step, freeze_backbone_stages, plan_execution
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -362,9 +363,10 @@ def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
 
     saved = config_from_dict(yaml.safe_load(saved_path.read_text(encoding="utf-8")), str(saved_path)).to_dict()
     current = config.to_dict()
-    # What may change on resume: how long and how often, not what is trained.
+    # What may change on resume: how long, how often and how it runs, not what is trained.
     for volatile in (("train", "epochs"), ("train", "eval_every"), ("train", "log_every"), ("train", "progress"),
                      ("train", "checkpoint_every_steps"), ("data", "num_workers"), ("data", "decoded_cache"),
+                     ("train", "amp"), ("train", "channels_last"), ("train", "compile"), ("train", "threads"),
                      ("eval",), ("description",)):
         for snapshot in (saved, current):
             node = snapshot
@@ -432,12 +434,16 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
                               "kind: attribute (batches of one attribute each)")
         objective = build_objective_for(config, model, labels)
         device = context.device
-        on_gpu = device.type == "cuda"
-        channels_last = on_gpu and config.train.channels_last
+        cache = decoded_cache_for(config, run_dir)
+        plan = plan_execution(config, device, context.world_size, decoded_cache=cache is not None)
+        if device.type == "cpu" and torch.get_num_threads() != plan.threads:
+            torch.set_num_threads(plan.threads)
+        channels_last = plan.channels_last
         model.to(device)
         objective.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        freeze_backbone_stages(model, plan.frozen_stages)
         optimizer = build_optimizer(config, model, objective)
 
         batch_sampler = build_sampler(config, table, labels, context)
@@ -447,14 +453,13 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             raise ConfigError(f"data.sampler: p={config.data.sampler.p} × k={config.data.sampler.k} leaves no "
                               f"full batch per process for {len(table)} training images")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
-        cache = decoded_cache_for(config, run_dir)
         size = tuple(config.data.image_size)
         # with the cache, images arrive decoded and resized: only the random part of the transform runs
         transform = (tensor_stage if cache is not None else default_transform)(size, config.data.augment)
         dataset = SeededDataset(ImageDataset(table, transform, labels, crop_bbox=config.data.crop_bbox, cache=cache))
-        workers = config.data.num_workers
+        workers = plan.num_workers
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping, num_workers=workers,
-                            pin_memory=on_gpu, persistent_workers=workers > 0,
+                            pin_memory=plan.pin_memory, persistent_workers=workers > 0,
                             generator=torch.Generator().manual_seed(config.seed))
 
         meta = {
@@ -499,7 +504,13 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             dump_config(config, run_dir / CONFIG_FILE)
         metrics_log = MetricsLog(run_dir, is_main, resumed_step if resume else None)
         step_module = wrap_model(TrainStep(model, objective), context, config.train.find_unused_parameters)
-        amp = config.train.amp and on_gpu
+        eager_step = step_module
+        amp = plan.amp
+        if is_main:
+            log(plan.describe())
+        steps_left = (config.train.epochs - epoch) * steps_per_epoch - start_in_epoch
+        compile_gate = CompileGate(plan.compile, steps_left, log)
+        first_compiled_step = False
 
         def save_checkpoint(epochs_done: int, in_epoch: int) -> None:
             rng_states = gather_objects(ckpt.capture_rng_states(), context)
@@ -532,8 +543,21 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
                     bar.update(1)
                     continue
                 batch = _to_device(batch, device, channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    total, terms = step_module(batch)
+                if compile_gate.wants_compile_now():
+                    step_module, first_compiled_step = compile_step(eager_step, log), True
+                try:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        total, terms = step_module(batch)
+                except Exception as exc:
+                    if not first_compiled_step:
+                        raise
+                    # compiling is an optimisation: a toolchain that cannot compile this model
+                    # leaves it eager (a real error in the model fails again, eagerly)
+                    log(f"torch.compile failed on the first step ({type(exc).__name__}: {exc}); training stays eager")
+                    step_module = eager_step
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        total, terms = step_module(batch)
+                first_compiled_step = False
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"loss became {total.item()} at step {step} (epoch {epoch + 1}); "
                                              "lower optim.lr or check the data")
@@ -575,7 +599,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             if config.eval.benchmark and (last or due):
                 split = config.eval.final_split if last else config.eval.split
                 evaluation = _evaluate_during_training(model, meta, config, data_root, split, run_dir, epoch, step,
-                                                       context, show_progress, log)
+                                                       context, show_progress, log, plan.num_workers)
                 if is_main and evaluation is not None:
                     flat = _flatten_numbers("", evaluation.get("metrics", {}), {})
                     metrics_log.log({"step": step, "epoch": epoch, **{f"eval.{split}.{k}": v for k, v in flat.items()}})
@@ -596,7 +620,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
 
 def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: ExperimentConfig, data_root: Path,
                               split: str, run_dir: Path, epoch: int, step: int, context: DistributedContext,
-                              progress: bool, log: Any) -> dict[str, Any] | None:
+                              progress: bool, log: Any, num_workers: int) -> dict[str, Any] | None:
     """Rank 0 evaluates (embedding a benchmark is cheap next to training); the others wait."""
     result = None
     if context.is_main:
@@ -606,7 +630,7 @@ def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: Ex
         was_training = model.training
         evaluation = evaluate_model(model, meta, config.eval.benchmark, split, data_root,
                                     batch_size=config.eval.batch_size, device=context.device,
-                                    num_workers=config.data.num_workers, progress=progress)
+                                    num_workers=num_workers, progress=progress)
         model.train(was_training)
         result = evaluation.results
         result.update({"epoch": epoch, "step": step, "experiment": config.name, "checkpoint": str(run_dir),

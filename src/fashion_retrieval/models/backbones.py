@@ -77,6 +77,10 @@ class ResNetBackbone(nn.Module):
         self.channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         self.strides = [4, 8, 16, 16 if last_stride == 1 else 32]
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The stem, then layer1..layer4, in forward order (what ``freeze_stages`` counts)."""
+        return [self.stem, *self.stages]
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(self.normalize(images))
         features = []

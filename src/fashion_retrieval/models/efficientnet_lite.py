@@ -218,6 +218,14 @@ class EfficientNetLite(nn.Module):
                 nn.init.uniform_(module.weight, -bound, bound)
                 nn.init.zeros_(module.bias)
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The stem, then the seven MBConv stages, then the head, in forward order (what
+        ``freeze_stages`` counts)."""
+        starts = [0] + [end + 1 for end in self.stage_ends[:-1]]
+        stages = [nn.ModuleList(self._blocks[start:end + 1]) for start, end in zip(starts, self.stage_ends)]
+        return [nn.ModuleList([self._conv_stem, self._bn0]), *stages,
+                nn.ModuleList([self._conv_head, self._bn1])]
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem((images - self.mean) / self.std)))
         features = []
