@@ -171,7 +171,7 @@ def run_worker(args, name: str) -> dict:
     on_cuda = device.type == "cuda"
     # Off by default, as in engine/train.py; with fixed shapes cuDNN then times its kernels once.
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    amp = args.amp and on_cuda  # as in training: bf16 autocast on GPU only
+    amp = args.amp  # bf16 autocast on any device (training: train.amp, auto = CUDA only)
     if name == REFERENCE:
         step_module, optimizer, label_batches, model, info, grad_clip = build_reference_step(args, device)
     else:
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotune, compilation)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (on the CPU too: train.amp: true)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights and inputs")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (not the losses)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune")

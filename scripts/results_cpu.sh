@@ -11,6 +11,7 @@
 #   bash scripts/results_cpu.sh viton_dml_variants                 # the DML table's other losses (70 min)
 #   bash scripts/results_cpu.sh viton_margin_on_embedding          # margin losses on the post-BN embedding (35 min)
 #   bash scripts/results_cpu.sh viton_margin_on_embedding_seed1 viton_softmaxes_on_embedding  # its checks (2 h)
+#   bash scripts/results_cpu.sh viton_freeze                       # partial fine-tuning: saves / costs (40 min)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -167,6 +168,14 @@ for group in "${GROUPS_WANTED[@]}"; do
     viton_lr1_variant viton_dml_softmax_on_embedding dml_softmax loss.terms.0.input=embedding
     viton_lr1_variant viton_dml_arcface_on_embedding dml_arcface loss.terms.0.input=embedding
     ;;
+  viton_freeze)
+    # What partial fine-tuning saves and costs (train.freeze_backbone_stages): global_ce at the full
+    # backbone rate with nothing frozen and with Lite0's stem + first 3 stages (strides 2-8) frozen,
+    # both at this commit's engine, so the pair differs only in the freezing (about 40 min).
+    FOLDER=cpu_freeze
+    viton_lr1_variant viton_global_ce_freeze0 global_ce train.freeze_backbone_stages=0
+    viton_lr1_variant viton_global_ce_freeze3 global_ce train.freeze_backbone_stages=3
+    ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
     # batch-hard triplets the recipe had until commit a2f5690, all triplets at the paper's Adam 1e-4,
@@ -178,7 +187,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run asen_all configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all
     run asen_all_lr1e3 configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all "${PAPER_MODEL[@]}"
     ;;
-  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | asen_diagnosis)" >&2; exit 2 ;;
+  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | viton_freeze | asen_diagnosis)" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md

@@ -452,3 +452,32 @@ def test_rank_pass_splits_query_chunks_with_many_relevant_items(monkeypatch):
     split = retrieve(queries, gallery, query_labels, gallery_labels, k=5, query_chunk=16)
     np.testing.assert_array_equal(split.relevant_ranks, expected.relevant_ranks)
     np.testing.assert_array_equal(split.topk_indices, expected.topk_indices)
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_faiss_scan_equals_the_torch_scan(monkeypatch, duplicates):
+    """The top-k-only scan runs on FAISS's k-NN kernel on the CPU: same top-k, same tie rule
+    (equal scores by gallery index), own item excluded, as the torch scan."""
+    from fashion_retrieval import metrics as metrics_module
+
+    rng = np.random.default_rng(3)
+    gallery = rng.standard_normal((700, 16)).astype(np.float32)
+    if duplicates:  # exact ties everywhere, across the k-th place too
+        gallery[350:] = gallery[:350]
+    queries = np.concatenate([gallery[:40], rng.standard_normal((60, 16)).astype(np.float32)])
+    query_labels = rng.integers(0, 30, 100)
+    gallery_labels = rng.integers(0, 30, 700)
+    own = np.concatenate([np.arange(40), -np.ones(60, dtype=np.int64)])
+    used, original = [], metrics_module._faiss_topk
+    monkeypatch.setattr(metrics_module, "_faiss_topk", lambda *a: used.append(original(*a)) or used[-1])
+    results = {}
+    for use_faiss in (True, False):
+        monkeypatch.setattr(metrics_module, "FAISS_SCAN", use_faiss)
+        results[use_faiss] = metrics_module.retrieve(queries, gallery, query_labels, gallery_labels, k=25,
+                                                     full_ranks=False, query_gallery_index=own, query_chunk=32)
+    fast, exact = results[True], results[False]
+    assert np.array_equal(fast.topk_indices, exact.topk_indices)
+    np.testing.assert_allclose(fast.topk_scores, exact.topk_scores, rtol=1e-5, atol=1e-5)
+    assert not np.any(fast.topk_indices == own[fast.query_indices][:, None])
+    taken = [r for r in used if r is not None]
+    assert taken and (sum(r[2].size for r in taken) > 0) is duplicates  # ties went to the exact scan
