@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .files import parse_yaml, quote, read_yaml
 from .registry import ConfigError
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_from_dict"]
@@ -148,15 +149,7 @@ class ExperimentConfig(StrictModel):
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    data = read_yaml(path, ConfigError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -187,10 +180,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "o
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"{source}: '{override}' is not of the form key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_yaml(raw, f"{source}: override {key}", ConfigError, text_if_invalid=True) if raw.strip() else ""
         parts = key.split(".")
         node: Any = data
         for depth, part in enumerate(parts):
@@ -260,7 +250,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
-    return f"{dotted}: {message} (got {error.get('input')!r})" if error["type"] != "value_error" else f"{dotted}: {message}"
+    # quote(): the offending value may be a 4,000-character string or a huge nested list
+    return f"{dotted}: {message} (got {quote(error.get('input'), 80)})" if error["type"] != "value_error" else f"{dotted}: {message}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> ExperimentConfig:

@@ -17,7 +17,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 MAX_QUOTED = 200  # characters of offending input an error message may quote
+MAX_YAML_BYTES = 4 << 20  # a recipe is a few kilobytes
+# Values a YAML document may hold once its aliases are expanded. A recipe has a few hundred; a
+# "billion laughs" document of nine aliases nine levels deep has 9**9 and would take minutes
+# (and gigabytes) to validate, print or merge, although PyYAML itself builds it in microseconds.
+MAX_YAML_VALUES = 100_000
 
 
 class FileFormatError(ValueError):
@@ -100,6 +107,85 @@ def require_keys(data: dict[str, Any], types: dict[str, type | tuple[type, ...]]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise error(f"{where}: '{key}' must be {' or '.join(_json_kind(k) for k in kinds)}, got {quote(value, 60)}")
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand past ``max_values`` values, or
+    that refers to itself (a recursive alias), before any Python object is built from it."""
+
+    max_values = MAX_YAML_VALUES
+
+    def compose_document(self):  # type: ignore[override]
+        node = super().compose_document()
+        _expanded_size(node, self.max_values)
+        return node
+
+
+class _TooLarge(Exception):
+    def __init__(self, node: yaml.Node, problem: str):
+        super().__init__(problem)
+        self.node, self.problem = node, problem
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Number of values under ``root`` with every alias expanded; each distinct node is visited
+    once (an alias is the same node object as its anchor), so this is cheap even for a bomb."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _TooLarge(node, "an alias refers to a value that contains it (recursive YAML)")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        if total > limit:
+            raise _TooLarge(node, f"more than {limit} values once its aliases are expanded "
+                                  "(a YAML alias bomb?)")
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def parse_yaml(text: str, source: str | Path, error: type[Exception] = FileFormatError,
+               max_values: int = MAX_YAML_VALUES, text_if_invalid: bool = False) -> Any:
+    """One YAML document, safely: no Python tags, and no alias bomb or recursive alias.
+
+    ``text_if_invalid``: text that is not YAML is returned as it is (a command-line value such
+    as ``name=a: b``) instead of being an error; a refused document is an error either way.
+    """
+    loader = _CountingLoader(text)
+    loader.max_values = max_values
+    try:
+        return loader.get_single_data()
+    except _TooLarge as exc:
+        raise error(f"{source}:{exc.node.start_mark.line + 1}: refused: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        if text_if_invalid:
+            return text
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"{source}{where}: invalid YAML ({one_line(problem)})") from None
+    except RecursionError:
+        raise error(f"{source}: invalid YAML (nested too deeply)") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path, error: type[Exception] = FileFormatError, max_bytes: int | None = MAX_YAML_BYTES,
+              max_values: int = MAX_YAML_VALUES) -> Any:
+    """A whole YAML file (see :func:`parse_yaml`); every failure is one line naming the file."""
+    path = Path(path)
+    return parse_yaml(read_text(path, error, max_bytes), path, error, max_values)
 
 
 def _json_kind(kind: type) -> str:

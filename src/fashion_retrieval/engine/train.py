@@ -358,9 +358,12 @@ def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.exists():
         return
-    import yaml
+    from ..files import read_yaml
 
-    saved = config_from_dict(yaml.safe_load(saved_path.read_text(encoding="utf-8")), str(saved_path)).to_dict()
+    saved = read_yaml(saved_path, ConfigError)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: expected the run's recipe (a mapping), got {type(saved).__name__}")
+    saved = config_from_dict(saved, str(saved_path)).to_dict()
     current = config.to_dict()
     # What may change on resume: how long and how often, not what is trained.
     for volatile in (("train", "epochs"), ("train", "eval_every"), ("train", "log_every"), ("train", "progress"),
