@@ -205,3 +205,75 @@ def ensure_inside(path: str | Path, owner: str | Path, what: str = "path") -> Pa
         raise OutsideDirectoryError(f"{path}: refusing to write this {what}: it resolves to {resolved}, "
                                     f"outside {resolved_owner}")
     return resolved
+
+
+# ---- which artefact a folder holds --------------------------------------------------------------
+# The names engine/checkpoint.py, engine/train.py and index/catalog.py give their files
+# (tests/test_artefacts.py checks they still agree); kept here so that telling artefacts apart
+# imports neither torch nor faiss.
+RUN_MARKERS = ("model.safetensors", "checkpoint-last", "checkpoint-previous", "metrics.csv")
+INDEX_MARKERS = ("index.json", "spaces")
+EXPORT_SIDECAR_KEY = "parity_max_abs_diff"  # every sidecar export.py writes has it
+ARTEFACT_NAMES = {"run": "a training run directory", "index": "an index directory", "export": "an ONNX export"}
+
+
+def _is_export_file(path: Path) -> bool:
+    sidecar = path.with_name(path.name + ".json")
+    if not (path.is_file() and sidecar.is_file()):
+        return False
+    try:
+        data = read_json(sidecar, max_bytes=1 << 20)
+    except FileFormatError:
+        return False
+    return EXPORT_SIDECAR_KEY in data
+
+
+def artefact_kind(path: str | Path) -> str | None:
+    """``"run"``, ``"index"`` or ``"export"`` for what ``train``, ``index build`` or ``export``
+    wrote at ``path`` (a folder, or an exported ``.onnx`` file), told by their marker files; None
+    for anything else (a missing path, an empty or unrelated folder)."""
+    path = Path(path)
+    if path.is_file():
+        return "export" if _is_export_file(path) else None
+    if not path.is_dir():
+        return None
+    # an index holds a copy of its model (model/model.safetensors) but no run marker at its top
+    if any((path / name).exists() for name in INDEX_MARKERS):
+        return "index"
+    if any((path / name).exists() for name in RUN_MARKERS):
+        return "run"
+    try:
+        if any(_is_export_file(p) for p in path.glob("*.onnx")):
+            return "export"
+    except OSError:
+        pass
+    return None
+
+
+def _enclosing_index(path: Path) -> Path | None:
+    for parent in Path(os.path.abspath(path)).parents:
+        if artefact_kind(parent) == "index":
+            return parent
+    return None
+
+
+def refuse_other_artefact(path: str | Path, writing: str, error: type[Exception] = FileFormatError) -> None:
+    """Refuse to write artefact ``writing`` ("run", "index", "export") at ``path`` when another
+    kind of artefact is there, or when ``path`` lies inside an index (whose whole folder is
+    replaced on its next save). One artefact can then never overwrite another: ``train --out
+    INDEX``, ``index build --out RUN`` and ``export --out RUN/model.safetensors`` stop first."""
+    path = Path(path)
+    found = artefact_kind(path)
+    what = {"run": "a training run", "index": "an index", "export": "an ONNX export"}[writing]
+    if found is not None and found != writing:
+        raise error(f"{path}: is {ARTEFACT_NAMES[found]}; refusing to write {what} over it (choose another --out)")
+    index = _enclosing_index(path)
+    if index is not None:
+        raise error(f"{path}: lies inside the index {index}; refusing to write {what} there (choose another --out)")
+    if writing == "export" and path.is_dir():
+        raise error(f"{path}: is a folder; --out names the .onnx file to write")
+    if writing == "export" and found is None:
+        for existing in (path, path.with_name(path.name + ".json")):
+            if existing.exists():
+                raise error(f"{existing}: exists and is not part of an ONNX export; refusing to overwrite it "
+                            "(choose another --out)")

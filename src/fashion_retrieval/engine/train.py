@@ -32,6 +32,7 @@ from ..config import ConfigError, ExperimentConfig, config_from_dict, dump_confi
 from ..data.images import ImageDataset, SkipCounter, collate_skipping, default_transform, tensor_stage
 from ..data.labels import LabelSpace
 from ..data.table import SampleTable
+from ..files import refuse_other_artefact
 from . import checkpoint as ckpt
 from .distributed import (DistributedContext, all_true, barrier, broadcast_object, cleanup, gather_objects,
                           init_distributed, wrap_model)
@@ -419,6 +420,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
     is_main = context.is_main
     show_progress = (config.train.progress if progress is None else progress) and is_main
     try:
+        refuse_other_artefact(run_dir, "run", ConfigError)
         import_plugins(config.plugins)
         if not resume and is_main and not _is_empty_run(run_dir) and ckpt.training_checkpoint_dir(run_dir):
             raise ConfigError(f"{run_dir}: already holds a training run; pass --resume to continue it "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.table import AnnotationError, Sample, SampleTable
+from ..files import refuse_other_artefact
 from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, checkpoint_files, file_sha256,
                       refuse_foreign_directory)
 from .store import StoreError
@@ -111,6 +112,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
     from ..engine.checkpoint import CheckpointError, load_for_inference
 
     out = Path(out)
+    refuse_other_artefact(out, "index", StoreError)
     refuse_foreign_directory(out)
     weights, meta_file = checkpoint_files(checkpoint)
     for required in (weights, meta_file):
