@@ -258,6 +258,8 @@ BAD_ROWS: dict[str, tuple[bytes, str]] = {
                                  "attributes must be a JSON object"),
     "attribute_value_is_an_object": (b'images/x.jpg,itemX,shop,train,top,"{""colour"": {""r"": 1}}",',
                                      "attribute 'colour' must be a value or a list of values"),
+    "attributes_nested_too_deeply": (b"images/x.jpg,itemX,shop,train,top," + b"[" * 50_000 + b",",
+                                     "attributes is not valid JSON (nested too deeply)"),
     # bad numbers in the bbox column: never a crash in a decoding worker or a garbage crop
     "bbox_nan": (b"images/x.jpg,itemX,shop,train,top,,nan 2 30 40", "bbox x1 must be finite, got nan"),
     "bbox_inf": (b"images/x.jpg,itemX,shop,train,top,,1 2 inf 40", "bbox x2 must be finite, got inf"),

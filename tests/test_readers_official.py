@@ -388,6 +388,8 @@ def test_street2shop_problems(tmp_path):
     assert annotation_error("street2shop", tmp_path).problem == "entry 1: x2 must be finite, got inf"
     test_pairs.write_text(json.dumps([{"photo": "x2", "product": 100}]))
     assert "'photo' must be a non-negative integer id" in annotation_error("street2shop", tmp_path).problem
+    test_pairs.write_text("[" * 100_000)
+    assert annotation_error("street2shop", tmp_path).problem == "invalid JSON: nested too deeply"
     test_pairs.write_text(json.dumps({"photo": 2}))
     assert "expected a JSON list" in annotation_error("street2shop", tmp_path).problem
     test_pairs.unlink()

@@ -253,6 +253,8 @@ def _attributes(cell: str | None) -> dict[str, AttributeValue]:
         parsed = json.loads(cell)
     except json.JSONDecodeError as exc:
         raise ValueError(f"attributes is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("attributes is not valid JSON (nested too deeply)") from None
     if not isinstance(parsed, dict):
         raise ValueError(f"attributes must be a JSON object like {{\"colour\": \"red\"}}, got {cell[:60]}")
     attributes: dict[str, AttributeValue] = {}

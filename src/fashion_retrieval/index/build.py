@@ -125,7 +125,10 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
         staged = {WEIGHTS_FILE: Path(staging) / WEIGHTS_FILE, META_FILE: Path(staging) / META_FILE}
         shutil.copyfile(weights, staged[WEIGHTS_FILE])
         shutil.copyfile(meta_file, staged[META_FILE])
-        model, meta = load_for_inference(staging)
+        try:
+            model, meta = load_for_inference(staging)
+        except CheckpointError as exc:  # it read the copies: name the files the user gave
+            raise CheckpointError(str(exc).replace(str(Path(staging)), str(weights.parent))) from None
         model_attributes = list(meta.get("attributes") or [])
         spaces = _spaces_for(model, model_attributes, attributes)
         model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),

@@ -145,6 +145,8 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise AnnotationError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise AnnotationError(path, None, "invalid JSON: nested too deeply") from None
 
 
 def image_folder_parts(path: str) -> tuple[str | None, str | None]:
