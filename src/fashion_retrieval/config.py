@@ -15,6 +15,7 @@ when the model is built (``Registry.check_kwargs``).
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -272,4 +273,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the recipe beside a run; a half-written copy would make the next resume refuse it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        # a failed write (a full disk) names no file by itself
+        raise OSError(exc.errno, f"could not write the run's recipe ({exc.strerror or exc})", str(path)) from exc

@@ -354,19 +354,23 @@ def save_training_state(run_dir: str | Path, model: nn.Module, state: TrainingSt
     final = run_dir / TRAINING_DIR
     previous = run_dir / PREVIOUS_TRAINING_DIR
     tmp = _temporary_name(final)
+    writing = final  # what the error names: the file as it will be called, not its temporary name
     try:
         tmp.mkdir(parents=True)
+        writing = final / WEIGHTS_FILE
         _save_weights(model, tmp / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
         payload = {"format_version": FORMAT_VERSION, **state.__dict__}
+        writing = final / TRAINING_STATE_FILE
         with open(tmp / TRAINING_STATE_FILE, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        writing = final
         _fsync_dir(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise CheckpointError(f"{final}: could not write the training checkpoint ({exc.strerror or exc}); "
+            raise CheckpointError(f"{writing}: could not write the training checkpoint ({exc.strerror or exc}); "
                                   "the previous checkpoint is unchanged") from exc
         raise
     if final.exists():

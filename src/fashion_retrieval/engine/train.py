@@ -318,11 +318,20 @@ class MetricsLog:
     def _rewrite(self) -> None:
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
         tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
+                writer.writeheader()
+                writer.writerows(self.rows)
+            tmp.replace(self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: OSError) -> OSError:
+        # a failed write (a full disk) names no file by itself; the checkpoints are separate files
+        return OSError(exc.errno, f"could not write the metrics log ({exc.strerror or exc}); the last "
+                                  "checkpoint is unchanged", str(self.path))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -330,8 +339,11 @@ class MetricsLog:
         known = list(self.rows[0]) if self.rows else []
         self.rows.append(row)
         if known and list(row) == known:
-            with open(self.path, "a", newline="", encoding="utf-8") as handle:
-                csv.DictWriter(handle, fieldnames=known).writerow(row)
+            try:
+                with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                    csv.DictWriter(handle, fieldnames=known).writerow(row)
+            except OSError as exc:
+                raise self._write_error(exc) from exc
         else:
             self._rewrite()  # new columns (e.g. the first eval row): rewrite with the wider header
         if self.writer is not None:
