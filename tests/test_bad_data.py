@@ -258,6 +258,15 @@ BAD_ROWS: dict[str, tuple[bytes, str]] = {
                                  "attributes must be a JSON object"),
     "attribute_value_is_an_object": (b'images/x.jpg,itemX,shop,train,top,"{""colour"": {""r"": 1}}",',
                                      "attribute 'colour' must be a value or a list of values"),
+    "attributes_nested_too_deeply": (b"images/x.jpg,itemX,shop,train,top," + b"[" * 50_000 + b",",
+                                     "attributes is not valid JSON (nested too deeply)"),
+    # bad numbers in the bbox column: never a crash in a decoding worker or a garbage crop
+    "bbox_nan": (b"images/x.jpg,itemX,shop,train,top,,nan 2 30 40", "bbox x1 must be finite, got nan"),
+    "bbox_inf": (b"images/x.jpg,itemX,shop,train,top,,1 2 inf 40", "bbox x2 must be finite, got inf"),
+    "bbox_inverted_x": (b"images/x.jpg,itemX,shop,train,top,,30 2 10 40", "bbox bounding box 30,2,10,40 has x2 < x1"),
+    "bbox_inverted_y": (b"images/x.jpg,itemX,shop,train,top,,1 40 30 -2", "bbox bounding box 1,40,30,-2 has x2 < x1 or y2 < y1"),
+    "bbox_not_a_number": (b"images/x.jpg,itemX,shop,train,top,,1 2 3O 40", "bbox x2 must be a number, got '3O'"),
+    "bbox_three_numbers": (b"images/x.jpg,itemX,shop,train,top,,1 2 30", "bbox needs 4 numbers: x1 y1 x2 y2, got 3"),
 }
 
 

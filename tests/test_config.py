@@ -142,3 +142,58 @@ def test_every_recipe_validates_against_the_registries(path: Path) -> None:
     check_kwargs(builder, {"num_items": 1, "attribute_sizes": [2], **config.model.kwargs}, config.model.name)
     if getattr(builder, "attribute_conditioned", False):
         assert config.data.sampler.kind == "attribute"
+
+
+# ---- hostile recipes ----------------------------------------------------------------------------
+def alias_bomb(levels: int = 9, fan_out: int = 9) -> str:
+    """A "billion laughs" recipe: ``fan_out ** levels`` strings once its aliases are expanded,
+    in a few hundred bytes. It sits under model.kwargs (free-form) and is quoted by train.epochs."""
+    lines = [f"    l0: &l0 [{', '.join(['lol'] * fan_out)}]"]
+    lines += [f"    l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * fan_out)}]" for n in range(1, levels + 1)]
+    return (MINIMAL.replace("model: {name: global_net, kwargs: {backbone: resnet18}}\n",
+                            "model:\n  name: global_net\n  kwargs:\n" + "\n".join(lines) + "\n")
+            + f"train: {{epochs: *l{levels}}}\n")
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_in_one_line(recipe: Path) -> None:
+    import time
+
+    from typer.testing import CliRunner
+
+    from fashion_retrieval.cli import app
+    from test_index_cli import assert_one_line_error
+
+    recipe.write_text(alias_bomb())
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", "--config", str(recipe), "--out", str(recipe.with_name("run"))])
+    elapsed = time.perf_counter() - started
+    assert_one_line_error(result, f"{recipe}:", "refused", "alias bomb")
+    assert elapsed < 1.0, f"took {elapsed:.2f} s"
+    assert not recipe.with_name("run").exists()
+    # a small alias is ordinary YAML and still works
+    recipe.write_text(MINIMAL + "optim: &o {lr: 0.01}\neval: {batch_size: 8}\n")
+    assert load_config(recipe).optim.lr == 0.01
+
+
+def test_recursive_aliases_and_bombs_in_overrides_are_refused(recipe: Path) -> None:
+    recipe.write_text(MINIMAL.replace("kwargs: {backbone: resnet18}", "kwargs: &k {backbone: resnet18, self: *k}"))
+    with pytest.raises(ConfigError, match=r"tiny.yaml:\d+: refused: an alias refers to a value that contains it"):
+        load_config(recipe)
+    recipe.write_text(MINIMAL)
+    bomb = "[" + ", ".join(["&a [" + ", ".join(["x"] * 9) + "]"] + ["*a"] * 8) + "]"
+    assert len(load_config(recipe, [f"model.kwargs.ok={bomb}"]).model.kwargs["ok"]) == 9
+    levels = "{" + ", ".join([f"l0: &l0 [{', '.join(['x'] * 9)}]"]
+                             + [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, 8)]) + "}"
+    with pytest.raises(ConfigError, match="override model.kwargs.big:1: refused: more than"):
+        load_config(recipe, [f"model.kwargs.big={levels}"])
+    # text that is not YAML stays a plain string, as before
+    assert load_config(recipe, ["description=a: b: c"]).description == "a: b: c"
+
+
+def test_config_errors_quote_at_most_a_short_value(recipe: Path) -> None:
+    recipe.write_text(MINIMAL + f"train: {{epochs: {'x' * 4000}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe)
+    message = str(info.value)
+    assert "train.epochs: Input should be a valid integer" in message and len(message) < 300, message
+    assert "xxx…" in message and "\n" not in message

@@ -254,6 +254,10 @@ def test_attributes_category_label_out_of_range(tmp_path):
      "img/WOMEN/Dresses/id_00000002/02_1_front.jpg train", "expected 3 columns, got 2"),
     (write_deepfashion_inshop, "deepfashion_inshop", "bbox", 8, "img/MEN/Denim/id_00000080/01_1_front.jpg 2 1 9 9 5 5",
      "bounding box 9,9,5,5 has x2 < x1 or y2 < y1"),
+    (write_deepfashion_inshop, "deepfashion_inshop", "bbox", 8, "img/MEN/Denim/id_00000080/01_1_front.jpg 2 1 nan 9 5 5",
+     "x_1 must be finite, got 'nan'"),
+    (write_deepfashion_attributes, "deepfashion_attributes", "bbox", 3, "img/Boho_V-Neck_Dress/img_00000001.jpg 1 2 3 -inf",
+     "y_2 must be finite, got '-inf'"),
     (write_deepfashion_attributes, "deepfashion_attributes", "partition", 8,
      "img/Boho_V-Neck_Dress/img_00000001.jpg train extra", "expected 2 columns, got 3"),
     (write_deepfashion_attributes, "deepfashion_attributes", "attribute_names", 6,
@@ -375,8 +379,17 @@ def test_street2shop_problems(tmp_path):
     assert annotation_error("street2shop", tmp_path).problem == "entry 1: bbox height must be a number, got None"
     test_pairs.write_text(json.dumps([{"photo": 2, "product": 100}]))
     assert annotation_error("street2shop", tmp_path).problem == "entry 1: expected a 'bbox' object, got None"
+    negative = {"left": 10, "top": 0, "width": -5, "height": 6}
+    test_pairs.write_text(json.dumps([{"photo": 2, "product": 100, "bbox": negative}]))
+    assert annotation_error("street2shop", tmp_path).problem == "entry 1: bounding box 10,0,5,6 has x2 < x1 or y2 < y1"
+    # finite columns whose sum overflows: the box itself must be finite
+    huge = {"left": 1e308, "top": 0, "width": 1e308, "height": 6}
+    test_pairs.write_text(json.dumps([{"photo": 2, "product": 100, "bbox": huge}]))
+    assert annotation_error("street2shop", tmp_path).problem == "entry 1: x2 must be finite, got inf"
     test_pairs.write_text(json.dumps([{"photo": "x2", "product": 100}]))
     assert "'photo' must be a non-negative integer id" in annotation_error("street2shop", tmp_path).problem
+    test_pairs.write_text("[" * 100_000)
+    assert annotation_error("street2shop", tmp_path).problem == "invalid JSON: nested too deeply"
     test_pairs.write_text(json.dumps({"photo": 2}))
     assert "expected a JSON list" in annotation_error("street2shop", tmp_path).problem
     test_pairs.unlink()

@@ -15,6 +15,7 @@ when the model is built (``Registry.check_kwargs``).
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .files import parse_yaml, quote, read_yaml
 from .registry import ConfigError
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_from_dict"]
@@ -158,15 +160,7 @@ class ExperimentConfig(StrictModel):
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    data = read_yaml(path, ConfigError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -197,10 +191,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "o
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"{source}: '{override}' is not of the form key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_yaml(raw, f"{source}: override {key}", ConfigError, text_if_invalid=True) if raw.strip() else ""
         parts = key.split(".")
         node: Any = data
         for depth, part in enumerate(parts):
@@ -270,7 +261,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
-    return f"{dotted}: {message} (got {error.get('input')!r})" if error["type"] != "value_error" else f"{dotted}: {message}"
+    # quote(): the offending value may be a 4,000-character string or a huge nested list
+    return f"{dotted}: {message} (got {quote(error.get('input'), 80)})" if error["type"] != "value_error" else f"{dotted}: {message}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
@@ -291,4 +283,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the recipe beside a run; a half-written copy would make the next resume refuse it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        # a failed write (a full disk) names no file by itself
+        raise OSError(exc.errno, f"could not write the run's recipe ({exc.strerror or exc})", str(path)) from exc

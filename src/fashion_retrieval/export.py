@@ -58,9 +58,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
     import torch
 
     from .engine.checkpoint import load_for_inference
+    from .files import refuse_other_artefact
     from .index.catalog import checkpoint_files, file_sha256
     from .serve.embedders import _inference_meta
 
+    refuse_other_artefact(out, "export", ExportError)
     weights, _ = checkpoint_files(checkpoint)
     model, meta = load_for_inference(weights)
     meta = _inference_meta(model, meta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,43 @@ class AnnotationError(ValueError):
         self.problem = problem
 
 
+BBOX_CORNERS = ("x1", "y1", "x2", "y2")
+
+
+def bbox_problem(box: Sequence[float]) -> str | None:
+    """What is wrong with ``(x1, y1, x2, y2)`` as a box in pixels, or None. A NaN would crop to
+    garbage (or crash the decoding worker) and an inverted box to nothing, so every reader
+    refuses them where it reads them, naming the file and line."""
+    if len(box) != 4:
+        return f"needs 4 numbers x1 y1 x2 y2, got {len(box)}"
+    for name, value in zip(BBOX_CORNERS, box):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{name} must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"{name} must be finite, got {value}"
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        return f"bounding box {x1:g},{y1:g},{x2:g},{y2:g} has x2 < x1 or y2 < y1"
+    return None
+
+
+def parse_bbox_cell(cell: str, column: str = "bbox") -> tuple[float, float, float, float]:
+    """A ``x1 y1 x2 y2`` cell of a CSV table, checked (see :func:`bbox_problem`)."""
+    tokens = cell.split()
+    if len(tokens) != 4:
+        raise ValueError(f"{column} needs 4 numbers: x1 y1 x2 y2, got {len(tokens)} in {cell[:60]!r}")
+    values = []
+    for name, token in zip(BBOX_CORNERS, tokens):
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise ValueError(f"{column} {name} must be a number, got {token[:40]!r}") from None
+    problem = bbox_problem(values)
+    if problem is not None:
+        raise ValueError(f"{column} {problem}")
+    return tuple(values)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str  # absolute, or relative to SampleTable.root
@@ -55,6 +93,9 @@ class Sample:
             raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r} for {self.path}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r} for {self.path}")
+        problem = bbox_problem(self.bbox) if self.bbox is not None else None
+        if problem is not None:
+            raise ValueError(f"bbox {problem} for {self.path}")
 
 
 class SampleTable:
@@ -187,9 +228,7 @@ class SampleTable:
                 try:
                     attrs = _attributes(row.get("attributes"))
                     multi.update(k for k, v in attrs.items() if isinstance(v, tuple))
-                    bbox = tuple(float(x) for x in row["bbox"].split()) if row.get("bbox") else None
-                    if bbox is not None and len(bbox) != 4:
-                        raise ValueError("bbox needs 4 numbers: x1 y1 x2 y2")
+                    bbox = parse_bbox_cell(row["bbox"]) if (row.get("bbox") or "").strip() else None
                     samples.append(Sample(
                         path=image, item_id=item_id,
                         domain=row.get("domain") or "unknown", split=row.get("split") or "unknown",
@@ -214,6 +253,8 @@ def _attributes(cell: str | None) -> dict[str, AttributeValue]:
         parsed = json.loads(cell)
     except json.JSONDecodeError as exc:
         raise ValueError(f"attributes is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("attributes is not valid JSON (nested too deeply)") from None
     if not isinstance(parsed, dict):
         raise ValueError(f"attributes must be a JSON object like {{\"colour\": \"red\"}}, got {cell[:60]}")
     attributes: dict[str, AttributeValue] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..files import quote, read_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -38,6 +40,8 @@ META_FILE = "meta.json"
 TRAINING_DIR = "checkpoint-last"
 PREVIOUS_TRAINING_DIR = "checkpoint-previous"
 TRAINING_STATE_FILE = "training_state.pt"
+# meta.json holds the label vocabularies (tens of thousands of item ids): megabytes, not gigabytes
+MAX_META_BYTES = 256 << 20
 
 
 class CheckpointError(Exception):
@@ -240,12 +244,7 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
 def read_meta(path: str | Path) -> dict[str, Any]:
     """meta.json of a run directory / weights file, checked for format version and model spec."""
     _, meta_path = _locate(path)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: corrupt JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: expected a JSON object")
+    meta = read_json(meta_path, CheckpointError, max_bytes=MAX_META_BYTES)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: checkpoint format version {version!r} is not supported "
@@ -253,6 +252,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     spec = meta.get("model")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
         raise CheckpointError(f"{meta_path}: 'model' must be {{'name': str, 'kwargs': {{...}}}}")
+    size = meta.get("image_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise CheckpointError(f"{meta_path}: 'image_size' must be [height, width] in pixels, got {quote(size, 60)}")
     return meta
 
 
@@ -351,19 +354,23 @@ def save_training_state(run_dir: str | Path, model: nn.Module, state: TrainingSt
     final = run_dir / TRAINING_DIR
     previous = run_dir / PREVIOUS_TRAINING_DIR
     tmp = _temporary_name(final)
+    writing = final  # what the error names: the file as it will be called, not its temporary name
     try:
         tmp.mkdir(parents=True)
+        writing = final / WEIGHTS_FILE
         _save_weights(model, tmp / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
         payload = {"format_version": FORMAT_VERSION, **state.__dict__}
+        writing = final / TRAINING_STATE_FILE
         with open(tmp / TRAINING_STATE_FILE, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        writing = final
         _fsync_dir(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise CheckpointError(f"{final}: could not write the training checkpoint ({exc.strerror or exc}); "
+            raise CheckpointError(f"{writing}: could not write the training checkpoint ({exc.strerror or exc}); "
                                   "the previous checkpoint is unchanged") from exc
         raise
     if final.exists():
@@ -395,9 +402,16 @@ def load_training_state(run_dir: str | Path, model: nn.Module) -> TrainingState:
     _load_weights(unwrap_model(model), directory / WEIGHTS_FILE)
     state_path = directory / TRAINING_STATE_FILE
     try:
+        # weights_only: a run directory may come from someone else, and a full unpickle runs code
         payload = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a corrupt file
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, the one thing not to do with such a file
+        raise CheckpointError(f"{state_path}: refused: it holds objects other than tensors and plain data "
+                              "(not a training state this project wrote)") from None
+    except Exception as exc:  # noqa: BLE001 - zip/EOF errors of a corrupt file
         raise CheckpointError(f"{state_path}: corrupt training state ({_first_line(exc)})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{state_path}: corrupt training state (not a mapping)")
     version = payload.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{state_path}: training state format version {version!r} is not supported "

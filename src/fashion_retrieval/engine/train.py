@@ -32,6 +32,7 @@ from ..config import ConfigError, ExperimentConfig, config_from_dict, dump_confi
 from ..data.images import ImageDataset, SkipCounter, collate_skipping, default_transform, tensor_stage
 from ..data.labels import LabelSpace
 from ..data.table import SampleTable
+from ..files import refuse_other_artefact
 from . import checkpoint as ckpt
 from .distributed import (DistributedContext, all_true, barrier, broadcast_object, cleanup, gather_objects,
                           init_distributed, wrap_model)
@@ -318,11 +319,20 @@ class MetricsLog:
     def _rewrite(self) -> None:
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
         tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
+                writer.writeheader()
+                writer.writerows(self.rows)
+            tmp.replace(self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: OSError) -> OSError:
+        # a failed write (a full disk) names no file by itself; the checkpoints are separate files
+        return OSError(exc.errno, f"could not write the metrics log ({exc.strerror or exc}); the last "
+                                  "checkpoint is unchanged", str(self.path))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -330,8 +340,11 @@ class MetricsLog:
         known = list(self.rows[0]) if self.rows else []
         self.rows.append(row)
         if known and list(row) == known:
-            with open(self.path, "a", newline="", encoding="utf-8") as handle:
-                csv.DictWriter(handle, fieldnames=known).writerow(row)
+            try:
+                with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                    csv.DictWriter(handle, fieldnames=known).writerow(row)
+            except OSError as exc:
+                raise self._write_error(exc) from exc
         else:
             self._rewrite()  # new columns (e.g. the first eval row): rewrite with the wider header
         if self.writer is not None:
@@ -359,9 +372,12 @@ def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.exists():
         return
-    import yaml
+    from ..files import read_yaml
 
-    saved = config_from_dict(yaml.safe_load(saved_path.read_text(encoding="utf-8")), str(saved_path)).to_dict()
+    saved = read_yaml(saved_path, ConfigError)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: expected the run's recipe (a mapping), got {type(saved).__name__}")
+    saved = config_from_dict(saved, str(saved_path)).to_dict()
     current = config.to_dict()
     # What may change on resume: how long, how often and how it runs, not what is trained.
     for volatile in (("train", "epochs"), ("train", "eval_every"), ("train", "log_every"), ("train", "progress"),
@@ -418,6 +434,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
     is_main = context.is_main
     show_progress = (config.train.progress if progress is None else progress) and is_main
     try:
+        refuse_other_artefact(run_dir, "run", ConfigError)
         import_plugins(config.plugins)
         if not resume and is_main and not _is_empty_run(run_dir) and ckpt.training_checkpoint_dir(run_dir):
             raise ConfigError(f"{run_dir}: already holds a training run; pass --resume to continue it "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.table import AnnotationError, Sample, SampleTable
+from ..files import refuse_other_artefact
 from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, checkpoint_files, file_sha256,
                       refuse_foreign_directory)
 from .store import StoreError
@@ -111,6 +112,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
     from ..engine.checkpoint import CheckpointError, load_for_inference
 
     out = Path(out)
+    refuse_other_artefact(out, "index", StoreError)
     refuse_foreign_directory(out)
     weights, meta_file = checkpoint_files(checkpoint)
     for required in (weights, meta_file):
@@ -123,7 +125,10 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
         staged = {WEIGHTS_FILE: Path(staging) / WEIGHTS_FILE, META_FILE: Path(staging) / META_FILE}
         shutil.copyfile(weights, staged[WEIGHTS_FILE])
         shutil.copyfile(meta_file, staged[META_FILE])
-        model, meta = load_for_inference(staging)
+        try:
+            model, meta = load_for_inference(staging)
+        except CheckpointError as exc:  # it read the copies: name the files the user gave
+            raise CheckpointError(str(exc).replace(str(Path(staging)), str(weights.parent))) from None
         model_attributes = list(meta.get("attributes") or [])
         spaces = _spaces_for(model, model_attributes, attributes)
         model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),

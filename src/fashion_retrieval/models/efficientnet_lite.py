@@ -265,8 +265,9 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    from .backbones import read_weights
+
+    state = read_weights(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -5,13 +5,14 @@ image size, RGB in [0, 1]), so an index built with one can be searched with the 
 """
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from ..files import read_json, require_keys
 
 
 class EmbedderError(RuntimeError):
@@ -105,10 +106,8 @@ class OnnxEmbedder(Embedder):
             raise EmbedderError(f"{onnx_path}: ONNX model not found")
         if not sidecar.is_file():
             raise EmbedderError(f"{sidecar}: missing sidecar written by `fashion-retrieval export onnx`")
-        try:
-            meta = json.loads(sidecar.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EmbedderError(f"{sidecar}: unreadable sidecar ({exc})") from None
+        meta = read_json(sidecar, EmbedderError, max_bytes=1 << 20)
+        require_keys(meta, {"image_size": list, "feat_dim": int}, sidecar, EmbedderError)
         super().__init__(meta)
         try:
             self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

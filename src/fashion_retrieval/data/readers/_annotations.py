@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..table import AnnotationError
+from ..table import AnnotationError, bbox_problem
 
 BBox = tuple[float, float, float, float]
 
@@ -125,9 +125,10 @@ def parse_bbox(path: Path, line: int, tokens: list[str], scale: float = 1.0) -> 
 
 
 def checked_bbox(path: Path, line: int | None, box: BBox, where: str = "") -> BBox:
-    x1, y1, x2, y2 = box
-    if x2 < x1 or y2 < y1:
-        raise AnnotationError(path, line, f"{where}bounding box {x1:g},{y1:g},{x2:g},{y2:g} has x2 < x1 or y2 < y1")
+    # scaled or summed (left + width) corners can overflow to inf even from finite columns
+    problem = bbox_problem(box)
+    if problem is not None:
+        raise AnnotationError(path, line, f"{where}{problem}")
     return box
 
 
@@ -144,6 +145,8 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise AnnotationError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise AnnotationError(path, None, "invalid JSON: nested too deeply") from None
 
 
 def image_folder_parts(path: str) -> tuple[str | None, str | None]:
