@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import io
 import signal
 import struct
@@ -25,6 +27,7 @@ from fashion_retrieval.serve.app import Limits, create_app
 from fashion_retrieval.serve.embedders import TorchEmbedder
 
 API_KEY = "correct horse battery staple"
+LOCAL = "http://127.0.0.1"  # the Host a local client sends; TestClient's default "testserver" is refused
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def conditioned(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(plain):
     root, _, _, embedder = plain
-    return TestClient(create_app(root / "index", embedder))
+    return TestClient(create_app(root / "index", embedder), base_url=LOCAL)
 
 
 def upload(data: bytes, name: str = "query.jpg", content_type: str = "image/jpeg"):
@@ -107,7 +110,7 @@ def test_bad_uploads_get_json_errors_with_the_right_status(client):
 
 def test_oversized_bodies_are_refused_declared_or_streamed(plain):
     root, _, _, embedder = plain
-    small = TestClient(create_app(root / "index", embedder, limits=Limits(max_upload_bytes=20_000)))
+    small = TestClient(create_app(root / "index", embedder, limits=Limits(max_upload_bytes=20_000)), base_url=LOCAL)
     big = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(big).save(buffer, "PNG")
@@ -145,7 +148,7 @@ def test_decompression_bombs_are_refused_before_decoding(plain, client):
     buffer = io.BytesIO()
     Image.new("1", (8000, 8000)).save(buffer, "PNG", optimize=True)
     assert len(buffer.getvalue()) < 100_000
-    strict = TestClient(create_app(root / "index", embedder, limits=Limits(max_pixels=1_000_000)))
+    strict = TestClient(create_app(root / "index", embedder, limits=Limits(max_pixels=1_000_000)), base_url=LOCAL)
     assert_error(strict.post("/search", files=upload(buffer.getvalue(), "bomb.png", "image/png")), 413,
                  "8000x8000", "exceeds")
     # a forged header claiming 30000x30000 pixels, against the default limits
@@ -179,7 +182,7 @@ def test_only_image_files_recorded_in_the_index_are_served(plain, tmp_path):
     vector = embedder.embed([Image.open(photos[0]).convert("RGB")])
     catalog.add("default", ["evil"], vector, [{"item_id": "evil", "path": "/etc/passwd"}])
     catalog.save()
-    evil = TestClient(create_app(index, embedder))
+    evil = TestClient(create_app(index, embedder), base_url=LOCAL)
     results = evil.post("/search", files=upload(photos[0].read_bytes())).json()["results"]
     assert "evil" in [r["id"] for r in results]
     response = evil.get("/items/evil/image")
@@ -192,7 +195,7 @@ def test_write_endpoints_need_the_api_key(plain, tmp_path):
 
     index = tmp_path / "index"
     shutil.copytree(root / "index", index)
-    client = TestClient(create_app(index, embedder, api_key=API_KEY))
+    client = TestClient(create_app(index, embedder, api_key=API_KEY), base_url=LOCAL)
     new_photo = jpeg_bytes(photo_like(500))
     form = {"item_id": "shop/sku-500", "category": "dress"}
     assert_error(client.post("/items", files=upload(new_photo), data=form), 401, "X-API-Key")
@@ -224,7 +227,7 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
 
     index = tmp_path / "index"
     shutil.copytree(root / "index", index)
-    client = TestClient(create_app(index, embedder))
+    client = TestClient(create_app(index, embedder, allow_writes_without_key=True), base_url=LOCAL)
     other = CatalogIndex.open(index)  # e.g. an `index remove` run while the server is up
     other.remove(["item000"])
     other.save()
@@ -304,7 +307,7 @@ def test_server_binds_loopback_by_default():
 
 def test_attribute_conditioned_app(conditioned):
     root, checkpoint, photos, embedder = conditioned
-    client = TestClient(create_app(root / "index", embedder))
+    client = TestClient(create_app(root / "index", embedder), base_url=LOCAL)
     assert client.get("/attributes").json() == {"attribute_conditioned": True, "attributes": ATTRIBUTES}
     query = photos[6]
     rankings = {}
@@ -318,3 +321,151 @@ def test_attribute_conditioned_app(conditioned):
     assert_error(client.post("/search", params={"attribute": "pattern"}, files=upload(query.read_bytes())),
                  400, "unknown attribute 'pattern'")
     assert_error(client.post("/search", files=upload(query.read_bytes())), 400, "choose one of colour, sleeve")
+
+
+# ---- catalog photos: only regular image files inside the recorded folders (issue 21) ----
+
+SECRET = b"root:$6$not-a-real-hash:19000:0:99999:7:::\n"
+
+
+def own_index(plain, tmp_path: Path, count: int = 10) -> list[Path]:
+    """A fresh catalog and index in ``tmp_path`` (their files may be tampered with)."""
+    _, checkpoint, _, _ = plain
+    photos = write_catalog(tmp_path / "catalog", count)
+    build_index(checkpoint, tmp_path / "catalog", tmp_path / "index", progress=False)
+    return photos
+
+
+def image_of(client, item_id: str):
+    from fashion_retrieval.serve.app import image_url
+
+    return client.get(image_url(item_id))
+
+
+def test_index_records_the_catalog_folder(plain, tmp_path):
+    own_index(plain, tmp_path, 3)
+    manifest = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert manifest["catalog_roots"] == [os.path.realpath(tmp_path / "catalog")]
+    assert CatalogIndex.open(tmp_path / "index").catalog_roots == manifest["catalog_roots"]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or not hasattr(os, "mkfifo"), reason="needs POSIX links and FIFOs")
+def test_catalog_photos_swapped_for_links_or_other_files_are_not_served(plain, tmp_path):
+    _, _, _, embedder = plain
+    photos = own_index(plain, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shadow").write_bytes(SECRET)
+    private = jpeg_bytes(photo_like(900))
+    (outside / "private.jpg").write_bytes(private)
+    client = TestClient(create_app(tmp_path / "index", embedder), base_url=LOCAL)
+    assert image_of(client, photos[0].stem).content == photos[0].read_bytes()
+
+    swaps = {
+        photos[0]: lambda p: p.symlink_to(outside / "shadow"),  # the attack: a secret behind a photo's name
+        photos[1]: lambda p: p.symlink_to(outside / "private.jpg"),  # a real image, but outside the catalog
+        photos[4]: lambda p: os.mkfifo(p),  # would block a reader forever
+        photos[5]: lambda p: p.write_bytes(SECRET),  # a regular file inside, but no image
+        photos[6]: lambda p: p.mkdir(),
+    }
+    for photo, swap in swaps.items():
+        photo.unlink()
+        swap(photo)
+    for photo in swaps:
+        response = image_of(client, photo.stem)
+        assert response.status_code == 404, (photo.name, response.status_code)
+        assert SECRET not in response.content and private not in response.content
+    # a link to another photo of the catalog is still a photo of the catalog
+    target = photos[3].read_bytes()
+    photos[2].unlink()
+    photos[2].symlink_to(photos[3])
+    served = image_of(client, photos[2].stem)
+    assert served.status_code == 200 and served.content == target
+    assert served.headers["content-type"] == "image/jpeg" and served.headers["x-content-type-options"] == "nosniff"
+    # the catalog folder itself replaced by a link to a folder holding the same names
+    (outside / photos[7].name).write_bytes(private)
+    (tmp_path / "catalog").rename(tmp_path / "catalog-moved")
+    (tmp_path / "catalog").symlink_to(outside)
+    response = image_of(client, photos[7].stem)
+    assert response.status_code == 404 and private not in response.content
+
+
+def test_an_index_without_recorded_folders_serves_only_below_its_photos_common_folder(plain, tmp_path):
+    _, _, _, embedder = plain
+    photos = own_index(plain, tmp_path)
+    manifest_path = tmp_path / "index" / "index.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["catalog_roots"]  # as written before catalog roots were recorded
+    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "shadow").write_bytes(SECRET)
+    photos[0].unlink()
+    photos[0].symlink_to(tmp_path / "shadow")
+    client = TestClient(create_app(tmp_path / "index", embedder), base_url=LOCAL)
+    assert image_of(client, photos[1].stem).content == photos[1].read_bytes()
+    response = image_of(client, photos[0].stem)
+    assert response.status_code == 404 and SECRET not in response.content
+
+
+# ---- writes, Host and Origin (issue 21) ----------------------------------------------------
+
+def writable_copy(plain, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(plain[0] / "index", tmp_path / "index")
+    return tmp_path / "index"
+
+
+def add(client, seed: int, **headers):
+    return client.post("/items", files=upload(jpeg_bytes(photo_like(seed))), data={"item_id": f"new-{seed}"},
+                       headers=headers)
+
+
+def assert_foreign_host(response) -> None:
+    assert response.status_code == 400 and response.text == "Invalid host header"  # starlette's answer
+
+
+def test_writes_are_off_without_a_key_and_never_accepted_from_another_site(plain, tmp_path):
+    _, _, _, embedder = plain
+    index = writable_copy(plain, tmp_path)
+    default = TestClient(create_app(index, embedder), base_url=LOCAL)
+    # the attacker's page: a multipart form post from http://evil.example, by DNS rebinding or not
+    assert_foreign_host(add(default, 700, Origin="http://evil.example", Host="evil.example"))
+    assert_error(add(default, 701, Origin="http://evil.example"), 403, "cross-origin")
+    assert_error(add(default, 702), 403, "writes are off", "--api-key-env")
+    assert_error(default.delete("/items/item000"), 403, "writes are off")
+    assert default.get("/health").json()["items"] == 10
+
+    keyed = TestClient(create_app(index, embedder, api_key=API_KEY), base_url=LOCAL)
+    own = {"Origin": "http://127.0.0.1", "X-API-Key": API_KEY}
+    assert add(keyed, 703, **own).status_code == 201  # the server's own page, with the key
+    assert_error(add(keyed, 704, **{**own, "Origin": "http://evil.example"}), 403, "cross-origin")
+    assert_error(add(keyed, 705, **own, **{"Sec-Fetch-Site": "cross-site"}), 403, "cross-origin")
+    assert_foreign_host(add(keyed, 706, **own, Host="evil.example"))
+
+    opened = TestClient(create_app(index, embedder, allow_writes_without_key=True), base_url=LOCAL)
+    assert add(opened, 707).status_code == 201  # curl and scripts send no Origin
+    assert add(opened, 708, Origin="http://127.0.0.1").status_code == 201
+    for foreign in ("http://evil.example", "null", "http://127.0.0.1.evil.example", "http://127.0.0.1:9999"):
+        assert_error(add(opened, 709, Origin=foreign), 403, "cross-origin")
+    assert_error(opened.delete("/items/new-707", headers={"Origin": "http://evil.example"}), 403)
+    assert sorted(i for i in CatalogIndex.open(index).stores["default"]._meta if i.startswith("new-")) == \
+        ["new-703", "new-707", "new-708"]
+
+
+def test_only_requests_naming_this_server_are_answered(client, plain):
+    _, _, photos, _ = plain
+    for host in ("127.0.0.1", "127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io", "[::2]"):
+        assert_foreign_host(client.get("/health", headers={"Host": host}))  # DNS rebinding reads
+    assert_foreign_host(client.get("/health", headers={"Host": "testserver"}))
+    # searches are not writes, but a foreign page's post is refused all the same
+    assert_error(client.post("/search", files=upload(photos[0].read_bytes()),
+                             headers={"Origin": "http://evil.example"}), 403)
+    root, _, _, embedder = plain
+    named = TestClient(create_app(root / "index", embedder, allowed_hosts=["shop.example"]),
+                       base_url="http://shop.example")
+    assert named.get("/health").status_code == 200
+    assert named.post("/search", files=upload(photos[0].read_bytes()),
+                      headers={"Origin": "https://shop.example"}).status_code == 200  # behind a TLS proxy
+    assert_foreign_host(named.get("/health", headers={"Host": "127.0.0.1"}))
