@@ -1,6 +1,7 @@
 """The HTTP API through FastAPI's TestClient: searches, limits, errors, path safety, API key."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -251,32 +252,28 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
-def test_serve_command_listens_on_loopback_only(plain):
-    """`fashion-retrieval serve` as a user starts it: answers on 127.0.0.1 and binds nothing else."""
+@contextlib.contextmanager
+def running_server(index: Path, *options: str):
+    """`fashion-retrieval serve` as a user starts it, on a free loopback port; yields the port."""
     import socket
 
-    root, _, photos, _ = plain
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "fashion_retrieval", "serve", "--index", str(root / "index"),
-                               "--port", str(port), "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "fashion_retrieval", "serve", "--index", str(index),
+                               "--port", str(port), "--log-level", "warning", *options],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
         while True:
             assert server.poll() is None, server.communicate()[1]
             try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the server never answered"
                 time.sleep(0.2)
-        assert health.json()["items"] == 10
-        assert listening_addresses(port) == {"127.0.0.1"}
-        answer = httpx.post(f"http://127.0.0.1:{port}/search", files=upload(photos[2].read_bytes()), timeout=30)
-        assert answer.json()["results"][0]["id"] == photos[2].stem
+        yield port
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -284,6 +281,72 @@ def test_serve_command_listens_on_loopback_only(plain):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_serve_command_listens_on_loopback_only(plain):
+    """`fashion-retrieval serve` as a user starts it: answers on 127.0.0.1 and binds nothing else."""
+    root, _, photos, _ = plain
+    with running_server(root / "index") as port:
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert health.json()["items"] == 10
+        assert listening_addresses(port) == {"127.0.0.1"}
+        answer = httpx.post(f"http://127.0.0.1:{port}/search", files=upload(photos[2].read_bytes()), timeout=30)
+        assert answer.json()["results"][0]["id"] == photos[2].stem
+
+
+def test_slow_clients_are_disconnected_within_the_configured_timeouts(plain):
+    """Slow-loris clients against the real server: silent, headers or body a byte at a time, idle."""
+    import select
+    import socket
+
+    root, _, _, _ = plain
+    header_timeout, body_timeout, keep_alive = 2.0, 3.0, 1.0
+    with running_server(root / "index", "--header-timeout", str(header_timeout), "--body-timeout",
+                        str(body_timeout), "--keep-alive-timeout", str(keep_alive), "--limit-concurrency", "5") as port:
+        url = f"http://127.0.0.1:{port}/health"
+        opened = {name: socket.create_connection(("127.0.0.1", port), timeout=5)
+                  for name in ("silent", "headers", "body", "idle")}
+        started = time.monotonic()
+        opened["headers"].sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        opened["body"].sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                               b"Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n")
+        opened["idle"].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        # four connections held: a fifth request is over --limit-concurrency
+        assert httpx.get(url, timeout=10).status_code == 503
+        closed_after: dict[str, float] = {}
+        received = {name: b"" for name in opened}
+        last_trickle = 0.0
+        while len(closed_after) < len(opened) and time.monotonic() - started < 15:
+            if time.monotonic() - last_trickle > 0.25:  # each trickled byte must not extend a deadline
+                last_trickle = time.monotonic()
+                for name in ("headers", "body"):
+                    if name not in closed_after:
+                        try:
+                            opened[name].send(b"X-Slow: 1\r\n" if name == "headers" else b"a")
+                        except OSError:
+                            pass
+            alive = [s for name, s in opened.items() if name not in closed_after]
+            for sock in select.select(alive, [], [], 0.05)[0]:
+                name = next(n for n, s in opened.items() if s is sock)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                received[name] += data
+                if not data:
+                    closed_after[name] = time.monotonic() - started
+        for sock in opened.values():
+            sock.close()
+        assert set(closed_after) == set(opened), f"still open after 15 s: {set(opened) - set(closed_after)}"
+        slack = 3.0  # two shared cores: the server's loop may answer late, never early
+        for name, limit in (("silent", header_timeout), ("headers", header_timeout), ("body", body_timeout),
+                            ("idle", keep_alive)):
+            assert limit - 0.5 <= closed_after[name] <= limit + slack, (name, closed_after)
+        for name in ("silent", "headers", "body"):
+            assert received[name].startswith(b"HTTP/1.1 408 "), (name, received[name][:80])
+        assert received["idle"].startswith(b"HTTP/1.1 200 ")
+        assert httpx.get(url, timeout=10).status_code == 200  # their places are free again
 
 
 def test_serve_command_errors_are_one_line(tmp_path):
