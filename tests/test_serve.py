@@ -412,6 +412,22 @@ def test_index_records_the_catalog_folder(plain, tmp_path):
     assert CatalogIndex.open(tmp_path / "index").catalog_roots == manifest["catalog_roots"]
 
 
+def test_index_add_records_the_added_folder_and_its_photos_are_served(plain, tmp_path):
+    from fashion_retrieval.index.build import _catalog_roots, add_to_index
+
+    _, _, _, embedder = plain
+    own_index(plain, tmp_path, 3)
+    more = write_catalog(tmp_path / "more", 2, first_seed=50, prefix="extra")
+    add_to_index(tmp_path / "index", tmp_path / "more", progress=False)
+    roots = CatalogIndex.open(tmp_path / "index").catalog_roots
+    assert roots == sorted([os.path.realpath(tmp_path / "catalog"), os.path.realpath(tmp_path / "more")])
+    client = TestClient(create_app(tmp_path / "index", embedder), base_url=LOCAL)
+    assert image_of(client, more[1].stem).content == more[1].read_bytes()
+    # a CSV naming files elsewhere adds their own folders, never a wider one
+    assert _catalog_roots([], Path("/data/csv"), ["/data/csv/a/1.jpg", "/srv/x/2.jpg", "/srv/x/y/3.jpg"]) == \
+        ["/data/csv", "/srv/x"]
+
+
 @pytest.mark.skipif(not hasattr(os, "symlink") or not hasattr(os, "mkfifo"), reason="needs POSIX links and FIFOs")
 def test_catalog_photos_swapped_for_links_or_other_files_are_not_served(plain, tmp_path):
     _, _, _, embedder = plain
@@ -532,3 +548,96 @@ def test_only_requests_naming_this_server_are_answered(client, plain):
     assert named.post("/search", files=upload(photos[0].read_bytes()),
                       headers={"Origin": "https://shop.example"}).status_code == 200  # behind a TLS proxy
     assert_foreign_host(named.get("/health", headers={"Host": "127.0.0.1"}))
+
+
+# ---- memory of one decode (issue 21) -----------------------------------------------------------
+
+def png_16_bit(width: int, height: int) -> bytes:
+    """A real 16-bit grayscale PNG of one repeated row, written row by row: a few hundred KB that
+    decode to width·height·2 bytes, and to 8 times that through a float64 conversion."""
+    row = b"\x00" + np.random.default_rng(0).integers(256, 65536, width, dtype=np.uint16).astype(">u2").tobytes()
+    packer = zlib.compressobj(6)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from fashion_retrieval.serve.app import create_app, upload_cost, Limits
+from fashion_retrieval.serve.embedders import TorchEmbedder
+
+index, big, small = sys.argv[1:4]
+client = TestClient(create_app(index, TorchEmbedder(Path(index) / "model")), base_url="http://127.0.0.1")
+send = lambda path: client.post("/search", files={"image": ("photo.png", Path(path).read_bytes(), "image/png")})
+assert send(small).status_code == 200  # every code path warm: only the big decode can raise the peak
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+answer = send(big)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(answer.status_code, grown, upload_cost(big, Limits()))
+"""
+
+
+def test_a_small_16_bit_upload_decodes_within_its_memory_estimate(plain, tmp_path):
+    """The upload of issue 21: 6300x6300 16-bit, a few hundred KB, cost about 1 GB to decode."""
+    root, _, _, _ = plain
+    big = tmp_path / "big16.png"
+    big.write_bytes(png_16_bit(6300, 6300))
+    small = tmp_path / "small16.png"
+    small.write_bytes(png_16_bit(300, 200))
+    assert big.stat().st_size < 1_000_000
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(root / "index"), str(big), str(small)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    status, grown, estimate = map(int, result.stdout.split())
+    assert status == 200
+    # what the server reserved for it: decode (5 bytes a pixel) or preprocessing (10), ≈ 380 MiB
+    assert estimate <= 400 * 2**20
+    assert grown <= estimate * 1.1 + 32 * 2**20, f"peak grew {grown / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB"
+
+
+def test_a_decode_over_the_memory_limit_is_refused_from_the_header(plain, tmp_path):
+    root, _, _, embedder = plain
+    data = png_16_bit(3000, 2000)  # 6 Mpx: fine by pixel count, 57 MiB through the model's preprocessing
+    strict = TestClient(create_app(root / "index", embedder, limits=Limits(max_decode_bytes=32 * 2**20)),
+                        base_url=LOCAL)
+    assert_error(strict.post("/search", files=upload(data, "deep.png", "image/png")), 413,
+                 "3000x2000 I;16", "MiB, over the limit of 32 MiB")
+    assert strict.post("/search", files=upload(jpeg_bytes(photo_like(3)))).status_code == 200
+
+
+def test_decodes_wait_for_memory_held_by_others():
+    import threading
+
+    from fashion_retrieval.serve.app import MemoryBudget
+
+    budget = MemoryBudget(100)
+    order = []
+    finish = threading.Event()
+
+    def second() -> None:
+        with budget.reserve(40):
+            order.append("second")
+            finish.wait(5)
+
+    with budget.reserve(70):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        assert order == [] and budget.used == 70  # 70 + 40 does not fit: the second waits
+        order.append("first done")
+    deadline = time.monotonic() + 5
+    while budget.used != 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["first done", "second"] and budget.used == 40
+    finish.set()
+    waiting.join(5)
+    assert budget.used == 0
+    with pytest.raises(ValueError, match="exceed the whole budget"):
+        budget.reserve(101).__enter__()
