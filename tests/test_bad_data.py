@@ -221,7 +221,7 @@ def test_search_answers_readable_queries_and_refuses_unreadable_ones(corpus, ind
 @pytest.fixture(scope="module")
 def client(index):
     out, _ = index
-    return TestClient(create_app(out, TorchEmbedder(out / "model")))
+    return TestClient(create_app(out, TorchEmbedder(out / "model")), base_url="http://127.0.0.1")
 
 
 # what the API answers for each bad upload; "missing" has no upload form

@@ -188,7 +188,8 @@ def test_a_server_that_cannot_save_an_added_item_answers_503_and_forgets_it(tmp_
     _tiny(checkpoint)
     photos = write_catalog(tmp_path / "catalog", 6)
     build_index(checkpoint, tmp_path / "catalog", tmp_path / "index", progress=False)
-    client = TestClient(create_app(tmp_path / "index", TorchEmbedder(tmp_path / "index" / "model")))
+    client = TestClient(create_app(tmp_path / "index", TorchEmbedder(tmp_path / "index" / "model"),
+                                   allow_writes_without_key=True), base_url="http://127.0.0.1")
     new_photo = jpeg_bytes(photo_like(500))
 
     def disk_full(*args, **kwargs):

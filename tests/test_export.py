@@ -81,8 +81,8 @@ def test_onnx_matches_pytorch_on_photos(exported, tmp_path):
 def test_server_on_onnx_ranks_like_the_server_on_pytorch(exported):
     name, root, _, photos, onnx_path = exported
     catalog = CatalogIndex.open(root / "index")
-    torch_client = TestClient(create_app(root / "index", embedder_for_index(catalog)))
-    onnx_client = TestClient(create_app(root / "index", embedder_for_index(catalog, onnx_path)))
+    torch_client = TestClient(create_app(root / "index", embedder_for_index(catalog)), base_url="http://127.0.0.1")
+    onnx_client = TestClient(create_app(root / "index", embedder_for_index(catalog, onnx_path)), base_url="http://127.0.0.1")
     attributes = ATTRIBUTES if name == "asen" else [None]
     for query in (photos[1], photos[8]):
         for attribute in attributes:

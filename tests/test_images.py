@@ -119,6 +119,34 @@ def test_16_bit_grayscale_is_rescaled_not_clipped(tmp_path):
     assert [image.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
 
+def test_every_16_bit_value_becomes_its_nearest_8_bit_value(tmp_path):
+    """The block-wise integer conversion equals round(v / 257) for all 65,536 values."""
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(values).save(tmp_path / "all.png")
+    image = load_rgb(tmp_path / "all.png")
+    expected = np.rint(values.astype(np.float64) / 257).astype(np.uint8)
+    assert np.array_equal(np.asarray(image)[..., 0], expected)
+    assert np.array_equal(np.asarray(image)[..., 2], expected)
+
+
+@pytest.mark.parametrize("mode, per_pixel", [("RGB", 4), ("I;16", 5), ("RGBA", 8), ("L", 5)])
+def test_decode_memory_is_bounded_by_bytes_not_only_pixels(tmp_path, monkeypatch, mode, per_pixel):
+    from fashion_retrieval.data.images import decode_bytes
+
+    path = tmp_path / f"x.{'jpg' if mode == 'RGB' else 'png'}"
+    (Image.fromarray(np.zeros((200, 300), np.uint16)) if mode == "I;16" else Image.new(mode, (300, 200))).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode
+        needed = decode_bytes(image)
+    assert needed >= 300 * 200 * per_pixel
+
+    def decode(self):
+        raise AssertionError("the pixels must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    assert reason_for(path, max_bytes=needed - 1).startswith(f"too large: decoding 300x200 {mode} pixels needs")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90° clockwise when shown

@@ -21,6 +21,9 @@ from .table import SampleTable, printable_path
 
 DEFAULT_IMAGE_SIZE = (256, 192)  # (H, W): garments and people are taller than wide
 DEFAULT_MAX_PIXELS = 40_000_000
+# the peak memory of one decode (see decode_bytes): any 8-bit image of DEFAULT_MAX_PIXELS fits
+DEFAULT_MAX_DECODE_BYTES = 512 * 2**20
+EXIF_ORIENTATION = 0x0112
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -39,8 +42,14 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image, or raise :class:`ImageLoadError`."""
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+             max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image, or raise :class:`ImageLoadError`.
+
+    Refused from the header, before any pixel is decoded: more than ``max_pixels`` pixels, or a
+    decode that would hold more than ``max_bytes`` at its peak (:func:`decode_bytes`: a 16-bit or
+    transparent image costs more per pixel than an 8-bit RGB one).
+    """
     path = Path(path)
     try:
         if not path.is_file():
@@ -50,13 +59,25 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     except OSError as exc:
         raise ImageLoadError(path, f"cannot read ({exc.strerror or exc})") from None
     try:
-        with Image.open(path) as image:
-            width, height = image.size  # from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise ImageLoadError(
-                    path, f"too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+        # our own file object: PIL then holds no reference to it, and each conversion step
+        # below rebinds `image`, so the previous stage's pixels are freed as the next is made
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            _check_size(image, path, max_pixels, max_bytes)
             image.load()
-            return _to_rgb(_upright(image), path)
+            _upright(image)
+            if _is_transparent(image):
+                if image.mode != "RGBA":
+                    image = image.convert("RGBA")
+                image = _on_white(image)
+            elif image.mode.startswith("I") or image.mode == "F":
+                image = _high_depth_to_gray(image)
+            if image.mode != "RGB":
+                try:
+                    image = image.convert("RGB")
+                except ValueError:
+                    raise ImageLoadError(path, f"unsupported colour mode {image.mode}") from None
+            return image
     except ImageLoadError:
         raise
     except PermissionError as exc:
@@ -69,45 +90,137 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise ImageLoadError(path, f"truncated or corrupt ({_first_line(exc)})") from None
 
 
+def _check_size(image: Image.Image, path: Path, max_pixels: int, max_bytes: int) -> None:
+    width, height = image.size  # from the header: nothing decoded yet
+    if width * height > max_pixels:
+        raise ImageLoadError(path, f"too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+    needed = decode_bytes(image)
+    if needed > max_bytes:
+        raise ImageLoadError(path, f"too large: decoding {width}x{height} {image.mode} pixels needs "
+                                   f"{needed / 2**20:.0f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB")
+
+
+def decode_bytes(image: Image.Image) -> int:
+    """Peak memory :func:`load_rgb` holds for an opened, not yet decoded image, from its header.
+
+    Stage by stage (bytes per pixel): the decoded pixels in PIL's layout (1 for 1/L/P, 2 for
+    16-bit grayscale, 4 for every multi-band or 32-bit mode, RGB included) plus the decoder's own
+    whole-image buffers (progressive JPEG coefficients, WebP's frame); a second copy while an
+    EXIF rotation is applied (assumed for PNG, whose EXIF may follow the pixels); then each
+    conversion holds its input and its output (RGBA on white: 4 + 4; 16-bit to 8-bit: 2 + 1,
+    then 1 + 4 for RGB). The largest stage, times the pixel count.
+    """
+    pixels = image.width * image.height
+    mode = image.mode
+    stored = _stored_bytes(mode)
+    decoding = stored + _decoder_bytes(image)
+    turning = 2 * stored if _may_rotate(image) else stored
+    if _is_transparent(image):
+        converting = max(stored + 4 if mode != "RGBA" else 0, 4 + 4)
+    elif mode.startswith("I") or mode == "F":
+        converting = max(stored + 1, 1 + 4)
+        # plus the uint32 or float64 temporaries of one block (32 bytes a pixel at most)
+        return pixels * max(decoding, turning, converting) + 32 * min(pixels, HIGH_DEPTH_BLOCK)
+    elif mode != "RGB":
+        converting = stored + 4
+    else:
+        converting = 0
+    return pixels * max(decoding, turning, converting)
+
+
+def _stored_bytes(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4  # PIL keeps RGB, RGBA, LA, CMYK, YCbCr, I and F as 32-bit pixels
+
+
+def _decoder_bytes(image: Image.Image) -> int:
+    if image.format == "JPEG" and image.info.get("progressive"):
+        # libjpeg keeps every DCT coefficient (2 bytes per sample) of a multi-scan image
+        layers = getattr(image, "layer", None) or []
+        if layers:
+            h_max = max(layer[1] for layer in layers) or 1
+            v_max = max(layer[2] for layer in layers) or 1
+            return -(-2 * sum(layer[1] * layer[2] for layer in layers) // (h_max * v_max))
+        return 2 * len(image.getbands())
+    if image.format == "WEBP":
+        return 12  # libwebp's decoded frame and PIL's copies of it before the pixels land (measured)
+    return 0
+
+
+def _may_rotate(image: Image.Image) -> bool:
+    exif = image.info.get("exif")
+    if exif is None:
+        if image.format == "PNG":
+            return True  # an eXIf chunk after the pixels is only seen once they are decoded
+        if image.format in ("TIFF", "MPO"):
+            return image.getexif().get(EXIF_ORIENTATION, 1) != 1  # TIFF tags are read with the header
+        return False
+    try:
+        data = Image.Exif()
+        data.load(exif)
+        return data.get(EXIF_ORIENTATION, 1) != 1
+    except Exception:  # noqa: BLE001 - a broken EXIF block: assume the worst
+        return True
+
+
+def _is_transparent(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
-def _upright(image: Image.Image) -> Image.Image:
+def _upright(image: Image.Image) -> None:
+    """Apply the EXIF orientation in place (no copy when there is none)."""
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not cost a readable image
-        return image
+        pass
 
 
-def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-            image.mode in ("P", "L", "RGB") and "transparency" in image.info):
-        # Transparent pixels would turn black under a plain convert; shops show them on white.
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith("I") or image.mode == "F":
-        return _high_depth_to_rgb(image)
-    try:
-        return image.convert("RGB")
-    except ValueError as exc:
-        raise ImageLoadError(path, f"unsupported colour mode {image.mode}") from exc
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """Transparent pixels would turn black under a plain convert; shops show them on white.
+    (A masked paste gives exactly alpha_composite onto opaque white, without two more copies.)"""
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, (0, 0), rgba)
+    return white
 
 
-def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit and float grayscale: rescale to 8 bits instead of clipping to white."""
-    values = np.asarray(image, dtype=np.float64)
-    peak = float(values.max()) if values.size else 0.0
+HIGH_DEPTH_BLOCK = 1 << 20  # pixels converted at a time: a few MB of temporaries whatever the image
+
+
+def _high_depth_to_gray(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float grayscale to 8 bits, rescaled instead of clipped to white:
+    round(v / 257) when values exceed 255 (65535 -> 255), ×255 for float images in [0, 1].
+
+    Converted in blocks of rows into one 8-bit array, never as a whole-image float copy (a
+    6300x6300 16-bit PNG of 92 KB would otherwise cost 1 GB).
+    """
+    low, peak = image.getextrema()
     if image.mode == "F" and peak <= 1.0:
-        values = values * 255.0
-    elif peak > 255.0:
-        values = values / 257.0  # 65535 -> 255
-    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
+        scale = 255.0
+    elif peak > 255:
+        scale = 1 / 257
+    else:
+        scale = 1.0
+    width, height = image.size
+    gray = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, HIGH_DEPTH_BLOCK // max(width, 1))
+    unsigned16 = image.mode.startswith("I;16")
+    for top in range(0, height, rows):
+        block = np.asarray(image.crop((0, top, width, min(height, top + rows))))
+        if unsigned16 and scale == 1 / 257:
+            # integer round(v / 257): exact, since v / 257 is never halfway for an integer v
+            gray[top:top + rows] = (block.astype(np.uint32) + 128) // 257
+        else:
+            gray[top:top + rows] = np.clip(np.rint(block.astype(np.float64) * scale), 0, 255)
+    return Image.fromarray(gray, "L")
 
 
 def default_transform(image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, train: bool = False) -> Transform:

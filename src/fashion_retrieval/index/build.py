@@ -1,6 +1,7 @@
 """Embed a catalog with a trained model and write (or update) a catalog index."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -70,6 +71,19 @@ def _metadata(table: SampleTable, index: int) -> dict[str, Any]:
             "domain": sample.domain, "attributes": attributes}
 
 
+def _catalog_roots(existing: Sequence[str], base: Path, paths: Sequence[str]) -> list[str]:
+    """The folders the server may serve these images from: the catalog folder for the images
+    inside it, the image's own folder for any other (a CSV naming files elsewhere), never wider."""
+    base_str = os.path.realpath(base)
+    roots = set(existing)
+    for path in paths:
+        parents = {str(p) for p in Path(path).parents}
+        if not parents & roots:
+            roots.add(base_str if base_str in parents else str(Path(path).parent))
+    # a root inside another adds nothing
+    return sorted(r for r in roots if not {str(p) for p in Path(r).parents} & roots)
+
+
 def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, batch_size: int,
                 progress: bool, device: str) -> tuple[int, list[str]]:
     """Embed every image once per space (decoding it once) and add the vectors."""
@@ -85,6 +99,8 @@ def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, ba
     rows = [int(i) for i in result.indices]
     ids = _image_ids(table, rows)
     metadata = [_metadata(table, i) for i in rows]
+    if catalog.catalog_roots is not None:  # None: an index built before roots were recorded
+        catalog.catalog_roots = _catalog_roots(catalog.catalog_roots, table.root, [m["path"] for m in metadata])
     for space, index in zip(catalog.spaces, indices):
         vectors = result.embeddings if index is None else result.by_attribute[index]
         catalog.add(space, ids, vectors, metadata)
@@ -135,6 +151,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
                       "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
                       "attributes": model_attributes}
         catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged)
+        catalog.catalog_roots = []
         added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
         catalog.save()
     return BuildReport(out, added, spaces, skipped, len(table))

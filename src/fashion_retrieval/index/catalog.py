@@ -3,7 +3,8 @@
 Layout of ``INDEX_DIR``::
 
     index.json             model identity (origin checkpoint, sha256 of its weights), image size,
-                           spaces, store kind, count
+                           spaces, store kind, count, catalog_roots (the folders holding the
+                           catalog's images: the only ones the server serves pictures from)
     model/                 a copy of the checkpoint (model.safetensors + meta.json): queries are
                            embedded by exactly the model that embedded the catalog, even after the
                            training run directory is overwritten or moved
@@ -111,6 +112,8 @@ class CatalogIndex:
         self.model_files = model_files or {name: self.path / MODEL_DIR / name for name in (WEIGHTS_FILE, META_FILE)}
         # the saved state this object started from (None: a new build, which replaces whatever is there)
         self.generation = generation
+        # folders (resolved) that hold every recorded image; None for an index older than this field
+        self.catalog_roots: list[str] | None = None
 
     def _new_store(self, space: str) -> VectorStore:
         if self.store_name == "milvus":
@@ -157,7 +160,8 @@ class CatalogIndex:
     def _manifest(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
-                "generation": self.generation}
+                "generation": self.generation,
+                **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
 
     def _next_generation(self) -> int:
         """Optimistic concurrency: refuse to overwrite a save made since this object was opened."""
@@ -253,6 +257,11 @@ class CatalogIndex:
                 stores[space] = FaissStore.open(path / "spaces" / space)
         catalog = cls(path, manifest["model"], manifest["spaces"], manifest["dim"], manifest.get("kind", "flat"),
                       manifest.get("store", "faiss"), stores, generation=int(manifest.get("generation") or 0))
+        roots = manifest.get("catalog_roots")
+        if roots is not None:
+            if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+                raise StoreError(f"{manifest_path}: 'catalog_roots' must be a list of folder names")
+            catalog.catalog_roots = roots
         for name, file in catalog.model_files.items():
             if not file.is_file():
                 raise StoreError(f"{path}: the index's model copy is missing {MODEL_DIR}/{name}; rebuild the index")

@@ -1,50 +1,71 @@
 """HTTP API and web page over a catalog index.
 
-Only files recorded in the index metadata can be served; nothing in a request is ever used as
-a path. Uploads are bounded in bytes while they arrive and in pixels before they are decoded.
-Decoding runs in worker threads, at most ``Limits.max_concurrent`` at a time, and the model on
-one thread of its own, so the event loop keeps answering (and rejecting) other requests meanwhile.
+Only files recorded in the index metadata can be served, and only regular image files inside the
+folders the index recorded (its catalog roots, or its own uploads folder), opened without
+following links; nothing in a request is ever used as a path. Requests must name this server in
+their Host header (DNS rebinding) and state-changing ones must not come from another web page
+(Origin); writes are off unless an API key is set or they are explicitly opened. Uploads are
+bounded in bytes while they arrive and in decoded bytes (by mode, see ``decode_bytes``) before
+they are decoded. Decoding runs in worker threads, at most ``Limits.max_concurrent`` at a time and
+within a shared byte budget, and the model on one thread of its own, so the event loop keeps
+answering (and rejecting) other requests meanwhile.
 """
 # no `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations, and
 # Query(le=limits.max_k) refers to a local of create_app that a string annotation cannot reach
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import io
+import os
+import stat
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import quote
+from typing import Annotated, Any, BinaryIO, Iterator, Sequence
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..data.images import ImageLoadError, load_rgb
+from ..data.images import ImageLoadError, decode_bytes, load_rgb
 from ..index.catalog import CatalogIndex, UnknownSpaceError
 from ..index.store import StoreError
 from .embedders import Embedder
 
 STATIC_DIR = Path(__file__).parent / "static"
 ALLOWED_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SERVED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}  # what PIL must recognise before we serve it
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small form fields around the file
 STORED_UPLOAD_SIDE = 1024  # images added over HTTP are kept for display, not at full resolution
+# the model's preprocessing of a decoded photo (to_image's uint8 copy, then the resize's own),
+# measured at 6 bytes a pixel on top of the RGB photo itself
+PREPROCESS_BYTES_PER_PIXEL = 6
+RGB_BYTES_PER_PIXEL = 4  # PIL's RGB layout
+# who may reach the server by name (Host header) when nothing else is configured
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 class Limits:
     def __init__(self, max_upload_bytes: int = 10 * 2**20, max_k: int = 100, max_pixels: int = 40_000_000,
-                 max_concurrent: int = 4):
+                 max_concurrent: int = 4, max_decode_bytes: int = 512 * 2**20):
         self.max_upload_bytes = max_upload_bytes
         self.max_k = max_k
         self.max_pixels = max_pixels
-        # each decode holds up to max_pixels·3 bytes: this bounds the server's memory under load
         self.max_concurrent = max_concurrent
+        # memory all decodes in flight may hold together (each reserves its estimate first); an
+        # upload whose decode alone needs more is refused: this bounds the server under load
+        self.max_decode_bytes = max_decode_bytes
 
     @property
     def max_body_bytes(self) -> int:
@@ -88,23 +109,228 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
-def decode_upload(data: bytes, limits: Limits):
-    """Bytes of an uploaded photo → RGB image, or an HTTP error with the right status."""
+class MemoryBudget:
+    """A semaphore counted in bytes: a decode waits until its estimate fits beside the others'.
+
+    Threading-based, like the count semaphore, so it works whichever event loop or test client
+    calls; waiting happens in worker threads, never on the event loop.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, amount: int) -> Iterator[None]:
+        if amount > self.capacity:
+            raise ValueError(f"{amount} bytes exceed the whole budget of {self.capacity}")
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + amount <= self.capacity)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= amount
+                self._changed.notify_all()
+
+
+def _load_error(exc: ImageLoadError) -> HTTPException:
+    if exc.reason.startswith("too large"):
+        return HTTPException(413, f"image {exc.reason}")
+    if exc.reason.startswith("not an image"):
+        return HTTPException(415, "not an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF")
+    return HTTPException(400, f"unreadable image: {exc.reason}")
+
+
+def upload_cost(path: str | Path, limits: Limits) -> int:
+    """Bytes a decode of this upload and the model's preprocessing of it hold at their peak,
+    from the file's header (the size and mode PIL reads before decoding anything)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            pixels = width * height
+            if pixels > limits.max_pixels:
+                raise HTTPException(413, f"image too large: {width}x{height} pixels exceeds the limit of "
+                                         f"{limits.max_pixels}")
+            cost = max(decode_bytes(image), pixels * (RGB_BYTES_PER_PIXEL + PREPROCESS_BYTES_PER_PIXEL))
+            if cost > limits.max_decode_bytes:
+                raise HTTPException(413, f"image too large: decoding {width}x{height} {image.mode} pixels needs "
+                                         f"{cost / 2**20:.0f} MiB, over the limit of "
+                                         f"{limits.max_decode_bytes / 2**20:.0f} MiB")
+            return cost
+    except UnidentifiedImageError:
+        raise HTTPException(415, "not an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF") from None
+    except Image.DecompressionBombError:
+        raise HTTPException(413, "image too large: PIL refuses it as a decompression bomb") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HTTPException(400, f"unreadable image: truncated or corrupt ({reason})") from None
+
+
+def decode_upload(data: bytes, limits: Limits, budget: MemoryBudget | None = None, then=None):
+    """Bytes of an uploaded photo → RGB image (or ``then(image)``, computed while the decode's
+    memory is still reserved), or an HTTP error with the right status."""
     if not data:
         raise HTTPException(400, "empty upload: send an image file")
     if len(data) > limits.max_upload_bytes:
         raise HTTPException(413, f"upload larger than {limits.max_upload_bytes} bytes")
+    budget = budget or MemoryBudget(limits.max_decode_bytes)
     with tempfile.NamedTemporaryFile(suffix=".upload") as tmp:  # one decoder for files and uploads
         tmp.write(data)
         tmp.flush()
-        try:
-            return load_rgb(tmp.name, max_pixels=limits.max_pixels)
-        except ImageLoadError as exc:
-            if exc.reason.startswith("too large"):
-                raise HTTPException(413, f"image {exc.reason}") from None
-            if exc.reason.startswith("not an image"):
-                raise HTTPException(415, "not an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF") from None
-            raise HTTPException(400, f"unreadable image: {exc.reason}") from None
+        with budget.reserve(upload_cost(tmp.name, limits)):
+            try:
+                photo = load_rgb(tmp.name, max_pixels=limits.max_pixels, max_bytes=limits.max_decode_bytes)
+            except ImageLoadError as exc:
+                raise _load_error(exc) from None
+            if then is None:
+                return photo
+            result = then(photo)
+            del photo  # freed before its reservation ends
+            return result
+
+
+def shown_copy(photo) -> bytes:
+    """The JPEG kept for display of an uploaded photo: at most STORED_UPLOAD_SIDE a side, made
+    without a full-size copy of the photo (thumbnail() works in place)."""
+    shown = photo if max(photo.size) <= STORED_UPLOAD_SIDE else ImageOps.contain(
+        photo, (STORED_UPLOAD_SIDE, STORED_UPLOAD_SIDE), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    shown.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def open_image_file(recorded: str, roots: Sequence[str]) -> tuple[BinaryIO, str, int] | None:
+    """(open file, media type, size) of a recorded catalog photo, or None unless it is a regular
+    image file inside ``roots`` (resolved folders).
+
+    The path is resolved first and must lie inside a root; the resolved path is then opened
+    without following a link in its last component, and the opened file itself checked: a link
+    swapped in between, a folder on the way replaced by a link (the descriptor's own path, from
+    /proc, must be the resolved one), a FIFO or device (fstat), or a file PIL does not recognise
+    as an image (a password file) is refused. What is sent is read from that descriptor.
+    """
+    if Path(recorded).suffix.lower() not in ALLOWED_IMAGE_SUFFIXES:
+        return None
+    real = os.path.realpath(recorded)
+    if not _inside(real, roots):
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except OSError:  # ELOOP: the last component became a link; gone; unreadable
+        return None
+    try:
+        info = os.fstat(fd)
+        proc = Path(f"/proc/self/fd/{fd}")
+        opened = os.readlink(proc) if proc.parent.is_dir() else real
+        if not stat.S_ISREG(info.st_mode) or opened != real:
+            os.close(fd)
+            return None
+    except OSError:
+        os.close(fd)
+        return None
+    file = os.fdopen(fd, "rb")
+    try:
+        with Image.open(file) as image:  # reads the header only; the file stays ours
+            kind = image.format
+        if kind not in SERVED_FORMATS:
+            file.close()
+            return None
+        file.seek(0)
+        return file, Image.MIME.get(kind, "application/octet-stream"), info.st_size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        file.close()
+        return None
+
+
+def _chunks(file: BinaryIO, size: int = 1 << 16) -> Iterator[bytes]:
+    with file:
+        while block := file.read(size):
+            yield block
+
+
+def catalog_roots(catalog: CatalogIndex, uploads_dir: Path) -> list[str]:
+    """The resolved folders the server serves catalog photos from, plus its own uploads folder.
+
+    An index built before catalog roots were recorded gets the deepest folder holding all its
+    recorded photos (those outside the uploads folder); when that is the filesystem root (photos
+    on several disks, say) no catalog photo is served until the index is rebuilt.
+    """
+    uploads = os.path.realpath(uploads_dir)
+    roots = [uploads]
+    if catalog.catalog_roots is not None:
+        return roots + [os.path.realpath(root) for root in catalog.catalog_roots]
+    store = next(iter(catalog.stores.values()), None)
+    items = getattr(store, "items", None)  # Milvus stores cannot list theirs: nothing to fall back on
+    folders = {os.path.dirname(os.path.realpath(meta["path"])) for meta in (items() if items else [])
+               if meta and isinstance(meta.get("path"), str) and os.path.isabs(meta["path"])}
+    folders = {f for f in folders if not _inside(f, [uploads])}
+    if folders:
+        common = os.path.commonpath(sorted(folders))
+        if common != os.path.dirname(common):  # not "/"
+            roots.append(common)
+    return roots
+
+
+def _netloc(scheme: str, netloc: str) -> tuple[str, int | None] | None:
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.hostname.lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether a browser's Origin header names the host the request was sent to (scheme aside: a
+    TLS-terminating proxy in front makes https://name the origin of http://name requests)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
+        return False
+    mine = _netloc(parts.scheme, parts.netloc)
+    theirs = _netloc(parts.scheme, host)
+    if mine is None or theirs is None:
+        return False
+    if mine == theirs:
+        return True
+    # behind a proxy the Host may carry the other scheme's default port (or none)
+    return mine[0] == theirs[0] and {mine[1], theirs[1]} <= {80, 443}
+
+
+class SameOriginWrites:
+    """Refuse any state-changing request (all methods but GET, HEAD, OPTIONS) that a browser sent
+    for a page of another origin: a form post from any web site reaches a server on the
+    visitor's loopback, and a multipart post needs no CORS preflight. Browsers send ``Origin``
+    with every such request (``Sec-Fetch-Site`` too, in current ones); clients that are not
+    browsers (curl, scripts) send neither and are not affected."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            site = headers.get("sec-fetch-site")
+            if (origin is not None and not same_origin(origin, headers.get("host"))) or site in ("cross-site", "same-site"):
+                response = JSONResponse({"detail": "cross-origin request refused: this server only accepts "
+                                                   "POST and DELETE from its own page or from non-browser clients"},
+                                        403, headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def image_url(item_id: str) -> str:
@@ -112,26 +338,36 @@ def image_url(item_id: str) -> str:
 
 
 def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = None,
-               limits: Limits | None = None) -> FastAPI:
+               limits: Limits | None = None, allowed_hosts: Sequence[str] | None = None,
+               allow_writes_without_key: bool = False) -> FastAPI:
+    """``allowed_hosts``: the names clients reach the server by (Host header), DEFAULT_ALLOWED_HOSTS
+    if None; ``"*"`` turns the check off. Writes (POST/DELETE /items) need ``api_key``, or
+    ``allow_writes_without_key`` (still refused from another site's page)."""
     limits = limits or Limits()
     catalog = CatalogIndex.open(index_dir)
     if catalog.dim != embedder.feat_dim:
         raise ValueError(f"{index_dir}: index vectors have {catalog.dim} dimensions, the model gives "
                          f"{embedder.feat_dim}: build the index with this model")
     lock = threading.RLock()  # searches and writes see a consistent index
-    # at most max_concurrent uploads decoded at once (each may hold max_pixels·3 bytes); a thread
-    # semaphore, not an asyncio one: it works whichever event loop (or test client) calls
+    # at most max_concurrent uploads decoded at once, and together within max_decode_bytes; thread
+    # semaphores, not asyncio ones: they work whichever event loop (or test client) calls
     slots = threading.BoundedSemaphore(limits.max_concurrent)
+    budget = MemoryBudget(limits.max_decode_bytes)
 
     def bounded(function, *args):
         with slots:
             return function(*args)
 
     uploads_dir = Path(index_dir).resolve().parent / (Path(index_dir).name + "-uploads")
+    image_roots = catalog_roots(catalog, uploads_dir)
 
     app = FastAPI(title="fashion-retrieval", version="1",
                   description="Search a fashion catalog by photo, optionally within one attribute.")
+    # the last added runs first: a foreign Host is refused before anything else looks at the request
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(SameOriginWrites)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or DEFAULT_ALLOWED_HOSTS),
+                       www_redirect=False)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -142,6 +378,9 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     def require_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
+        if api_key is None and not allow_writes_without_key:
+            raise HTTPException(403, "writes are off: start the server with --api-key-env VAR "
+                                     "(or --allow-writes-without-key)")
         if api_key is not None and not (x_api_key and hmac.compare_digest(x_api_key.encode(), api_key.encode())):
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
@@ -151,8 +390,10 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def decode_and_preprocess(data: bytes, keep_photo: bool):
-        photo = decode_upload(data, limits)
-        return embedder.batch([photo]), (photo if keep_photo else None)
+        # the photo is dropped inside the reservation: only the model's small input (and the
+        # display copy's JPEG bytes) outlive it
+        return decode_upload(data, limits, budget, lambda photo: (
+            embedder.batch([photo]), shown_copy(photo) if keep_photo else None))
 
     async def read_upload(image: UploadFile, keep_photo: bool = False):
         data = await image.read(limits.max_upload_bytes + 1)
@@ -206,20 +447,19 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     def item_image(item_id: str):
         with lock:
             meta = catalog.get_metadata(item_id)
-        path = Path(meta["path"]) if meta and meta.get("path") else None
-        if path is None or path.suffix.lower() not in ALLOWED_IMAGE_SUFFIXES or not path.is_file():
+        recorded = meta.get("path") if meta else None
+        found = open_image_file(recorded, image_roots) if isinstance(recorded, str) and recorded else None
+        if found is None:
             raise HTTPException(404, f"no image for item '{item_id}'")
-        return FileResponse(path)
+        file, media_type, size = found
+        return StreamingResponse(_chunks(file), media_type=media_type,
+                                 headers={"Content-Length": str(size), "X-Content-Type-Options": "nosniff"})
 
-    def store_upload(photo, item_id: str) -> Path:
+    def store_upload(shown: bytes, item_id: str) -> Path:
         uploads_dir.mkdir(parents=True, exist_ok=True)
         stored = uploads_dir / (hashlib.sha256(item_id.encode()).hexdigest()[:32] + ".jpg")
-        shown = photo.copy()
-        shown.thumbnail((STORED_UPLOAD_SIDE, STORED_UPLOAD_SIDE))
-        buffer = io.BytesIO()
-        shown.save(buffer, "JPEG", quality=90)
         tmp = stored.with_suffix(".tmp")
-        tmp.write_bytes(buffer.getvalue())
+        tmp.write_bytes(shown)
         tmp.replace(stored)
         return stored
 
@@ -246,11 +486,11 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     async def add_item(image: Annotated[UploadFile, File()],
                        item_id: Annotated[str, Form(min_length=1, max_length=200)],
                        category: Annotated[str | None, Form(max_length=200)] = None) -> dict[str, Any]:
-        pixels, photo = await read_upload(image, keep_photo=True)
+        pixels, shown = await read_upload(image, keep_photo=True)
         vectors = {space: await embed(pixels, space if catalog.attribute_conditioned else None)
                    for space in catalog.spaces}
         try:
-            stored = await run_in_threadpool(store_upload, photo, item_id)
+            stored = await run_in_threadpool(store_upload, shown, item_id)
         except OSError as exc:  # a full disk, before the index is touched
             raise HTTPException(503, f"could not store the image: {exc.strerror or exc}") from None
         meta = {"item_id": item_id, "path": str(stored), "category": category, "domain": "shop"}
