@@ -242,7 +242,8 @@ class FaissStore(VectorStore):
             except RuntimeError as exc:
                 raise StoreError(f"{index_path}: corrupt FAISS index ({one_line(str(exc).splitlines()[0])})") from None
         for line, meta in read_jsonl(metadata_path, StoreError):
-            require_keys(meta, {"id": str, "iid": int}, metadata_path, StoreError, line)
+            if type(meta.get("id")) is not str or type(meta.get("iid")) is not int:  # 100k calls: the cheap test first
+                require_keys(meta, {"id": str, "iid": int}, metadata_path, StoreError, line)
             if meta["id"] in store._meta or meta["iid"] in store._by_iid:
                 raise StoreError(f"{metadata_path}:{line}: id {quote(meta['id'], 60)} or iid {meta['iid']} "
                                  "appears twice; rebuild the index")
