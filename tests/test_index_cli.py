@@ -264,6 +264,24 @@ def test_a_damaged_index_fails_in_one_line_and_is_left_as_it_is(plain, tmp_path,
     assert len(CatalogIndex.open(built)) == 12  # the fixture's files were not reached through the links
 
 
+def test_an_index_written_before_checksums_opens_and_gains_them_at_its_next_save(plain, tmp_path):
+    root, _, photos, built, _ = plain
+    index = tmp_path / "index"
+    shutil.copytree(built, index, copy_function=os.link)
+    edit_json(index / "index.json", files=None)
+    edit_json(index / SPACE / "manifest.json", files=None)
+    assert search_json(index, photos[3])[0]["id"] == photos[3].stem
+    write_catalog(tmp_path / "new", 1, first_seed=100, prefix="new")
+    assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
+    assert set(json.loads((index / "index.json").read_text())["files"]) == {"model/model.safetensors", "model/meta.json"}
+    assert set(json.loads((index / SPACE / "manifest.json").read_text())["files"]) == {"index.faiss", "metadata.jsonl"}
+    # the weights' sha256 that index.json always recorded still guards an old index's model copy
+    edit_json(index / "index.json", files=None)
+    flip_byte(index / "model" / "model.safetensors")
+    assert_one_line_error(run_cli("search", "--index", index, photos[3]),
+                          "model.safetensors: sha256 differs from the model's in index.json")
+
+
 def test_two_images_with_one_stem_in_a_folder_are_refused_naming_both(plain, tmp_path):
     root = plain[0]
     write_catalog(tmp_path / "photos", 3)
