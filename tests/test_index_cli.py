@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from catalog_fixtures import ATTRIBUTES, model_ranking, save_tiny_checkpoint, write_catalog
+from catalog_fixtures import ATTRIBUTES, model_ranking, photo_like, save_tiny_checkpoint, write_catalog
 from fashion_retrieval.cli import app
 from fashion_retrieval.index.catalog import CatalogIndex
 
@@ -180,6 +180,140 @@ def test_user_errors_are_one_line(plain, tmp_path):
     (tmp_path / "only-broken" / "a.jpg").write_text("no image")
     assert_one_line_error(run_cli("index", "build", "--checkpoint", root / "run", "--images",
                                   tmp_path / "only-broken", "--out", tmp_path / "i2"), "none of the 1 catalog images")
+
+
+# ---- integrity: a damaged or corrupt index fails in one line, and is never saved over ------------
+def rewrite(file: Path, data: bytes) -> None:
+    """Replace ``file``'s content without touching other hard links to it (the fixture's copy)."""
+    file.unlink()
+    file.write_bytes(data)
+
+
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rewrite(file, bytes(data))
+
+
+def edit_json(file: Path, **changes) -> None:
+    data = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    rewrite(file, json.dumps(data).encode())
+
+
+def replace_metadata_line(space: Path, number: int, line: str) -> None:
+    """An index written before checksums (or edited by hand with them updated): the bad line is
+    what open reaches."""
+    edit_json(space / "manifest.json", files=None)
+    lines = (space / "metadata.jsonl").read_text().splitlines(keepends=True)
+    lines[number - 1] = line + "\n"
+    rewrite(space / "metadata.jsonl", "".join(lines).encode())
+
+
+SPACE = Path("spaces") / "default"
+DAMAGE = {
+    "faiss_byte_flipped": (lambda i: flip_byte(i / SPACE / "index.faiss"),
+                           ("index.faiss: sha256 differs from the one manifest.json records",)),
+    "model_byte_flipped": (lambda i: flip_byte(i / "model" / "model.safetensors"),
+                           ("model.safetensors: sha256 differs from the one index.json records",)),
+    "metadata_truncated": (lambda i: rewrite(i / SPACE / "metadata.jsonl", (i / SPACE / "metadata.jsonl").read_bytes()[:900]),
+                           ("metadata.jsonl: 900 bytes, but manifest.json records", "truncated")),
+    "manifest_count": (lambda i: edit_json(i / SPACE / "manifest.json", count=13),
+                       ("metadata.jsonl: 12 rows, but manifest.json records count 13",)),
+    "index_json_not_json": (lambda i: rewrite(i / "index.json", b'{"format_version": 1, "model": '),
+                            ("index.json:1: corrupt JSON",)),
+    "index_json_key_missing": (lambda i: edit_json(i / "index.json", spaces=None), ("index.json: missing 'spaces'",)),
+    "manifest_not_an_object": (lambda i: rewrite(i / SPACE / "manifest.json", b"[]"),
+                               ("manifest.json: expected a JSON object, got array",)),
+    "metadata_line_key_missing": (lambda i: replace_metadata_line(i / SPACE, 2, '{"id": "x"}'),
+                                  ("metadata.jsonl:2: missing 'iid'",)),
+    "metadata_line_corrupt": (lambda i: replace_metadata_line(i / SPACE, 5, '{"id": "item004", "iid": 4, "pa'),
+                              ("metadata.jsonl:5: corrupt JSON line",)),
+}
+COMMANDS = {
+    "search": lambda index, root, photos: ("search", "--index", index, photos[0]),
+    "add": lambda index, root, photos: ("index", "add", "--index", index, "--images", root / "catalog"),
+    "remove": lambda index, root, photos: ("index", "remove", "--index", index, photos[0].stem),
+    "serve": lambda index, root, photos: ("serve", "--index", index),
+}
+
+
+def file_contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_index_fails_in_one_line_and_is_left_as_it_is(plain, tmp_path, monkeypatch, damage, command):
+    root, _, photos, built, _ = plain
+    index = tmp_path / "index"
+    shutil.copytree(built, index, copy_function=os.link)  # each damage rewrites the file it changes
+    damage_index, fragments = DAMAGE[damage]
+    damage_index(index)
+    before = file_contents(index)
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("serve started on a damaged index"))
+    assert_one_line_error(run_cli(*COMMANDS[command](index, root, photos)), str(index), *fragments)
+    assert file_contents(index) == before  # `index add` / `remove` refused: nothing rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]  # no temporary copy, no .old
+    assert len(CatalogIndex.open(built)) == 12  # the fixture's files were not reached through the links
+
+
+def test_an_index_written_before_checksums_opens_and_gains_them_at_its_next_save(plain, tmp_path):
+    root, _, photos, built, _ = plain
+    index = tmp_path / "index"
+    shutil.copytree(built, index, copy_function=os.link)
+    edit_json(index / "index.json", files=None)
+    edit_json(index / SPACE / "manifest.json", files=None)
+    assert search_json(index, photos[3])[0]["id"] == photos[3].stem
+    write_catalog(tmp_path / "new", 1, first_seed=100, prefix="new")
+    assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
+    assert set(json.loads((index / "index.json").read_text())["files"]) == {"model/model.safetensors", "model/meta.json"}
+    assert set(json.loads((index / SPACE / "manifest.json").read_text())["files"]) == {"index.faiss", "metadata.jsonl"}
+    # the weights' sha256 that index.json always recorded still guards an old index's model copy
+    edit_json(index / "index.json", files=None)
+    flip_byte(index / "model" / "model.safetensors")
+    assert_one_line_error(run_cli("search", "--index", index, photos[3]),
+                          "model.safetensors: sha256 differs from the model's in index.json")
+
+
+def test_two_images_with_one_stem_in_a_folder_are_refused_naming_both(plain, tmp_path):
+    root = plain[0]
+    write_catalog(tmp_path / "photos", 3)
+    photo_like(7).save(tmp_path / "photos" / "item001.png")
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", tmp_path / "photos",
+                     "--out", tmp_path / "index")
+    assert_one_line_error(result, "item001.png", "item001.jpg", "image names must be unique")
+    assert not (tmp_path / "index").exists()
+    (tmp_path / "classes" / "shirts").mkdir(parents=True)  # the same in class folders (--format folder)
+    for name in ("item001.jpg", "item001.png"):
+        shutil.copyfile(tmp_path / "photos" / name, tmp_path / "classes" / "shirts" / name)
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", tmp_path / "classes",
+                     "--format", "folder", "--out", tmp_path / "index")
+    assert_one_line_error(result, "item001.png", "item001.jpg", "image names must be unique")
+
+
+def test_two_images_with_one_stem_of_one_item_in_a_csv_get_their_paths_as_ids(plain, tmp_path):
+    """x.jpg and x.png of one product: only those two get their paths as ids; every other image
+    keeps its item:stem id instead of being renamed because of them."""
+    root = plain[0]
+    photos = write_catalog(tmp_path / "photos", 3)
+    photo_like(7).save(tmp_path / "photos" / "item001.png")
+    (tmp_path / "catalog.csv").write_text("path,item_id\n" "photos/item000.jpg,shirt\n" "photos/item002.jpg,shirt\n"
+                                          "photos/item001.jpg,dress\n" "photos/item001.png,dress\n")
+    index = tmp_path / "index"
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", tmp_path / "catalog.csv", "--out", index)
+    assert result.exit_code == 0, result.output
+    catalog = CatalogIndex.open(index)
+    ids = sorted(item["id"] for item in catalog.stores["default"].items())
+    assert ids == ["dress:photos/item001.jpg", "dress:photos/item001.png", "shirt:item000", "shirt:item002"]
+    assert catalog.get_metadata("dress:photos/item001.png")["path"] == str((tmp_path / "photos" / "item001.png").resolve())
+    assert search_json(index, photos[1])[0]["id"] == "dress:photos/item001.jpg"
 
 
 def test_search_after_the_training_run_overwrote_its_checkpoint(plain, tmp_path):

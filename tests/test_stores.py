@@ -1,6 +1,7 @@
 """One behavioural suite for every vector store: FAISS (each index kind) and Milvus (lite)."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -181,3 +182,108 @@ def test_hnsw_removal_survives_faiss_torch_patch(tmp_path):
     assert store.remove(["item-0"]) == 1
     _, found = store.search(vectors[:1], 5)
     assert "item-0" not in found[0] and len(found[0]) == 5
+
+
+# ---- integrity: what open refuses, naming the file -----------------------------------------------
+def saved_flat(path, n: int = 50) -> FaissStore:
+    store = FaissStore(path, DIM)
+    store.add([f"item-{i}" for i in range(n)], unit_vectors(n), [{"n": i} for i in range(n)])
+    store.save()
+    return store
+
+
+def edit_manifest(path, **changes) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def flip_byte(file, offset: int | None = None) -> None:
+    data = bytearray(file.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_one_flipped_byte_in_the_faiss_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "index"
+    saved_flat(path)
+    flip_byte(path / "index.faiss")  # inside the vectors: FAISS itself would load it without a word
+    with pytest.raises(StoreError, match=r"index\.faiss: sha256 differs from the one manifest\.json records"):
+        FaissStore.open(path)
+    # without the sha256 (verify=False) the size still matches, and the counts agree: it loads
+    assert len(FaissStore.open(path, verify=False)) == 50
+
+
+def test_truncated_metadata_is_refused_naming_it(tmp_path):
+    path = tmp_path / "index"
+    saved_flat(path)
+    metadata = path / "metadata.jsonl"
+    lines = metadata.read_text().splitlines(keepends=True)
+    metadata.write_text("".join(lines[:-3]))  # cut at a line boundary: every remaining line parses
+    with pytest.raises(StoreError, match=r"metadata\.jsonl: \d+ bytes, but manifest\.json records \d+ \(truncated"):
+        FaissStore.open(path)
+    edit_manifest(path, files=None)  # an index written before checksums: the count check still catches it
+    with pytest.raises(StoreError, match=r"metadata\.jsonl: 47 rows, but manifest\.json records count 50"):
+        FaissStore.open(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"count": 49}, r"metadata\.jsonl: 50 rows, but manifest\.json records count 49"),
+    ({"dim": DIM * 2}, r"index\.faiss: vectors of 16 dimensions, but manifest\.json records dim 32"),
+    ({"next_iid": 10}, r"metadata\.jsonl:11: iid 10 outside 0\.\.next_iid \(10\)"),
+    ({"count": "50"}, r"manifest\.json: 'count' must be integer, got '50'"),
+    ({"dim": None}, r"manifest\.json: missing 'dim'"),
+    ({"files": {"index.faiss": {"size": 1}}}, r"manifest\.json: 'files' must list metadata\.jsonl"),
+])
+def test_a_manifest_that_disagrees_with_its_files_is_refused(tmp_path, change, message):
+    path = tmp_path / "index"
+    saved_flat(path)
+    edit_manifest(path, **change)
+    with pytest.raises(StoreError, match=message):
+        FaissStore.open(path)
+
+
+def test_faiss_vectors_and_metadata_rows_must_agree(tmp_path):
+    """Two stores' files mixed (a bad restore): sizes and counts of the manifest's own files are
+    consistent, so only the cross-checks between index.faiss and metadata.jsonl can tell."""
+    path = tmp_path / "index"
+    saved_flat(path, 50)
+    other = saved_flat(tmp_path / "other", 60)
+    (path / "index.faiss").write_bytes((other.path / "index.faiss").read_bytes())
+    edit_manifest(path, files=None)
+    with pytest.raises(StoreError, match=r"index\.faiss: 60 vectors, but manifest\.json records count 50"):
+        FaissStore.open(path)
+
+
+def test_metadata_lines_are_checked_by_line(tmp_path):
+    path = tmp_path / "index"
+    saved_flat(path)
+    edit_manifest(path, files=None)
+    metadata = path / "metadata.jsonl"
+    lines = metadata.read_text().splitlines(keepends=True)
+    for bad, message in [('{"id": "x"}\n', r"metadata\.jsonl:3: missing 'iid'"),
+                         ("[1, 2]\n", r"metadata\.jsonl:3: expected a JSON object, got array"),
+                         ("{not json\n", r"metadata\.jsonl:3: corrupt JSON line"),
+                         (lines[0], r"metadata\.jsonl:3: id 'item-0' or iid 0 appears twice")]:
+        metadata.write_text("".join([*lines[:2], bad, *lines[3:]]))
+        with pytest.raises(StoreError, match=message):
+            FaissStore.open(path)
+
+
+def test_a_store_without_checksums_opens_and_says_so_once(tmp_path, caplog):
+    path = tmp_path / "index"
+    saved_flat(path)
+    edit_manifest(path, files=None)
+    with caplog.at_level("WARNING", logger="fashion_retrieval.index.faiss_store"):
+        assert len(FaissStore.open(path)) == 50
+        assert len(FaissStore.open(path)) == 50
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{path}: written before index files carried checksums: only counts are checked; "
+        "the next save (index add/remove) records them") == 1
+    FaissStore.open(path).save()  # the next save records them
+    assert set(json.loads((path / "manifest.json").read_text())["files"]) == {"index.faiss", "metadata.jsonl"}

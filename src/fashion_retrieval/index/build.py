@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.table import AnnotationError, Sample, SampleTable
-from ..files import refuse_other_artefact
+from ..files import quote, refuse_other_artefact
 from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, checkpoint_files, file_sha256,
                       refuse_foreign_directory)
 from .store import StoreError
@@ -31,7 +31,7 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
                        domain: str | None = None) -> SampleTable:
     """A folder of images, a folder in a known dataset format, or a CSV sample table."""
     from ..data.readers import READERS
-    from ..data.readers.catalog import image_files
+    from ..data.readers.catalog import check_unique_items, image_files
 
     images = Path(images)
     if not images.exists():
@@ -41,8 +41,9 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
     elif format is not None:
         table = READERS.build(format, root=images)
     elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir() if p.is_file()):
-        table = SampleTable([Sample(path=p.name, item_id=p.stem, domain="shop") for p in image_files(images)],
-                            images, images.name)
+        samples = [Sample(path=p.name, item_id=p.stem, domain="shop") for p in image_files(images)]
+        check_unique_items(samples, images)  # x.jpg and x.png would be one item, as in the folder reader
+        table = SampleTable(samples, images, images.name)
     else:
         table = READERS.build("folder", root=images)
     if split or domain:
@@ -53,15 +54,26 @@ def load_catalog_table(images: str | Path, format: str | None = None, split: str
 
 
 def _image_ids(table: SampleTable, rows: Sequence[int]) -> list[str]:
-    """One id per image: item ids when they are unique, else item id and file name, else (the
-    same file name in two folders of one item) item id and the image's path in the catalog."""
-    for id_of in (lambda s: s.item_id, lambda s: f"{s.item_id}:{Path(s.path).stem}", lambda s: f"{s.item_id}:{s.path}"):
-        ids = [id_of(table[i]) for i in rows]
-        if len(set(ids)) == len(ids):
-            return ids
+    """One id per image: item ids when they are unique, else item id and file stem; only the
+    images whose stem repeats within their item (x.jpg and x.png, front.jpg in two folders) get
+    item id and their path in the catalog, so such a pair does not rename every other image."""
+    samples = [table[i] for i in rows]
+    ids = [s.item_id for s in samples]
+    if len(set(ids)) == len(ids):
+        return ids
+    ids = [f"{s.item_id}:{Path(s.path).stem}" for s in samples]
     counts = Counter(ids)
-    twice = next(table[i] for i, image_id in zip(rows, ids) if counts[image_id] > 1)
-    raise AnnotationError(table.resolve(twice), None, "listed twice in the catalog; each image must appear once")
+    ids = [f"{s.item_id}:{s.path}" if counts[image_id] > 1 else image_id for s, image_id in zip(samples, ids)]
+    first: dict[str, Sample] = {}
+    for sample, image_id in zip(samples, ids):
+        if image_id not in first:
+            first[image_id] = sample
+        elif first[image_id].path == sample.path:
+            raise AnnotationError(table.resolve(sample), None, "listed twice in the catalog; each image must appear once")
+        else:
+            raise AnnotationError(table.resolve(sample), None, f"gets the id {quote(image_id, 80)}, as does "
+                                  f"{table.resolve(first[image_id])}; rename one of them")
+    return ids
 
 
 def _metadata(table: SampleTable, index: int) -> dict[str, Any]:

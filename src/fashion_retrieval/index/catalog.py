@@ -19,7 +19,6 @@ recovery, so an ``open`` never rolls back a swap that another process is in the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -29,8 +28,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..files import quote, read_json, require_keys
 from .faiss_store import FaissStore
-from .store import StoreError, VectorStore, recover, swap_in, write_file_synced
+from .store import StoreError, VectorStore, file_sha256, recover, swap_in, verify_file, verify_size, write_file_synced
 
 FORMAT_VERSION = 1
 DEFAULT_SPACE = "default"
@@ -44,14 +44,6 @@ class UnknownSpaceError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_files(checkpoint: str | Path) -> tuple[Path, Path]:
@@ -114,6 +106,8 @@ class CatalogIndex:
         self.generation = generation
         # folders (resolved) that hold every recorded image; None for an index older than this field
         self.catalog_roots: list[str] | None = None
+        # size and sha256 of each model file, as index.json records them (known once verified or written)
+        self.model_records: dict[str, dict[str, Any]] | None = None
 
     def _new_store(self, space: str) -> VectorStore:
         if self.store_name == "milvus":
@@ -160,8 +154,14 @@ class CatalogIndex:
     def _manifest(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
-                "generation": self.generation,
+                "generation": self.generation, "files": self._model_records(),
                 **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
+
+    def _model_records(self) -> dict[str, dict[str, Any]]:
+        if self.model_records is None:
+            self.model_records = {f"{MODEL_DIR}/{name}": {"size": source.stat().st_size, "sha256": file_sha256(source)}
+                                  for name, source in self.model_files.items()}
+        return self.model_records
 
     def _next_generation(self) -> int:
         """Optimistic concurrency: refuse to overwrite a save made since this object was opened."""
@@ -226,27 +226,34 @@ class CatalogIndex:
         self.model_files = {name: self.model_dir / name for name in self.model_files}
 
     @classmethod
-    def open(cls, path: str | Path) -> "CatalogIndex":
+    def open(cls, path: str | Path, verify: bool = True) -> "CatalogIndex":
+        """Load ``path``; every file is checked against the size and sha256 recorded when it was
+        written (``verify=False``: sizes and counts only), so a damaged index fails here, naming
+        the file, and is never the starting point of a save."""
         path = Path(path)
         if not path.exists() and not path.with_name(path.name + ".old").exists():
             raise StoreError(f"{path}: no such index directory")
         with index_lock(path):
             recover(path)
-            return cls._read(path)
+            return cls._read(path, verify)
 
     @classmethod
-    def _read(cls, path: Path) -> "CatalogIndex":
+    def _read(cls, path: Path, verify: bool = True) -> "CatalogIndex":
         manifest_path = path / "index.json"
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not an index built by fashion-retrieval (no index.json)")
-        try:
-            manifest = json.loads(manifest_path.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{manifest_path}: unreadable ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-            found = manifest.get("format_version") if isinstance(manifest, dict) else None
-            raise StoreError(f"{manifest_path}: index format {found!r}, "
+        manifest = read_json(manifest_path, StoreError)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{manifest_path}: index format {quote(manifest.get('format_version'), 40)}, "
                              f"this version reads {FORMAT_VERSION}; rebuild the index")
+        require_keys(manifest, {"model": dict, "spaces": list, "dim": int}, manifest_path, StoreError)
+        if not manifest["spaces"] or not all(isinstance(space, str) and space for space in manifest["spaces"]):
+            raise StoreError(f"{manifest_path}: 'spaces' must be a list of names, got {quote(manifest['spaces'], 60)}")
+        if manifest.get("generation") is not None:
+            require_keys(manifest, {"generation": int}, manifest_path, StoreError)
+        if manifest.get("store", "faiss") not in ("faiss", "milvus"):
+            raise StoreError(f"{manifest_path}: unknown store {quote(manifest.get('store'), 40)}")
+        model_records = _verify_model(path, manifest, manifest_path, verify)
         stores: dict[str, VectorStore] = {}
         for space in manifest["spaces"]:
             if manifest.get("store") == "milvus":
@@ -254,7 +261,10 @@ class CatalogIndex:
 
                 stores[space] = MilvusStore.open(path / "milvus" / space, collection=f"space_{space}")
             else:
-                stores[space] = FaissStore.open(path / "spaces" / space)
+                stores[space] = FaissStore.open(path / "spaces" / space, verify)
+                if stores[space].dim != manifest["dim"]:
+                    raise StoreError(f"{path / 'spaces' / space / 'manifest.json'}: dim {stores[space].dim}, but "
+                                     f"{manifest_path} records dim {manifest['dim']}; rebuild the index")
         catalog = cls(path, manifest["model"], manifest["spaces"], manifest["dim"], manifest.get("kind", "flat"),
                       manifest.get("store", "faiss"), stores, generation=int(manifest.get("generation") or 0))
         roots = manifest.get("catalog_roots")
@@ -262,10 +272,36 @@ class CatalogIndex:
             if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
                 raise StoreError(f"{manifest_path}: 'catalog_roots' must be a list of folder names")
             catalog.catalog_roots = roots
-        for name, file in catalog.model_files.items():
-            if not file.is_file():
-                raise StoreError(f"{path}: the index's model copy is missing {MODEL_DIR}/{name}; rebuild the index")
+        catalog.model_records = model_records
+        counts = {space: len(store) for space, store in stores.items()}
+        if manifest.get("store", "faiss") == "faiss" and len(set(counts.values())) > 1:
+            raise StoreError(f"{path}: the spaces hold different numbers of items ({counts}); rebuild the index")
         return catalog
+
+
+def _verify_model(path: Path, manifest: dict[str, Any], manifest_path: Path,
+                  verify: bool) -> dict[str, dict[str, Any]] | None:
+    """The model copy is the one the index was built with: each file's recorded size and sha256
+    (indexes written before ``files`` was recorded: the weights' sha256 in ``model``)."""
+    files = {name: path / MODEL_DIR / name for name in (WEIGHTS_FILE, META_FILE)}
+    for name, file in files.items():
+        if not file.is_file():
+            raise StoreError(f"{path}: the index's model copy is missing {MODEL_DIR}/{name}; rebuild the index")
+    records = manifest.get("files")
+    if records is None:
+        expected = manifest["model"].get("sha256")
+        if verify and isinstance(expected, str) and file_sha256(files[WEIGHTS_FILE]) != expected:
+            raise StoreError(f"{files[WEIGHTS_FILE]}: sha256 differs from the model's in {manifest_path.name} "
+                             "(corrupt file); rebuild the index")
+        return None
+    if not isinstance(records, dict):
+        raise StoreError(f"{manifest_path}: 'files' must be an object, got {quote(records, 60)}")
+    for name, file in files.items():
+        key = f"{MODEL_DIR}/{name}"
+        if key not in records:
+            raise StoreError(f"{manifest_path}: 'files' does not list {key}; rebuild the index")
+        (verify_file if verify else verify_size)(file, records[key], manifest_path)
+    return {f"{MODEL_DIR}/{name}": records[f"{MODEL_DIR}/{name}"] for name in files}
 
 
 def _read_generation(path: Path) -> int | None:

@@ -2,7 +2,8 @@
 
 Layout of ``DIR``::
 
-    manifest.json     kind, dim, count, next internal id, tombstones, user info (model identity…)
+    manifest.json     kind, dim, count, next internal id, user info (model identity…), and the
+                      size and sha256 of the two files below, checked on open
     index.faiss       faiss.IndexIDMap2 over an inner-product index
     metadata.jsonl    one line per vector: {"id", "iid", ...metadata}
 
@@ -13,6 +14,7 @@ finishes or rolls back an interrupted swap, so a crash at any point leaves a loa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,11 +24,17 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from .store import StoreError, VectorStore, check_vectors, recover, swap_in, write_file_synced
+from ..files import one_line, quote, read_json, read_jsonl, require_keys
+from .store import (StoreError, VectorStore, check_vectors, file_record, recover, swap_in, verify_file, verify_size,
+                    write_file_synced)
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT_VERSION = 1
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per IVF list
+MANIFEST_FILE, INDEX_FILE, METADATA_FILE = "manifest.json", "index.faiss", "metadata.jsonl"
+
+_log = logging.getLogger(__name__)
+_unverified: set[str] = set()  # stores without checksums already reported in this process
 
 
 class FaissStore(VectorStore):
@@ -160,17 +168,21 @@ class FaissStore(VectorStore):
         tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
         try:
+            files = {}
             if self._index is not None:
-                write_file_synced(tmp / "index.faiss", faiss.serialize_index(self._index).tobytes())
-            lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self._meta.values())
-            write_file_synced(tmp / "metadata.jsonl", lines.encode("utf-8"))
+                data = faiss.serialize_index(self._index).tobytes()
+                files[INDEX_FILE] = file_record(data)
+                write_file_synced(tmp / INDEX_FILE, data)
+            data = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self._meta.values()).encode("utf-8")
+            files[METADATA_FILE] = file_record(data)
+            write_file_synced(tmp / METADATA_FILE, data)
             manifest = {
                 "format_version": FORMAT_VERSION, "store": "faiss", "kind": self.kind, "dim": self.dim,
                 "count": len(self), "next_iid": self._next_iid, "nlist": self.nlist, "pq_m": self.pq_m,
-                "hnsw_m": self.hnsw_m, "info": self.info,
+                "hnsw_m": self.hnsw_m, "info": self.info, "files": files,
             }
             # the manifest is written last: a directory without one is never a complete index
-            write_file_synced(tmp / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
+            write_file_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
             swap_in(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -178,36 +190,90 @@ class FaissStore(VectorStore):
             raise
 
     @classmethod
-    def open(cls, path: str | Path) -> "FaissStore":
+    def open(cls, path: str | Path, verify: bool = True) -> "FaissStore":
+        """Load ``path``, refusing any file that disagrees with the manifest.
+
+        The manifest records each file's size and sha256 (``verify=False`` skips only the
+        sha256); the vector count of the FAISS index, the metadata rows and the manifest's
+        count and dim must agree. A store written before checksums were recorded opens with
+        the count checks alone (logged once).
+        """
         path = Path(path)
         recover(path)
-        manifest_path = path / "manifest.json"
+        manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not an index directory (no manifest.json)")
-        try:
-            manifest = json.loads(manifest_path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        manifest = read_json(manifest_path, StoreError)
         if manifest.get("format_version") != FORMAT_VERSION or manifest.get("store") != "faiss":
             raise StoreError(f"{manifest_path}: not a FAISS index of format {FORMAT_VERSION} "
-                             f"(found store={manifest.get('store')!r}, format={manifest.get('format_version')!r})")
+                             f"(found store={quote(manifest.get('store'), 40)}, "
+                             f"format={quote(manifest.get('format_version'), 40)})")
+        require_keys(manifest, {"dim": int, "kind": str, "count": int, "next_iid": int}, manifest_path, StoreError)
+        if manifest["kind"] not in KINDS:
+            raise StoreError(f"{manifest_path}: unknown index kind {quote(manifest['kind'], 40)}")
+        for key, kinds in (("info", (dict, type(None))), ("nlist", (int, type(None))), ("pq_m", int), ("hnsw_m", int)):
+            if key in manifest:
+                require_keys(manifest, {key: kinds}, manifest_path, StoreError)
+        index_path, metadata_path = path / INDEX_FILE, path / METADATA_FILE
+        files = manifest.get("files")
+        if files is None and str(path) not in _unverified:
+            _unverified.add(str(path))
+            _log.warning("%s: written before index files carried checksums: only counts are checked; "
+                         "the next save (index add/remove) records them", path)
+        elif files is None:
+            pass
+        elif not isinstance(files, dict) or METADATA_FILE not in files:
+            raise StoreError(f"{manifest_path}: 'files' must list {METADATA_FILE} (and {INDEX_FILE}) with size and sha256")
+        else:
+            for file in (index_path, metadata_path):
+                if file.name in files:
+                    if verify:
+                        verify_file(file, files[file.name], manifest_path)
+                    else:
+                        verify_size(file, files[file.name], manifest_path)
+                elif file.exists():
+                    raise StoreError(f"{file}: not listed in {manifest_path.name}; rebuild the index")
         store = cls(path, manifest["dim"], manifest["kind"], manifest.get("info"), manifest.get("nlist"),
                     manifest.get("pq_m", 16), manifest.get("hnsw_m", 32))
         store._next_iid = manifest["next_iid"]
-        index_path = path / "index.faiss"
         if index_path.exists():
             try:
                 store._index = faiss.read_index(str(index_path))  # owns its memory: never re-wrap it
             except RuntimeError as exc:
-                raise StoreError(f"{index_path}: corrupt FAISS index ({str(exc).splitlines()[0]})") from None
-        with open(path / "metadata.jsonl", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                try:
-                    meta = json.loads(line)
-                except json.JSONDecodeError:
-                    raise StoreError(f"{path / 'metadata.jsonl'}:{line_number}: corrupt metadata line") from None
-                store._meta[meta["id"]] = meta
-                store._by_iid[meta["iid"]] = meta["id"]
-        if store._index is not None and store._index.ntotal != len(store._meta):
-            raise StoreError(f"{path}: index holds {store._index.ntotal} vectors but metadata {len(store._meta)}")
+                raise StoreError(f"{index_path}: corrupt FAISS index ({one_line(str(exc).splitlines()[0])})") from None
+        for line, meta in read_jsonl(metadata_path, StoreError):
+            if type(meta.get("id")) is not str or type(meta.get("iid")) is not int:  # 100k calls: the cheap test first
+                require_keys(meta, {"id": str, "iid": int}, metadata_path, StoreError, line)
+            if meta["id"] in store._meta or meta["iid"] in store._by_iid:
+                raise StoreError(f"{metadata_path}:{line}: id {quote(meta['id'], 60)} or iid {meta['iid']} "
+                                 "appears twice; rebuild the index")
+            if not 0 <= meta["iid"] < store._next_iid:
+                raise StoreError(f"{metadata_path}:{line}: iid {meta['iid']} outside 0..next_iid "
+                                 f"({store._next_iid}) of {manifest_path.name}; rebuild the index")
+            store._meta[meta["id"]] = meta
+            store._by_iid[meta["iid"]] = meta["id"]
+        store._check_counts(manifest, manifest_path)
         return store
+
+    def _check_counts(self, manifest: dict[str, Any], manifest_path: Path) -> None:
+        """The manifest, the metadata and the FAISS index describe the same vectors."""
+        count, index_path = manifest["count"], self.path / INDEX_FILE
+        if len(self._meta) != count:
+            raise StoreError(f"{self.path / METADATA_FILE}: {len(self._meta)} rows, but {manifest_path.name} "
+                             f"records count {count}; rebuild the index")
+        if self._index is None:
+            if count:
+                raise StoreError(f"{index_path}: file not found, but {manifest_path.name} records {count} vectors")
+            return
+        if not isinstance(self._index, faiss.IndexIDMap2):
+            raise StoreError(f"{index_path}: not an id-mapped FAISS index ({type(self._index).__name__}); "
+                             "rebuild the index")
+        if self._index.d != self.dim:
+            raise StoreError(f"{index_path}: vectors of {self._index.d} dimensions, but {manifest_path.name} "
+                             f"records dim {self.dim}; rebuild the index")
+        if self._index.ntotal != count:
+            raise StoreError(f"{index_path}: {self._index.ntotal} vectors, but {manifest_path.name} records "
+                             f"count {count}; rebuild the index")
+        stored = faiss.vector_to_array(self._index.id_map)
+        if not np.array_equal(np.sort(stored), np.fromiter(sorted(self._by_iid), np.int64, len(self._by_iid))):
+            raise StoreError(f"{index_path}: its vector ids differ from those of {METADATA_FILE}; rebuild the index")

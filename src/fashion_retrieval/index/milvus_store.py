@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..files import quote, read_json, require_keys
 from .store import StoreError, VectorStore, check_vectors
 
 FORMAT_VERSION = 1
@@ -120,7 +121,8 @@ class MilvusStore(VectorStore):
         manifest_path = Path(path) / "manifest.json"
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not a Milvus index directory (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text("utf-8"))
+        manifest = read_json(manifest_path, StoreError)
         if manifest.get("store") != "milvus":
-            raise StoreError(f"{manifest_path}: not a Milvus index (store={manifest.get('store')!r})")
+            raise StoreError(f"{manifest_path}: not a Milvus index (store={quote(manifest.get('store'), 40)})")
+        require_keys(manifest, {"dim": int}, manifest_path, StoreError)
         return cls(path, manifest["dim"], manifest.get("info"), manifest.get("collection", collection))

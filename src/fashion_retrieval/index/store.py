@@ -7,12 +7,17 @@ Milvus is the path for a catalog larger than one machine.
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..files import require_keys
+
+HASH_BLOCK = 8 << 20  # large reads: hashing runs at sha256's speed, not at the syscall rate
 
 
 class StoreError(RuntimeError):
@@ -59,6 +64,51 @@ def check_vectors(vectors: np.ndarray, dim: int, what: str = "vectors") -> np.nd
     if not np.isfinite(vectors).all():
         raise ValueError(f"{what} contain NaN or infinite values")
     return vectors
+
+
+# ---- checksums of the files a store writes ------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def file_record(data: bytes) -> dict[str, Any]:
+    """What a manifest records of a file it lists, computed from the bytes about to be written."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def verify_size(path: Path, record: Any, manifest: Path) -> None:
+    """``path`` has the size ``manifest`` recorded: a truncated or replaced file, found without reading it."""
+    where = f"{manifest}: files[{path.name!r}]"
+    if not isinstance(record, dict):
+        raise StoreError(f"{where} must be an object with size and sha256")
+    require_keys(record, {"size": int, "sha256": str}, where, StoreError)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise StoreError(f"{path}: file not found, but {manifest.name} lists it; rebuild the index") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size != record["size"]:
+        raise StoreError(f"{path}: {size} bytes, but {manifest.name} records {record['size']} "
+                         "(truncated or overwritten); rebuild the index")
+
+
+def verify_file(path: Path, record: Any, manifest: Path) -> None:
+    """``path`` has the size and then the sha256 that ``manifest`` recorded when it was written."""
+    verify_size(path, record, manifest)
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if digest != record["sha256"]:
+        raise StoreError(f"{path}: sha256 differs from the one {manifest.name} records (corrupt file); "
+                         "rebuild the index")
 
 
 # ---- atomic directory writes, shared by every store that lives in a directory ------------
