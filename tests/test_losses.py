@@ -169,6 +169,60 @@ def test_attribute_bce_weights_positives_and_masks_missing_rows():
         LOSSES.build("attribute_multilabel_bce", pos_weight=[1.0, 1.0, 1.0], attribute_sizes=[1, 1])
 
 
+def _tiny_label_table():
+    from fashion_retrieval.data.table import Sample, SampleTable
+
+    rows = [{"clothes_type": "top", "attributes": ("a", "b")}, {"clothes_type": "top", "attributes": ("a",)},
+            {"clothes_type": "dress"}, {"attributes": ("a", "c")}]
+    samples = [Sample(path=f"{n}.jpg", item_id=f"item{n}", attributes=attrs) for n, attrs in enumerate(rows)]
+    return SampleTable(samples, multi_label=["attributes"])
+
+
+def test_frequency_pos_weights_come_from_the_training_labels_and_change_the_loss():
+    from types import SimpleNamespace
+
+    from fashion_retrieval.config import load_config
+    from fashion_retrieval.data.labels import LabelSpace
+    from fashion_retrieval.engine.train import build_objective_for
+
+    table = _tiny_label_table()
+    labels = LabelSpace.from_table(table)
+    assert labels.attributes == {"clothes_type": ["dress", "top"], "attributes": ["a", "b", "c"]}
+    assert labels.value_counts(table) == [1, 2, 3, 1, 1]
+    # negatives / positives over the 4 images: dress 3/1, top 2/2, a 1/3, b 3/1, c 3/1 (the recipe's cap is 50)
+    expected = torch.tensor([3.0, 1.0, 1.0 / 3.0, 3.0, 3.0])
+    config = load_config("configs/deepfashion_c2s_mmfl_net.yaml")
+    model = SimpleNamespace(feat_dim=8)
+    objective = build_objective_for(config, model, labels, table)
+    term = objective.terms[objective.labels.index("attribute_multilabel_bce")]
+    torch.testing.assert_close(term.pos_weight, expected)
+
+    outputs = {"attr_logits": torch.zeros(2, 5)}
+    batch = {"attr_multi_hot": torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0]])}
+    weighted = term(outputs, batch).item()
+    unweighted = LOSSES.build("attribute_multilabel_bce")(outputs, batch).item()
+    # At logit 0 each entry costs log 2 times its weight: positives 1, 1/3, 3 and 3, 1/3, 3; four negatives.
+    assert weighted == pytest.approx((1 + 1 / 3 + 3 + 3 + 1 / 3 + 3 + 4) * math.log(2) / 10, abs=1e-6)
+    assert unweighted == pytest.approx(math.log(2), abs=1e-6)
+    capped = LOSSES.build("attribute_multilabel_bce", pos_weight="frequency", max_pos_weight=2.0,
+                          attribute_value_counts={"positives": labels.value_counts(table), "images": 4})
+    torch.testing.assert_close(capped.pos_weight, torch.tensor([2.0, 1.0, 1.0 / 3.0, 2.0, 2.0]))
+
+
+def test_a_cap_without_weights_and_frequency_weights_without_counts_are_refused():
+    from fashion_retrieval.losses.metric import frequency_pos_weights
+
+    with pytest.raises(ConfigError, match="pos_weight: frequency"):
+        LOSSES.build("attribute_multilabel_bce", max_pos_weight=50)
+    with pytest.raises(ConfigError, match="value counts"):
+        LOSSES.build("attribute_multilabel_bce", pos_weight="frequency")
+    with pytest.raises(ConfigError, match="'often'"):
+        LOSSES.build("attribute_multilabel_bce", pos_weight="often")
+    # a value no image has gets the cap's input N, one every image has 1/N instead of 0
+    torch.testing.assert_close(frequency_pos_weights({"positives": [0, 4, 1], "images": 4}),
+                               torch.tensor([4.0, 0.25, 3.0]))
+
+
 # --- margin softmaxes and DML --------------------------------------------------------------
 
 def dml(**kwargs) -> torch.nn.Module:

@@ -242,29 +242,61 @@ class CrossEntropyLoss(nn.Module):
         return torch.stack(per_input).mean()
 
 
+def frequency_pos_weights(counts: dict | None) -> torch.Tensor:
+    """Negatives per positive of each attribute value, from the training table's counts."""
+    if not counts or "positives" not in counts or "images" not in counts:
+        raise ConfigError("attribute_multilabel_bce: pos_weight: frequency needs the training labels' value counts "
+                          "(attribute_value_counts), which the trainer passes; none were given here")
+    positives = torch.tensor([float(n) for n in counts["positives"]])
+    negatives = float(counts["images"]) - positives
+    return negatives.clamp(min=1.0) / positives.clamp(min=1.0)
+
+
 @LOSSES.register("attribute_multilabel_bce")
 class AttributeMultiLabelBCELoss(nn.Module):
     """Multi-label attribute recognition: BCE of ``attr_logits`` [B, V] against
     ``batch["attr_multi_hot"]`` [B, V], averaged over the entries that count.
 
     Each image has few of the V attribute values, so unweighted BCE is minimised early by saying
-    "absent" everywhere. Positives are weighted by ``pos_weight``: one number for all values, a
-    list of V numbers, or computed from ``label_frequencies`` (the fraction of training images
-    that have each value) as ``(1 - p) / p``, i.e. negatives per positive, which gives both sides
-    equal total weight; ``max_pos_weight`` caps it for very rare values.
+    "absent" everywhere. Positives are weighted by ``pos_weight``:
+
+    * a number for all values, or a list of V numbers;
+    * ``"frequency"``: negatives / positives of each value in the training table, which gives both
+      sides of every value equal total weight. The trainer passes the table's counts as
+      ``attribute_value_counts`` (``{"positives": [V], "images": N}``); an image without the
+      value counts as a negative, as it does in the loss (training batches carry no
+      ``attr_multi_mask``). Computed as max(N - n_v, 1) / max(n_v, 1), so a value that no
+      training image has gets the cap (it never has a positive to weigh) and one that every image
+      has gets 1/N rather than 0;
+    * or from ``label_frequencies`` p_v (fractions of images with each value) as ``(1 - p) / p``.
+
+    ``max_pos_weight`` caps the weights for very rare values; it needs one of the above (alone it
+    would silently leave the loss unweighted, so it is refused).
 
     Missing labels: if the batch has ``attr_multi_mask`` ([B] per image or [B, V] per entry,
     1 = labelled), only labelled entries count.
     """
 
-    def __init__(self, pos_weight: float | Sequence[float] | None = None,
+    def __init__(self, pos_weight: float | Sequence[float] | str | None = None,
                  label_frequencies: Sequence[float] | None = None, max_pos_weight: float | None = None,
-                 attribute_sizes: Sequence[int] | None = None, input: str = "attr_logits"):
+                 attribute_sizes: Sequence[int] | None = None,
+                 attribute_value_counts: dict | None = None, input: str = "attr_logits"):
         super().__init__()
         if pos_weight is not None and label_frequencies is not None:
             raise ConfigError("attribute_multilabel_bce: give pos_weight or label_frequencies, not both")
+        if max_pos_weight is not None and pos_weight is None and label_frequencies is None:
+            raise ConfigError(f"attribute_multilabel_bce: max_pos_weight: {max_pos_weight} caps positive weights, "
+                              "but none are set, so the loss would stay unweighted; add pos_weight: frequency "
+                              "(negatives/positives of each value in the training labels) or a number")
+        if max_pos_weight is not None and max_pos_weight <= 0:
+            raise ConfigError(f"attribute_multilabel_bce: max_pos_weight must be positive, got {max_pos_weight}")
         weights: torch.Tensor | None = None
-        if label_frequencies is not None:
+        if isinstance(pos_weight, str):
+            if pos_weight != "frequency":
+                raise ConfigError(f"attribute_multilabel_bce: pos_weight must be a number, a list or 'frequency', "
+                                  f"got {pos_weight!r}")
+            weights = frequency_pos_weights(attribute_value_counts)
+        elif label_frequencies is not None:
             frequencies = torch.tensor([float(p) for p in label_frequencies])
             if bool(((frequencies <= 0) | (frequencies >= 1)).any()):
                 raise ConfigError("attribute_multilabel_bce: label_frequencies must lie strictly between 0 and 1")
@@ -303,5 +335,5 @@ class AttributeMultiLabelBCELoss(nn.Module):
 
 __all__ = [
     "AttributeMultiLabelBCELoss", "CenterLoss", "CrossEntropyLoss", "ImprovedTriHardLoss", "TriHardLoss",
-    "item_labels", "required_size", "resolve_input", "resolve_single_input",
+    "frequency_pos_weights", "item_labels", "required_size", "resolve_input", "resolve_single_input",
 ]
