@@ -139,12 +139,40 @@ def test_gradients_reach_every_parameter(variant):
         "asen": {"global_branch"},
         "asen_local": {"global_branch", "local_branch"},
         "m3_attribute": {"backbone", "attribute_embedding", "attribute_attention", "value_classifier", "fc"},
-        "m3_class": {"backbone", "attribute_embedding", "class_attention", "class_prototypes", "value_classifier", "fc"},
+        "m3_class": {"backbone", "class_attention", "class_prototypes", "value_classifier", "fc"},  # class alone
         "m3_both": {"backbone", "attribute_embedding", "attribute_attention", "class_attention", "class_prototypes",
                     "value_classifier", "fc"},
         "classifier_softmax": {"backbone", "heads"},
     }[variant]
     assert names == expected  # each ablation builds exactly its parts, so "every parameter" means those
+
+
+@pytest.mark.parametrize("variant", ["m3_class", "m3_both"])
+def test_class_condition_mixes_prototypes_by_normalised_sigmoids(variant):
+    # The value classifier is trained with independent sigmoids (attribute_bce), so the mixture is
+    # sigma(z_v) / sum_u sigma(z_u) over the attribute's values, not a softmax of the same logits;
+    # M3-Net_c conditions on that class mixture alone, M3-Net adds the attribute embedding.
+    model = build(variant).train()
+    bias = torch.tensor([[2.0, -1.0, 0.5, 9.0, 9.0], [1.0, 3.0, -2.0, 0.0, -4.0]])  # attribute 0 has 3 values
+    with torch.no_grad():
+        model.value_classifier.weight.zero_()
+        model.value_classifier.bias.copy_(bias)
+    conditions = []
+    model.class_attention[0].register_forward_hook(lambda module, args, output: conditions.append(args[1]))
+    attribute = torch.tensor([0, 1, 0, 1])
+    model(images(), attribute)
+
+    valid = torch.arange(5)[None, :] < torch.tensor(SIZES)[attribute][:, None]
+    sigmoids = torch.sigmoid(bias[attribute]) * valid
+    weights = sigmoids / sigmoids.sum(1, keepdim=True)
+    expected = torch.einsum("bv,bvd->bd", weights, model.class_prototypes[attribute])
+    if variant == "m3_both":
+        expected = expected + model.attribute_embedding(attribute)
+    else:
+        assert model.attribute_embedding is None
+    torch.testing.assert_close(conditions[0], expected)
+    softmax = bias[attribute].masked_fill(~valid, float("-inf")).softmax(1)
+    assert not torch.allclose(softmax, weights, atol=1e-3)  # the two readings really differ here
 
 
 def test_asen_branch_has_both_attentions_and_the_attribute_embedding():
