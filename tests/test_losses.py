@@ -70,10 +70,13 @@ def test_trihard_averages_over_anchors_that_have_a_positive_and_over_branches():
 
 def test_improved_trihard_zero_only_when_positives_are_also_within_the_threshold():
     outputs, batch = {"features": points(*SEPARATED)}, {"item": ITEMS}
-    compact = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=1.5, positive_weight=0.5)
+    # threshold_scale absolute: tau is a distance, which these hand values are about
+    compact = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=1.5, positive_weight=0.5,
+                           threshold_scale="absolute")
     assert compact(outputs, batch).item() == 0.0
     # Ranked correctly but every hardest positive is at 1 > 0.5: 0.5 * (1 - 0.5) per anchor.
-    strict = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.5, positive_weight=0.5)
+    strict = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.5, positive_weight=0.5,
+                          threshold_scale="absolute")
     loss = strict(outputs, batch)
     assert loss.item() == pytest.approx(0.25, abs=1e-6)
     loss.backward()
@@ -85,11 +88,37 @@ def test_improved_trihard_zero_only_when_positives_are_also_within_the_threshold
 
 def test_improved_trihard_hand_value_and_reduction_to_trihard():
     outputs, batch = {"features": points(*MIXED)}, {"item": ITEMS}
-    term = LOSSES.build("improved_trihard", margin=0.5, positive_threshold=1.0, positive_weight=0.5)
+    term = LOSSES.build("improved_trihard", margin=0.5, positive_threshold=1.0, positive_weight=0.5,
+                        threshold_scale="absolute")
     # ranking part 2.0 as for trihard; compactness [d_ap - 1]_+ = 1, 1, 3, 3 -> mean 2, times 0.5
     assert term(outputs, batch).item() == pytest.approx(2.0 + 1.0, abs=1e-6)
     plain = LOSSES.build("improved_trihard", margin=0.5, positive_weight=0.0)(outputs, batch)
     assert plain.item() == pytest.approx(LOSSES.build("trihard", margin=0.5)(outputs, batch).item(), abs=1e-6)
+
+
+def test_improved_trihard_threshold_is_relative_to_the_negative_distances_by_default():
+    # SEPARATED: every hardest positive at 1, hardest negatives 10, 9, 9, 10 (mean 9.5), ranked by far.
+    batch = {"item": ITEMS}
+    default = LOSSES.build("improved_trihard", margin=0.3)  # tau = 1.0 x mean d_an: positives are inside
+    absolute = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.1, threshold_scale="absolute")
+    for scale in (1.0, 100.0):
+        outputs = {"features": (points(*SEPARATED) * scale)}
+        assert default(outputs, batch).item() == 0.0
+        # an absolute tau = 0.1 is active at any scale: 0.5 * (d_ap - 0.1)
+        assert absolute(outputs, batch).item() == pytest.approx(0.5 * (scale - 0.1), rel=1e-5)
+    # tau = 0.1: the bound is 0.1 x 9.5 = 0.95, just inside every hardest positive
+    strict = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.1)
+    features = points(*SEPARATED)
+    loss = strict({"features": features}, batch)
+    assert loss.item() == pytest.approx(0.5 * (1.0 - 0.95), abs=1e-6)
+    loss.backward()
+    # The bound is detached: only the positive pairs are pulled (each pair's distance with weight
+    # 2 x 0.5 / 4, so x0 moves towards x1 and x2 towards x3); a gradient through the mean negative
+    # distance would also push the items towards each other and break the symmetry.
+    grad = features.grad[:, 0]
+    assert grad.tolist() == pytest.approx([-0.25, 0.25, -0.25, 0.25], abs=1e-6)
+    with pytest.raises(ConfigError, match="threshold_scale"):
+        LOSSES.build("improved_trihard", threshold_scale="normalised")
 
 
 # --- center loss ---------------------------------------------------------------------------

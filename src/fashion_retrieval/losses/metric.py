@@ -83,11 +83,6 @@ class _BatchHard(nn.Module):
         self.distance = distances.LpDistance(normalize_embeddings=normalize, p=2, power=1)
         self.miner = miners.BatchHardMiner(distance=self.distance)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        anchor, positive, negative = self.miner(embeddings, labels)  # mined without gradient
-        matrix = self.distance(embeddings)  # recomputed with gradient
-        return matrix[anchor, positive], matrix[anchor, negative]
-
 
 def _triplet_margin(margin: float | None, soft_margin: bool, term: str) -> float:
     if margin is None:
@@ -142,10 +137,11 @@ class TriHardLoss(nn.Module):
 class ImprovedTriHardLoss(nn.Module):
     """MMFL-Net's improved trihard: batch-hard triplet plus an intra-class distance constraint.
 
-    loss = mean_a ( [d_ap - d_an + margin]_+  +  positive_weight · [d_ap - positive_threshold]_+ )
+    loss = mean_a ( [d_ap - d_an + margin]_+  +  positive_weight · [d_ap - positive_threshold · s]_+ )
 
     with d_ap, d_an the hardest positive / negative distances of anchor a as in ``trihard``
-    (``soft_margin`` softens the first hinge the same way).
+    (``soft_margin`` softens the first hinge the same way) and s the batch's mean d_an (or 1 with
+    ``threshold_scale="absolute"``).
 
     Why this form: MMFL-Net (Bao et al. 2023) says its improved trihard loss "jointly optimises
     intra-class and inter-class distance" to improve intra-class compactness. The plain triplet
@@ -157,20 +153,38 @@ class ImprovedTriHardLoss(nn.Module):
     its abstract), so this is our reading; ``positive_weight=0`` gives plain ``trihard``.
 
     The loss is zero exactly when every anchor's farthest positive is closer than its nearest
-    negative by ``margin`` and lies within ``positive_threshold``. ``positive_threshold`` is a
-    distance, so its sensible value depends on the feature scale: with ``normalize`` (distances in
-    [0, 2]) it has a fixed meaning.
+    negative by ``margin`` and lies within the threshold.
+
+    Where τ acts: with ``threshold_scale="relative"`` (default) the threshold is τ times the
+    batch's mean hardest-negative distance (detached): the farthest positive of every anchor must
+    lie within τ times the typical distance to the nearest other item. The triplet only asks each
+    anchor's positives to be closer than *its own* negatives, so a class whose negatives are far
+    may stay spread out; this bound does not depend on the anchor's own negatives. Relative, τ
+    keeps its meaning whatever the feature width, norm, image size and training stage: on raw
+    features MMFL-Net's metric distances are 14–24 at the start (1,024-d, 96×72 images; 26–38
+    with the stripes' 2,304 dimensions) and 8–11 twenty steps later, so the absolute τ = 0.1 used
+    until 2026-12 was active for every anchor, an unconditional pull β·d_ap rather than a
+    threshold. A fixed τ on normalised features does not travel either: the normalised hardest
+    positive distances are 0.40–0.51 at 96×72 but 0.24–0.32 at 256×192. The ratio d_ap / mean
+    d_an is 0.91–1.58 (5th–95th percentile) in all of these cases, and τ = 1.0 is active for
+    83–88 % of the anchors, off for the compact rest, which grows as training tightens the
+    classes (``scripts/trihard_distances.py``; the numbers are in docs/losses.md).
+    ``threshold_scale="absolute"`` reads τ as a distance (on normalised features with ``normalize``).
     """
 
     def __init__(self, margin: float | None = None, soft_margin: bool = False, normalize: bool = False,
-                 positive_threshold: float = 0.1, positive_weight: float = 0.5, input: str = "features"):
+                 positive_threshold: float = 1.0, positive_weight: float = 0.5, threshold_scale: str = "relative",
+                 input: str = "features"):
         super().__init__()
         if positive_threshold < 0 or positive_weight < 0:
             raise ConfigError("improved_trihard: positive_threshold and positive_weight must be >= 0")
+        if threshold_scale not in ("relative", "absolute"):
+            raise ConfigError(f"improved_trihard: threshold_scale must be relative or absolute, got {threshold_scale!r}")
         self.margin = _triplet_margin(margin, soft_margin, "improved_trihard")
         self.soft_margin = soft_margin
         self.positive_threshold = float(positive_threshold)
         self.positive_weight = float(positive_weight)
+        self.relative = threshold_scale == "relative"
         self.input = input
         self.mining = _BatchHard(normalize)
 
@@ -178,13 +192,17 @@ class ImprovedTriHardLoss(nn.Module):
         per_input = []
         for embeddings in resolve_input(outputs, self.input):
             labels = item_labels(batch, embeddings.device)
-            d_ap, d_an = self.mining(embeddings, labels)
-            if d_ap.numel() == 0:
+            anchor, positive, negative = self.mining.miner(embeddings, labels)  # mined without gradient
+            if anchor.numel() == 0:
                 per_input.append(_zero(embeddings))
                 continue
+            matrix = self.mining.distance(embeddings)  # recomputed with gradient
+            d_ap, d_an = matrix[anchor, positive], matrix[anchor, negative]
             violation = d_ap - d_an + self.margin
             ranking = F.softplus(violation) if self.soft_margin else F.relu(violation)
-            compactness = F.relu(d_ap - self.positive_threshold)
+            # Detached: the scale says where the bound is; pushing negatives closer must not lower it.
+            threshold = self.positive_threshold * (d_an.detach().mean() if self.relative else 1.0)
+            compactness = F.relu(d_ap - threshold)
             per_input.append((ranking + self.positive_weight * compactness).mean())
         return torch.stack(per_input).mean()
 
