@@ -85,6 +85,11 @@ class ResNetBackbone(nn.Module):
             features.append(x)
         return features
 
+    def keep_levels(self, count: int) -> None:
+        """Drop the stages after C{count+1} (1 ≤ count ≤ 4), for models that read no deeper level."""
+        self.stages = self.stages[:count]
+        self.channels, self.strides = self.channels[:count], self.strides[:count]
+
 
 def load_state_dict_file(module: nn.Module, path: str | Path) -> None:
     path = Path(path)
