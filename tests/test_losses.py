@@ -70,10 +70,13 @@ def test_trihard_averages_over_anchors_that_have_a_positive_and_over_branches():
 
 def test_improved_trihard_zero_only_when_positives_are_also_within_the_threshold():
     outputs, batch = {"features": points(*SEPARATED)}, {"item": ITEMS}
-    compact = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=1.5, positive_weight=0.5)
+    # threshold_scale absolute: tau is a distance, which these hand values are about
+    compact = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=1.5, positive_weight=0.5,
+                           threshold_scale="absolute")
     assert compact(outputs, batch).item() == 0.0
     # Ranked correctly but every hardest positive is at 1 > 0.5: 0.5 * (1 - 0.5) per anchor.
-    strict = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.5, positive_weight=0.5)
+    strict = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.5, positive_weight=0.5,
+                          threshold_scale="absolute")
     loss = strict(outputs, batch)
     assert loss.item() == pytest.approx(0.25, abs=1e-6)
     loss.backward()
@@ -85,11 +88,37 @@ def test_improved_trihard_zero_only_when_positives_are_also_within_the_threshold
 
 def test_improved_trihard_hand_value_and_reduction_to_trihard():
     outputs, batch = {"features": points(*MIXED)}, {"item": ITEMS}
-    term = LOSSES.build("improved_trihard", margin=0.5, positive_threshold=1.0, positive_weight=0.5)
+    term = LOSSES.build("improved_trihard", margin=0.5, positive_threshold=1.0, positive_weight=0.5,
+                        threshold_scale="absolute")
     # ranking part 2.0 as for trihard; compactness [d_ap - 1]_+ = 1, 1, 3, 3 -> mean 2, times 0.5
     assert term(outputs, batch).item() == pytest.approx(2.0 + 1.0, abs=1e-6)
     plain = LOSSES.build("improved_trihard", margin=0.5, positive_weight=0.0)(outputs, batch)
     assert plain.item() == pytest.approx(LOSSES.build("trihard", margin=0.5)(outputs, batch).item(), abs=1e-6)
+
+
+def test_improved_trihard_threshold_is_relative_to_the_negative_distances_by_default():
+    # SEPARATED: every hardest positive at 1, hardest negatives 10, 9, 9, 10 (mean 9.5), ranked by far.
+    batch = {"item": ITEMS}
+    default = LOSSES.build("improved_trihard", margin=0.3)  # tau = 1.0 x mean d_an: positives are inside
+    absolute = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.1, threshold_scale="absolute")
+    for scale in (1.0, 100.0):
+        outputs = {"features": (points(*SEPARATED) * scale)}
+        assert default(outputs, batch).item() == 0.0
+        # an absolute tau = 0.1 is active at any scale: 0.5 * (d_ap - 0.1)
+        assert absolute(outputs, batch).item() == pytest.approx(0.5 * (scale - 0.1), rel=1e-5)
+    # tau = 0.1: the bound is 0.1 x 9.5 = 0.95, just inside every hardest positive
+    strict = LOSSES.build("improved_trihard", margin=0.3, positive_threshold=0.1)
+    features = points(*SEPARATED)
+    loss = strict({"features": features}, batch)
+    assert loss.item() == pytest.approx(0.5 * (1.0 - 0.95), abs=1e-6)
+    loss.backward()
+    # The bound is detached: only the positive pairs are pulled (each pair's distance with weight
+    # 2 x 0.5 / 4, so x0 moves towards x1 and x2 towards x3); a gradient through the mean negative
+    # distance would also push the items towards each other and break the symmetry.
+    grad = features.grad[:, 0]
+    assert grad.tolist() == pytest.approx([-0.25, 0.25, -0.25, 0.25], abs=1e-6)
+    with pytest.raises(ConfigError, match="threshold_scale"):
+        LOSSES.build("improved_trihard", threshold_scale="normalised")
 
 
 # --- center loss ---------------------------------------------------------------------------
@@ -167,6 +196,60 @@ def test_attribute_bce_weights_positives_and_masks_missing_rows():
     assert weighted(outputs, masked).item() == pytest.approx((3 + 1) * math.log(2) / 2, abs=1e-6)
     with pytest.raises(ConfigError, match="3 positive weights"):
         LOSSES.build("attribute_multilabel_bce", pos_weight=[1.0, 1.0, 1.0], attribute_sizes=[1, 1])
+
+
+def _tiny_label_table():
+    from fashion_retrieval.data.table import Sample, SampleTable
+
+    rows = [{"clothes_type": "top", "attributes": ("a", "b")}, {"clothes_type": "top", "attributes": ("a",)},
+            {"clothes_type": "dress"}, {"attributes": ("a", "c")}]
+    samples = [Sample(path=f"{n}.jpg", item_id=f"item{n}", attributes=attrs) for n, attrs in enumerate(rows)]
+    return SampleTable(samples, multi_label=["attributes"])
+
+
+def test_frequency_pos_weights_come_from_the_training_labels_and_change_the_loss():
+    from types import SimpleNamespace
+
+    from fashion_retrieval.config import load_config
+    from fashion_retrieval.data.labels import LabelSpace
+    from fashion_retrieval.engine.train import build_objective_for
+
+    table = _tiny_label_table()
+    labels = LabelSpace.from_table(table)
+    assert labels.attributes == {"clothes_type": ["dress", "top"], "attributes": ["a", "b", "c"]}
+    assert labels.value_counts(table) == [1, 2, 3, 1, 1]
+    # negatives / positives over the 4 images: dress 3/1, top 2/2, a 1/3, b 3/1, c 3/1 (the recipe's cap is 50)
+    expected = torch.tensor([3.0, 1.0, 1.0 / 3.0, 3.0, 3.0])
+    config = load_config("configs/deepfashion_c2s_mmfl_net.yaml")
+    model = SimpleNamespace(feat_dim=8)
+    objective = build_objective_for(config, model, labels, table)
+    term = objective.terms[objective.labels.index("attribute_multilabel_bce")]
+    torch.testing.assert_close(term.pos_weight, expected)
+
+    outputs = {"attr_logits": torch.zeros(2, 5)}
+    batch = {"attr_multi_hot": torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0]])}
+    weighted = term(outputs, batch).item()
+    unweighted = LOSSES.build("attribute_multilabel_bce")(outputs, batch).item()
+    # At logit 0 each entry costs log 2 times its weight: positives 1, 1/3, 3 and 3, 1/3, 3; four negatives.
+    assert weighted == pytest.approx((1 + 1 / 3 + 3 + 3 + 1 / 3 + 3 + 4) * math.log(2) / 10, abs=1e-6)
+    assert unweighted == pytest.approx(math.log(2), abs=1e-6)
+    capped = LOSSES.build("attribute_multilabel_bce", pos_weight="frequency", max_pos_weight=2.0,
+                          attribute_value_counts={"positives": labels.value_counts(table), "images": 4})
+    torch.testing.assert_close(capped.pos_weight, torch.tensor([2.0, 1.0, 1.0 / 3.0, 2.0, 2.0]))
+
+
+def test_a_cap_without_weights_and_frequency_weights_without_counts_are_refused():
+    from fashion_retrieval.losses.metric import frequency_pos_weights
+
+    with pytest.raises(ConfigError, match="pos_weight: frequency"):
+        LOSSES.build("attribute_multilabel_bce", max_pos_weight=50)
+    with pytest.raises(ConfigError, match="value counts"):
+        LOSSES.build("attribute_multilabel_bce", pos_weight="frequency")
+    with pytest.raises(ConfigError, match="'often'"):
+        LOSSES.build("attribute_multilabel_bce", pos_weight="often")
+    # a value no image has gets the cap's input N, one every image has 1/N instead of 0
+    torch.testing.assert_close(frequency_pos_weights({"positives": [0, 4, 1], "images": 4}),
+                               torch.tensor([4.0, 0.25, 3.0]))
 
 
 # --- margin softmaxes and DML --------------------------------------------------------------

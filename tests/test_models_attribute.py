@@ -1,6 +1,8 @@
 """Attribute-conditioned models: ASEN (+ ASEN++ local branch), M3-Net ablations, classifier baseline."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ SMALL = {"embedding_dim": 32, "attr_dim": 16, "joint_dim": 16}
 VARIANTS = {
     "asen": ("asen", SMALL),
     "asen_local": ("asen", {**SMALL, "local_branch": True}),
+    "asen_authors": ("asen", {**SMALL, "attention_stage": "c4", "spatial_tanh": True}),
     "m3_attribute": ("m3_net", {**SMALL, "attention": "attribute"}),
     "m3_class": ("m3_net", {**SMALL, "attention": "class"}),
     "m3_both": ("m3_net", {**SMALL, "attention": "both"}),
@@ -122,7 +125,8 @@ def test_attribute_is_required_and_a_scalar_is_broadcast():
     assert scalar.shape == (2, 32)
 
 
-@pytest.mark.parametrize("variant", ["asen", "asen_local", "m3_attribute", "m3_class", "m3_both", "classifier_softmax"])
+@pytest.mark.parametrize("variant", ["asen", "asen_local", "asen_authors", "m3_attribute", "m3_class", "m3_both",
+                                     "classifier_softmax"])
 def test_gradients_reach_every_parameter(variant):
     model = build(variant).train()
     outputs = model(images(), torch.tensor([0, 1, 0, 1]))
@@ -138,8 +142,9 @@ def test_gradients_reach_every_parameter(variant):
     expected = {
         "asen": {"global_branch"},
         "asen_local": {"global_branch", "local_branch"},
+        "asen_authors": {"global_branch"},  # no backbone stage after C4 is left without gradient
         "m3_attribute": {"backbone", "attribute_embedding", "attribute_attention", "value_classifier", "fc"},
-        "m3_class": {"backbone", "attribute_embedding", "class_attention", "class_prototypes", "value_classifier", "fc"},
+        "m3_class": {"backbone", "class_attention", "class_prototypes", "value_classifier", "fc"},  # class alone
         "m3_both": {"backbone", "attribute_embedding", "attribute_attention", "class_attention", "class_prototypes",
                     "value_classifier", "fc"},
         "classifier_softmax": {"backbone", "heads"},
@@ -147,10 +152,71 @@ def test_gradients_reach_every_parameter(variant):
     assert names == expected  # each ablation builds exactly its parts, so "every parameter" means those
 
 
+@pytest.mark.parametrize("variant", ["m3_class", "m3_both"])
+def test_class_condition_mixes_prototypes_by_normalised_sigmoids(variant):
+    # The value classifier is trained with independent sigmoids (attribute_bce), so the mixture is
+    # sigma(z_v) / sum_u sigma(z_u) over the attribute's values, not a softmax of the same logits;
+    # M3-Net_c conditions on that class mixture alone, M3-Net adds the attribute embedding.
+    model = build(variant).train()
+    bias = torch.tensor([[2.0, -1.0, 0.5, 9.0, 9.0], [1.0, 3.0, -2.0, 0.0, -4.0]])  # attribute 0 has 3 values
+    with torch.no_grad():
+        model.value_classifier.weight.zero_()
+        model.value_classifier.bias.copy_(bias)
+    conditions = []
+    model.class_attention[0].register_forward_hook(lambda module, args, output: conditions.append(args[1]))
+    attribute = torch.tensor([0, 1, 0, 1])
+    model(images(), attribute)
+
+    valid = torch.arange(5)[None, :] < torch.tensor(SIZES)[attribute][:, None]
+    sigmoids = torch.sigmoid(bias[attribute]) * valid
+    weights = sigmoids / sigmoids.sum(1, keepdim=True)
+    expected = torch.einsum("bv,bvd->bd", weights, model.class_prototypes[attribute])
+    if variant == "m3_both":
+        expected = expected + model.attribute_embedding(attribute)
+    else:
+        assert model.attribute_embedding is None
+    torch.testing.assert_close(conditions[0], expected)
+    softmax = bias[attribute].masked_fill(~valid, float("-inf")).softmax(1)
+    assert not torch.allclose(softmax, weights, atol=1e-3)  # the two readings really differ here
+
+
 def test_asen_branch_has_both_attentions_and_the_attribute_embedding():
     names = [name for name, _ in build("asen").global_branch.named_parameters()]
     for part in ["backbone.", "attribute_embedding.", "attention.spatial.", "attention.channel.", "fc."]:
         assert any(name.startswith(part) for name in names), part
+
+
+@pytest.mark.parametrize("backbone, channels", [("resnet18", 256), ("efficientnet_lite0", 112)])
+def test_asen_authors_variant_attends_over_c4(backbone, channels):
+    model = MODELS.build("asen", attribute_sizes=SIZES, backbone=backbone, attention_stage="c4", spatial_tanh=True,
+                         **SMALL).train()
+    branch = model.global_branch
+    assert branch.backbone.channels == branch.backbone.channels[:3] and branch.backbone.channels[-1] == channels
+    assert branch.attention.spatial.image_proj.in_channels == channels
+    _, attention = branch(images(2), torch.tensor([0, 1]))
+    assert attention.shape == (2, 64 // 16, 48 // 16)  # stride 16, as the authors' 14x14 at 224 px
+    assert model(images(2), torch.tensor([0, 1]))["embedding"].shape == (2, 32)
+    default = build("asen").global_branch
+    assert default.backbone.channels[-1] == 512 and default.attention.spatial.score_tanh is False
+
+
+def test_spatial_tanh_squashes_the_scores_before_the_softmax():
+    from fashion_retrieval.models.asen import AttributeSpatialAttention
+
+    feature_map, condition = torch.randn(2, 8, 4, 3), torch.randn(2, 6)
+    ratios = {}
+    for squash in (False, True):
+        torch.manual_seed(1)
+        spatial = AttributeSpatialAttention(8, 6, joint_dim=5, score_tanh=squash)
+        with torch.no_grad():
+            spatial.score.weight.mul_(100.0)  # scores far beyond [-1, 1]
+            raw = spatial.score(torch.tanh(spatial.image_proj(feature_map))
+                                * torch.tanh(spatial.cond_proj(condition))[:, :, None, None]).flatten(1)
+            _, weights = spatial(feature_map, condition)
+        expected = (torch.tanh(raw) if squash else raw).softmax(1)
+        torch.testing.assert_close(weights.flatten(1), expected)
+        ratios[squash] = float((weights.flatten(1).max(1).values / weights.flatten(1).min(1).values).max())
+    assert ratios[True] <= math.e ** 2 + 1e-4 < ratios[False]  # tanh bounds the weight ratio by e^2
 
 
 def test_attention_box_covers_the_attended_cells():

@@ -53,15 +53,42 @@ def test_mmfl_net_outputs(size: tuple[int, int]) -> None:
     assert model.branch_names == ["global", "part2", "part2_stripe0", "part2_stripe1",
                                   "part3", "part3_stripe0", "part3_stripe1", "part3_stripe2", "local"]
     assert model.feat_dim == 9 * 16
-    assert out["embedding"].shape == out["features"].shape == (2, model.feat_dim)
-    assert [f.shape for f in out["branch_features"]] == [(2, 16)] * 9
+    assert out["embedding"].shape == (2, model.feat_dim)
+    # Metric losses see each branch's whole-map feature, not the stripes (MGN).
+    assert model.metric_branch_names == ["global", "part2", "part3", "local"]
+    assert out["features"].shape == (2, model.features_dim) == (2, 4 * 16)
+    assert [f.shape for f in out["branch_features"]] == [(2, 16)] * 4
     assert [lg.shape for lg in out["branch_logits"]] == [(2, 5)] * 9
     assert out["logits"] is out["branch_logits"][0]  # "logits" is the global branch's
     assert out["attr_logits"].shape == (2, 7)
-    # The concatenations keep the branch order, so embedding slices map to branch_names.
+    # The concatenations keep the branch order, so slices map to metric_branch_names.
     torch.testing.assert_close(out["features"][:, 16:32], out["branch_features"][1])
     with torch.no_grad():
         assert set(model.eval()(images)) == {"embedding"}
+
+
+@pytest.mark.parametrize("metric_on_stripes", [False, True])
+def test_triplet_losses_reach_the_stripes_only_when_asked(metric_on_stripes: bool) -> None:
+    # The recipes' metric terms: improved trihard on "features", trihard on every "branch_features".
+    from fashion_retrieval.losses.objective import build_objective
+
+    model = build("mmfl_net", metric_on_stripes=metric_on_stripes, **SMALL_MMFL).train()
+    out = model(torch.rand(4, 3, 64, 48))
+    objective = build_objective([{"name": "improved_trihard", "margin": 0.3},
+                                 {"name": "trihard", "label": "branches", "input": "branch_features", "margin": 0.3}])
+    total, _ = objective(out, {"item": torch.tensor([0, 0, 1, 1])})
+    total.backward()
+
+    def touched(module: torch.nn.Module) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    stripes = [neck for part in model.part_branches for neck in part.necks[1:]]
+    assert len(stripes) == 5
+    assert touched(model.global_neck) and all(touched(part.necks[0]) for part in model.part_branches)
+    assert touched(model.local_branch.neck)
+    assert [touched(neck) for neck in stripes] == [metric_on_stripes] * 5
+    expected = model.branch_names if metric_on_stripes else ["global", "part2", "part3", "local"]
+    assert model.metric_branch_names == expected and len(out["branch_features"]) == len(expected)
 
 
 def test_mmfl_net_eval_embedding_does_not_depend_on_the_batch() -> None:

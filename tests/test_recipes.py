@@ -190,3 +190,39 @@ def test_attribute_recipes_mine_all_triplets_not_the_hardest(recipe: Path) -> No
             kwargs = {k: v for k, v in {**spec, **(spec.get("kwargs") or {})}.items()
                       if k not in ("name", "weight", "label", "kwargs") and v is not None}
             assert build_term("attribute_triplet", kwargs).miner is None
+
+
+def _term_kwargs(term) -> dict:
+    spec = term.model_dump() if hasattr(term, "model_dump") else dict(term)
+    return {k: v for k, v in {**spec, **(spec.get("kwargs") or {})}.items()
+            if k not in ("name", "weight", "label", "kwargs") and v is not None}
+
+
+def _tiny(kwargs: dict) -> dict:
+    return {**kwargs, "backbone": "resnet18", "pretrained": False}
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if load_config(p).model.name == "mmfl_net"], ids=lambda p: p.stem)
+def test_mmfl_recipes_put_triplets_on_whole_branches_and_scale_tau(recipe: Path) -> None:
+    # MGN's placement: no metric loss on single stripes; improved trihard's tau relative to the
+    # negatives (an absolute 0.1 on raw distances was active for every anchor: docs/losses.md).
+    from fashion_retrieval.losses.objective import build_term
+    from fashion_retrieval.models import MODELS
+
+    config = load_config(recipe)
+    model = MODELS.build("mmfl_net", num_items=3, **_tiny(config.model.kwargs))
+    assert not any("_stripe" in name for name in model.metric_branch_names)
+    improved = [t for t in config.loss.terms if t.name == "improved_trihard"]
+    assert improved and all(build_term("improved_trihard", _term_kwargs(t)).relative for t in improved)
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.stem.endswith("_asen_authors")], ids=lambda p: p.stem)
+def test_asen_authors_recipes_attend_over_c4_with_tanh(recipe: Path) -> None:
+    from fashion_retrieval.models import MODELS
+
+    config = load_config(recipe)
+    base = load_config(CONFIGS / yaml.safe_load(recipe.read_text())["base"])
+    assert config.data == base.data and config.loss == base.loss  # only the model differs
+    model = MODELS.build("asen", attribute_sizes=[3, 4], **_tiny(config.model.kwargs))
+    spatial = model.global_branch.attention.spatial
+    assert spatial.score_tanh and spatial.image_proj.in_channels == model.global_branch.backbone.channels[2] == 256

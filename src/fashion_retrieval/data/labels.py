@@ -149,6 +149,16 @@ class LabelSpace:
             "attr_multi_hot": multi_hot,
         }
 
+    def value_counts(self, table: SampleTable) -> list[int]:
+        """Images of ``table`` that are positive for each entry of the flat multi-hot vector
+        (``attr_multi_hot``'s layout), for frequency-based positive weights."""
+        counts = [0] * self.total_attribute_values
+        for sample in table:
+            for a, name in enumerate(self.attributes):
+                for i in self.value_ids(name, sample.attributes.get(name)):
+                    counts[self._offsets[a] + i] += 1
+        return counts
+
     def encode_table(self, table: SampleTable) -> dict[str, torch.Tensor]:
         """Whole-table labels without images, for samplers and benchmarks:
         ``item`` [N], ``category`` [N] and ``attrs`` [N, A] (-1 = missing)."""

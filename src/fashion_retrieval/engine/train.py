@@ -174,19 +174,23 @@ def build_model(config: ExperimentConfig, labels: LabelSpace) -> tuple[nn.Module
     return MODELS.build(config.model.name, **kwargs), kwargs
 
 
-def build_objective_for(config: ExperimentConfig, model: nn.Module, labels: LabelSpace) -> nn.Module:
+def build_objective_for(config: ExperimentConfig, model: nn.Module, labels: LabelSpace,
+                        table: SampleTable | None = None) -> nn.Module:
     """The weighted loss terms; sizes the terms need (classes, embedding width) come from the
-    label space and the model, so recipes do not repeat them."""
+    label space and the model, and label counts (frequency-weighted BCE) from the training
+    ``table``, so recipes do not repeat them."""
     from ..losses.objective import build_objective
 
     feat_dim = int(getattr(model, "feat_dim", 0))
-    context = {
+    context: dict[str, Any] = {
         "num_classes": labels.num_items,
         "embedding_size": int(getattr(model, "features_dim", feat_dim)),
         "attribute_sizes": labels.attribute_sizes,
         "feat_dim": feat_dim,
     }
     terms = [{"name": t.name, "weight": t.weight, **t.kwargs} for t in config.loss.terms]
+    if table is not None and any(t.name == "attribute_multilabel_bce" for t in config.loss.terms):
+        context["attribute_value_counts"] = {"positives": labels.value_counts(table), "images": len(table)}
     return build_objective(terms, context)
 
 
@@ -449,7 +453,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
         if conditioned and config.data.sampler.kind != "attribute":
             raise ConfigError(f"data.sampler.kind: model '{config.model.name}' is attribute-conditioned and needs "
                               "kind: attribute (batches of one attribute each)")
-        objective = build_objective_for(config, model, labels)
+        objective = build_objective_for(config, model, labels, table)
         device = context.device
         cache = decoded_cache_for(config, run_dir)
         plan = plan_execution(config, device, context.world_size, decoded_cache=cache is not None)

@@ -83,11 +83,6 @@ class _BatchHard(nn.Module):
         self.distance = distances.LpDistance(normalize_embeddings=normalize, p=2, power=1)
         self.miner = miners.BatchHardMiner(distance=self.distance)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        anchor, positive, negative = self.miner(embeddings, labels)  # mined without gradient
-        matrix = self.distance(embeddings)  # recomputed with gradient
-        return matrix[anchor, positive], matrix[anchor, negative]
-
 
 def _triplet_margin(margin: float | None, soft_margin: bool, term: str) -> float:
     if margin is None:
@@ -142,10 +137,11 @@ class TriHardLoss(nn.Module):
 class ImprovedTriHardLoss(nn.Module):
     """MMFL-Net's improved trihard: batch-hard triplet plus an intra-class distance constraint.
 
-    loss = mean_a ( [d_ap - d_an + margin]_+  +  positive_weight · [d_ap - positive_threshold]_+ )
+    loss = mean_a ( [d_ap - d_an + margin]_+  +  positive_weight · [d_ap - positive_threshold · s]_+ )
 
     with d_ap, d_an the hardest positive / negative distances of anchor a as in ``trihard``
-    (``soft_margin`` softens the first hinge the same way).
+    (``soft_margin`` softens the first hinge the same way) and s the batch's mean d_an (or 1 with
+    ``threshold_scale="absolute"``).
 
     Why this form: MMFL-Net (Bao et al. 2023) says its improved trihard loss "jointly optimises
     intra-class and inter-class distance" to improve intra-class compactness. The plain triplet
@@ -157,20 +153,38 @@ class ImprovedTriHardLoss(nn.Module):
     its abstract), so this is our reading; ``positive_weight=0`` gives plain ``trihard``.
 
     The loss is zero exactly when every anchor's farthest positive is closer than its nearest
-    negative by ``margin`` and lies within ``positive_threshold``. ``positive_threshold`` is a
-    distance, so its sensible value depends on the feature scale: with ``normalize`` (distances in
-    [0, 2]) it has a fixed meaning.
+    negative by ``margin`` and lies within the threshold.
+
+    Where τ acts: with ``threshold_scale="relative"`` (default) the threshold is τ times the
+    batch's mean hardest-negative distance (detached): the farthest positive of every anchor must
+    lie within τ times the typical distance to the nearest other item. The triplet only asks each
+    anchor's positives to be closer than *its own* negatives, so a class whose negatives are far
+    may stay spread out; this bound does not depend on the anchor's own negatives. Relative, τ
+    keeps its meaning whatever the feature width, norm, image size and training stage: on raw
+    features MMFL-Net's metric distances are 14–24 at the start (1,024-d, 96×72 images; 26–38
+    with the stripes' 2,304 dimensions) and 8–11 twenty steps later, so the absolute τ = 0.1 used
+    until 2026-12 was active for every anchor, an unconditional pull β·d_ap rather than a
+    threshold. A fixed τ on normalised features does not travel either: the normalised hardest
+    positive distances are 0.40–0.51 at 96×72 but 0.24–0.32 at 256×192. The ratio d_ap / mean
+    d_an is 0.91–1.58 (5th–95th percentile) in all of these cases, and τ = 1.0 is active for
+    83–88 % of the anchors, off for the compact rest, which grows as training tightens the
+    classes (``scripts/trihard_distances.py``; the numbers are in docs/losses.md).
+    ``threshold_scale="absolute"`` reads τ as a distance (on normalised features with ``normalize``).
     """
 
     def __init__(self, margin: float | None = None, soft_margin: bool = False, normalize: bool = False,
-                 positive_threshold: float = 0.1, positive_weight: float = 0.5, input: str = "features"):
+                 positive_threshold: float = 1.0, positive_weight: float = 0.5, threshold_scale: str = "relative",
+                 input: str = "features"):
         super().__init__()
         if positive_threshold < 0 or positive_weight < 0:
             raise ConfigError("improved_trihard: positive_threshold and positive_weight must be >= 0")
+        if threshold_scale not in ("relative", "absolute"):
+            raise ConfigError(f"improved_trihard: threshold_scale must be relative or absolute, got {threshold_scale!r}")
         self.margin = _triplet_margin(margin, soft_margin, "improved_trihard")
         self.soft_margin = soft_margin
         self.positive_threshold = float(positive_threshold)
         self.positive_weight = float(positive_weight)
+        self.relative = threshold_scale == "relative"
         self.input = input
         self.mining = _BatchHard(normalize)
 
@@ -178,13 +192,17 @@ class ImprovedTriHardLoss(nn.Module):
         per_input = []
         for embeddings in resolve_input(outputs, self.input):
             labels = item_labels(batch, embeddings.device)
-            d_ap, d_an = self.mining(embeddings, labels)
-            if d_ap.numel() == 0:
+            anchor, positive, negative = self.mining.miner(embeddings, labels)  # mined without gradient
+            if anchor.numel() == 0:
                 per_input.append(_zero(embeddings))
                 continue
+            matrix = self.mining.distance(embeddings)  # recomputed with gradient
+            d_ap, d_an = matrix[anchor, positive], matrix[anchor, negative]
             violation = d_ap - d_an + self.margin
             ranking = F.softplus(violation) if self.soft_margin else F.relu(violation)
-            compactness = F.relu(d_ap - self.positive_threshold)
+            # Detached: the scale says where the bound is; pushing negatives closer must not lower it.
+            threshold = self.positive_threshold * (d_an.detach().mean() if self.relative else 1.0)
+            compactness = F.relu(d_ap - threshold)
             per_input.append((ranking + self.positive_weight * compactness).mean())
         return torch.stack(per_input).mean()
 
@@ -242,29 +260,61 @@ class CrossEntropyLoss(nn.Module):
         return torch.stack(per_input).mean()
 
 
+def frequency_pos_weights(counts: dict | None) -> torch.Tensor:
+    """Negatives per positive of each attribute value, from the training table's counts."""
+    if not counts or "positives" not in counts or "images" not in counts:
+        raise ConfigError("attribute_multilabel_bce: pos_weight: frequency needs the training labels' value counts "
+                          "(attribute_value_counts), which the trainer passes; none were given here")
+    positives = torch.tensor([float(n) for n in counts["positives"]])
+    negatives = float(counts["images"]) - positives
+    return negatives.clamp(min=1.0) / positives.clamp(min=1.0)
+
+
 @LOSSES.register("attribute_multilabel_bce")
 class AttributeMultiLabelBCELoss(nn.Module):
     """Multi-label attribute recognition: BCE of ``attr_logits`` [B, V] against
     ``batch["attr_multi_hot"]`` [B, V], averaged over the entries that count.
 
     Each image has few of the V attribute values, so unweighted BCE is minimised early by saying
-    "absent" everywhere. Positives are weighted by ``pos_weight``: one number for all values, a
-    list of V numbers, or computed from ``label_frequencies`` (the fraction of training images
-    that have each value) as ``(1 - p) / p``, i.e. negatives per positive, which gives both sides
-    equal total weight; ``max_pos_weight`` caps it for very rare values.
+    "absent" everywhere. Positives are weighted by ``pos_weight``:
+
+    * a number for all values, or a list of V numbers;
+    * ``"frequency"``: negatives / positives of each value in the training table, which gives both
+      sides of every value equal total weight. The trainer passes the table's counts as
+      ``attribute_value_counts`` (``{"positives": [V], "images": N}``); an image without the
+      value counts as a negative, as it does in the loss (training batches carry no
+      ``attr_multi_mask``). Computed as max(N - n_v, 1) / max(n_v, 1), so a value that no
+      training image has gets the cap (it never has a positive to weigh) and one that every image
+      has gets 1/N rather than 0;
+    * or from ``label_frequencies`` p_v (fractions of images with each value) as ``(1 - p) / p``.
+
+    ``max_pos_weight`` caps the weights for very rare values; it needs one of the above (alone it
+    would silently leave the loss unweighted, so it is refused).
 
     Missing labels: if the batch has ``attr_multi_mask`` ([B] per image or [B, V] per entry,
     1 = labelled), only labelled entries count.
     """
 
-    def __init__(self, pos_weight: float | Sequence[float] | None = None,
+    def __init__(self, pos_weight: float | Sequence[float] | str | None = None,
                  label_frequencies: Sequence[float] | None = None, max_pos_weight: float | None = None,
-                 attribute_sizes: Sequence[int] | None = None, input: str = "attr_logits"):
+                 attribute_sizes: Sequence[int] | None = None,
+                 attribute_value_counts: dict | None = None, input: str = "attr_logits"):
         super().__init__()
         if pos_weight is not None and label_frequencies is not None:
             raise ConfigError("attribute_multilabel_bce: give pos_weight or label_frequencies, not both")
+        if max_pos_weight is not None and pos_weight is None and label_frequencies is None:
+            raise ConfigError(f"attribute_multilabel_bce: max_pos_weight: {max_pos_weight} caps positive weights, "
+                              "but none are set, so the loss would stay unweighted; add pos_weight: frequency "
+                              "(negatives/positives of each value in the training labels) or a number")
+        if max_pos_weight is not None and max_pos_weight <= 0:
+            raise ConfigError(f"attribute_multilabel_bce: max_pos_weight must be positive, got {max_pos_weight}")
         weights: torch.Tensor | None = None
-        if label_frequencies is not None:
+        if isinstance(pos_weight, str):
+            if pos_weight != "frequency":
+                raise ConfigError(f"attribute_multilabel_bce: pos_weight must be a number, a list or 'frequency', "
+                                  f"got {pos_weight!r}")
+            weights = frequency_pos_weights(attribute_value_counts)
+        elif label_frequencies is not None:
             frequencies = torch.tensor([float(p) for p in label_frequencies])
             if bool(((frequencies <= 0) | (frequencies >= 1)).any()):
                 raise ConfigError("attribute_multilabel_bce: label_frequencies must lie strictly between 0 and 1")
@@ -303,5 +353,5 @@ class AttributeMultiLabelBCELoss(nn.Module):
 
 __all__ = [
     "AttributeMultiLabelBCELoss", "CenterLoss", "CrossEntropyLoss", "ImprovedTriHardLoss", "TriHardLoss",
-    "item_labels", "required_size", "resolve_input", "resolve_single_input",
+    "frequency_pos_weights", "item_labels", "required_size", "resolve_input", "resolve_single_input",
 ]

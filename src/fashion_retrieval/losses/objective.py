@@ -10,8 +10,9 @@ the loss's own keyword arguments::
     - {name: cross_entropy, weight: 1.0, label_smoothing: 0.1}
 
 Loss kwargs may also come nested under ``kwargs:``. ``build_objective`` fills in what the model
-knows (``num_classes``, ``embedding_size``, ``attribute_sizes``, ``feat_dim``) for the terms whose
-constructor names them; keys given by the user win.
+knows (``num_classes``, ``embedding_size``, ``attribute_sizes``, ``feat_dim``) and what the
+training table knows (``attribute_value_counts``, for frequency-weighted attribute BCE) for the
+terms whose constructor names them; keys given by the user win.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch import nn
 from ..registry import ConfigError, check_kwargs
 from . import LOSSES
 
-CONTEXT_KEYS = ("num_classes", "embedding_size", "attribute_sizes", "feat_dim")
+CONTEXT_KEYS = ("num_classes", "embedding_size", "attribute_sizes", "feat_dim", "attribute_value_counts")
 
 
 class Objective(nn.Module):

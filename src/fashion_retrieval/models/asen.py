@@ -63,16 +63,24 @@ class AttributeSpatialAttention(nn.Module):
     feature space, which the channel attention then gates.
     """
 
-    def __init__(self, in_channels: int, cond_dim: int, joint_dim: int = 512):
+    def __init__(self, in_channels: int, cond_dim: int, joint_dim: int = 512, score_tanh: bool = False):
         super().__init__()
         self.image_proj = nn.Conv2d(in_channels, joint_dim, kernel_size=1)
         self.cond_proj = nn.Linear(cond_dim, joint_dim)
         self.score = nn.Conv2d(joint_dim, 1, kernel_size=1)
+        # The authors' code squashes the scores with tanh before the softmax, which bounds the
+        # ratio between two locations' weights by e^2: the attention can never collapse to one cell.
+        self.score_tanh = score_tanh
+
+    def scores(self, feature_map: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """[B, h*w] pre-softmax location scores."""
+        joint = torch.tanh(self.image_proj(feature_map)) * torch.tanh(self.cond_proj(condition))[:, :, None, None]
+        scores = self.score(joint).flatten(1)
+        return torch.tanh(scores) if self.score_tanh else scores
 
     def forward(self, feature_map: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, height, width = feature_map.shape
-        joint = torch.tanh(self.image_proj(feature_map)) * torch.tanh(self.cond_proj(condition))[:, :, None, None]
-        weights = self.score(joint).flatten(1).softmax(dim=1)  # [B, h*w]
+        weights = self.scores(feature_map, condition).softmax(dim=1)  # [B, h*w]
         attended = torch.einsum("bn,bcn->bc", weights, feature_map.flatten(2))
         return attended, weights.view(batch, height, width)
 
@@ -101,9 +109,10 @@ class AttributeChannelAttention(nn.Module):
 class ConditionedAttentionPool(nn.Module):
     """Spatial then channel attention under one condition vector: feature map → [B, C] vector."""
 
-    def __init__(self, in_channels: int, cond_dim: int, joint_dim: int = 512, reduction: int = 4):
+    def __init__(self, in_channels: int, cond_dim: int, joint_dim: int = 512, reduction: int = 4,
+                 spatial_tanh: bool = False):
         super().__init__()
-        self.spatial = AttributeSpatialAttention(in_channels, cond_dim, joint_dim)
+        self.spatial = AttributeSpatialAttention(in_channels, cond_dim, joint_dim, spatial_tanh)
         self.channel = AttributeChannelAttention(in_channels, cond_dim, reduction)
 
     def forward(self, feature_map: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,16 +165,22 @@ def attention_box(attention_map: torch.Tensor, image_size: tuple[int, int], thre
     return torch.stack([x1, y1, x2, y2], dim=1).float() * scale
 
 
+ATTENTION_STAGES = {"c4": 3, "c5": 4}  # how many backbone levels the branch keeps
+
+
 class AsenBranch(nn.Module):
-    """Backbone C5 → attribute embedding → spatial + channel attention → FC (one ASEN stream)."""
+    """Backbone C5 (or C4) → attribute embedding → spatial + channel attention → FC (one ASEN stream)."""
 
     def __init__(self, backbone: str, pretrained: bool | str, weights_path: str | None, num_attributes: int,
-                 embedding_dim: int, attr_dim: int, joint_dim: int, channel_reduction: int):
+                 embedding_dim: int, attr_dim: int, joint_dim: int, channel_reduction: int,
+                 attention_stage: str = "c5", spatial_tanh: bool = False):
         super().__init__()
         self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path)
+        # Reading C4, the last stage would only cost compute and leave parameters without gradient.
+        self.backbone.keep_levels(ATTENTION_STAGES[attention_stage])
         channels = self.backbone.channels[-1]
         self.attribute_embedding = nn.Embedding(num_attributes, attr_dim)
-        self.attention = ConditionedAttentionPool(channels, attr_dim, joint_dim, channel_reduction)
+        self.attention = ConditionedAttentionPool(channels, attr_dim, joint_dim, channel_reduction, spatial_tanh)
         self.fc = nn.Linear(channels, embedding_dim)
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +192,11 @@ class AsenBranch(nn.Module):
 @MODELS.register("asen")
 class ASEN(nn.Module):
     """ASEN (AAAI 2020); ``local_branch=True`` adds the ASEN++ local branch.
+
+    ``attention_stage="c4"`` + ``spatial_tanh=True`` is the authors' variant: their public code
+    (github.com/Maryeon/asen, ``ASENet``) attends over ResNet's layer3 (C4, stride 16: 14×14 at
+    224 px) and applies tanh to the location scores before the spatial softmax. The default
+    (C5, no tanh) is our reading of the paper's text, kept for the existing results.
 
     Without the local branch ``embedding`` is the FC output [B, embedding_dim]. With it, a second
     branch re-encodes the crop of the image around the global branch's attention map, and
@@ -199,12 +219,17 @@ class ASEN(nn.Module):
         channel_reduction: int = 4,
         local_branch: bool = False,
         local_threshold: float = 1.0,
+        attention_stage: str = "c5",
+        spatial_tanh: bool = False,
     ):
         super().__init__()
         sizes = check_attribute_sizes(attribute_sizes, "asen")
+        if attention_stage not in ATTENTION_STAGES:
+            raise ConfigError(f"asen: attention_stage must be one of {', '.join(ATTENTION_STAGES)}, "
+                              f"got {attention_stage!r}")
         self.attribute_sizes = sizes
         branch_args = (backbone, pretrained, weights_path, len(sizes), embedding_dim, attr_dim, joint_dim,
-                       channel_reduction)
+                       channel_reduction, attention_stage, spatial_tanh)
         self.global_branch = AsenBranch(*branch_args)
         # ASEN++ gives the local branch its own parameters: the crop is a different input distribution.
         self.local_branch = AsenBranch(*branch_args) if local_branch else None

@@ -90,6 +90,11 @@ class ResNetBackbone(nn.Module):
             features.append(x)
         return features
 
+    def keep_levels(self, count: int) -> None:
+        """Drop the stages after C{count+1} (1 ≤ count ≤ 4), for models that read no deeper level."""
+        self.stages = self.stages[:count]
+        self.channels, self.strides = self.channels[:count], self.strides[:count]
+
 
 def read_weights(path: Path) -> dict:
     """A state dict from a .safetensors file or a torch file, without running any code from it

@@ -233,8 +233,22 @@ class EfficientNetLite(nn.Module):
             x = block(x)
             if index in self._taps:
                 features.append(x)
-        features.append(F.relu6(self._bn1(self._conv_head(x))))
+        if hasattr(self, "_conv_head"):  # absent after keep_levels(n < 4)
+            features.append(F.relu6(self._bn1(self._conv_head(x))))
         return features
+
+    def keep_levels(self, count: int) -> None:
+        """Drop everything after C{count+1} (1 ≤ count ≤ 4), for models that read no deeper level:
+        they then carry no parameters without gradient and skip the unused compute."""
+        if count >= 4:
+            return
+        last = self.stage_ends[TAP_STAGES[count - 1]]
+        self._blocks = self._blocks[: last + 1]
+        self._taps = {tap for tap in self._taps if tap <= last}
+        for name in ("_conv_head", "_bn1", "_dropout", "_fc"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.channels, self.strides = self.channels[:count], self.strides[:count]
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits [B, num_classes] (the released head: global average pool → dropout → fc)."""

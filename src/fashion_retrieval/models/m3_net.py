@@ -14,17 +14,24 @@ For an image and an attribute ``a``:
    learnt per-(attribute, value) class prototypes, so the second look can focus on what
    distinguishes *that* kind of collar. The mixture is soft and used identically in training and
    at query time (the true value is unknown when a user searches), so there is no train/test gap.
+   p(v) = σ(z_v) / Σ_u σ(z_u) (``class_mixture_weights``): the classifier is trained with
+   independent sigmoids (weighted BCE, the paper's Loss 1), so its sigmoids are what carry
+   meaning; a softmax over the same logits would read them as a distribution they were never
+   trained to be (reconstructed: only the paper's abstract and slides were available).
 5. A linear layer maps the concatenated level vectors to the embedding.
 
 ``attention`` picks the ablation: ``"attribute"`` (M3-Net_a: steps 1, 2, 5; the classifier is
-still trained as an auxiliary task), ``"class"`` (M3-Net_c: the classifier reads plain average-pooled
-levels and only class-conditioned vectors reach the embedding) or ``"both"`` (full M3-Net).
+still trained as an auxiliary task), ``"class"`` (M3-Net_c: the classifier reads plain
+average-pooled levels, the class attention is conditioned on the class mixture alone, with no
+attribute embedding, and only class-conditioned vectors reach the embedding) or ``"both"``
+(full M3-Net).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ConfigError
@@ -34,6 +41,12 @@ from .backbones import BACKBONES
 
 ATTENTION_MODES = ("attribute", "class", "both")
 LEVEL_INDEX = {"c2": 0, "c3": 1, "c4": 2, "c5": 3}
+
+
+def class_mixture_weights(value_logits: torch.Tensor) -> torch.Tensor:
+    """σ(z_v) / Σ_u σ(z_u) over each row, computed as a softmax of log σ(z) (stable even when every
+    σ underflows). Padded slots (``PADDED_LOGIT``) get weight 0."""
+    return F.logsigmoid(value_logits.float()).softmax(dim=1).to(value_logits.dtype)
 
 
 @MODELS.register("m3_net")
@@ -69,7 +82,8 @@ class M3Net(nn.Module):
 
         self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path)
         channels = [self.backbone.channels[i] for i in self.level_indices]
-        self.attribute_embedding = nn.Embedding(len(sizes), attr_dim)
+        # M3-Net_c conditions on the class alone, so it has no attribute embedding.
+        self.attribute_embedding = nn.Embedding(len(sizes), attr_dim) if self.use_attribute_attention else None
 
         def attention_per_level() -> nn.ModuleList:
             return nn.ModuleList(ConditionedAttentionPool(c, attr_dim, joint_dim, channel_reduction) for c in channels)
@@ -88,7 +102,7 @@ class M3Net(nn.Module):
         attribute = require_attribute(attribute, images.shape[0], "m3_net").to(images.device)
         feature_maps = self.backbone(images)
         level_maps = [feature_maps[i] for i in self.level_indices]
-        attribute_condition = self.attribute_embedding(attribute)
+        attribute_condition = self.attribute_embedding(attribute) if self.attribute_embedding is not None else None
 
         parts: list[torch.Tensor] = []
         if self.attribute_attention is not None:
@@ -101,9 +115,9 @@ class M3Net(nn.Module):
         if self.training or self.class_attention is not None:
             value_logits, value_mask = self.value_classifier(classifier_input, attribute)
         if self.class_attention is not None:
-            value_probs = value_logits.softmax(dim=1)  # padded slots have probability 0
+            value_probs = class_mixture_weights(value_logits)
             prototype = torch.einsum("bv,bvd->bd", value_probs, self.class_prototypes[attribute])
-            class_condition = attribute_condition + prototype
+            class_condition = prototype if attribute_condition is None else attribute_condition + prototype
             parts += [pool(fmap, class_condition)[0] for pool, fmap in zip(self.class_attention, level_maps)]
 
         embedding = self.fc(torch.cat(parts, dim=1))

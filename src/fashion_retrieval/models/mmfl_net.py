@@ -21,6 +21,14 @@ background and occlusion differ. MMFL-Net learns one embedding per view of the g
 The retrieval embedding is the concatenation of all branches' post-BN embeddings (each branch
 weighs by its width in the cosine), and the training outputs expose each branch for per-branch
 losses.
+
+Which features the metric losses see follows MGN: softmax ID loss on every branch, stripes
+included (``branch_logits``), but triplet losses on each branch's whole-map feature only
+(``features`` / ``branch_features`` leave the stripes out). A stripe sees a third of the garment,
+and two photos of one garment may show that third differently (pose, crop, occlusion), so pulling
+stripe features of a pair together is a noisy target, which MGN found to hurt. ``metric_on_stripes``
+puts the stripes back, for the ablation. (The MMFL-Net paper was available only as an abstract;
+the placement is MGN's, which the part branches follow.)
 """
 from __future__ import annotations
 
@@ -104,11 +112,12 @@ class MMFLNet(nn.Module):
     """Outputs (``forward(images)``, images RGB in [0, 1]):
 
     * always ``"embedding"`` [B, feat_dim]: the concatenated post-BN branch embeddings;
-    * in train mode: ``"features"`` [B, feat_dim] (concatenated pre-BN features),
-      ``"branch_features"`` / ``"branch_logits"``: lists with one entry per branch in the order of
+    * in train mode: ``"branch_logits"``: a list with one entry per branch in the order of
       ``branch_names`` (global, then per granularity g: ``part{g}``, ``part{g}_stripe{i}``, then
-      ``local``), ``"logits"`` = the global branch's ID logits, and ``"attr_logits"`` [B, V_total]
-      from the global embedding when ``attribute_sizes`` is given.
+      ``local``); ``"branch_features"`` (pre-BN) and their concatenation ``"features"``
+      [B, features_dim], for the branches of ``metric_branch_names``: every branch but the stripes,
+      or all of them with ``metric_on_stripes``; ``"logits"`` = the global branch's ID logits, and
+      ``"attr_logits"`` [B, V_total] from the global embedding when ``attribute_sizes`` is given.
 
     feat_dim = embedding_dim × (1 + Σ_g (g + 1) [part branches] + 1 [local branch]):
     2304 with the defaults (9 branches × 256).
@@ -132,6 +141,7 @@ class MMFLNet(nn.Module):
         use_part_branches: bool = True,
         use_local_branch: bool = True,
         last_stride: int = 1,
+        metric_on_stripes: bool = False,
     ):
         super().__init__()
         for name, level in (("part_level", part_level), ("local_level", local_level)):
@@ -159,6 +169,10 @@ class MMFLNet(nn.Module):
         if use_local_branch:
             self.branch_names.append("local")
         self.feat_dim = embedding_dim * len(self.branch_names)
+        self.metric_branch_names = [name for name in self.branch_names
+                                    if metric_on_stripes or "_stripe" not in name]
+        self._metric_branches = [self.branch_names.index(name) for name in self.metric_branch_names]
+        self.features_dim = embedding_dim * len(self.metric_branch_names)  # width of "features"
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict:
         del attribute  # one embedding for every attribute: accepted so all models share a call
@@ -173,8 +187,9 @@ class MMFLNet(nn.Module):
 
         outputs: dict = {"embedding": torch.cat([b.embedding for b in branches], dim=1)}
         if self.training:
-            outputs["features"] = torch.cat([b.features for b in branches], dim=1)
-            outputs["branch_features"] = [b.features for b in branches]
+            metric_features = [branches[i].features for i in self._metric_branches]
+            outputs["features"] = torch.cat(metric_features, dim=1)
+            outputs["branch_features"] = metric_features
             if global_out.logits is not None:
                 outputs["logits"] = global_out.logits
                 outputs["branch_logits"] = [b.logits for b in branches]
