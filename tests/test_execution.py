@@ -112,3 +112,12 @@ def test_training_logs_its_execution_plan_and_freezes(data_root, tmp_path):  # n
     recipe = _recipe(tmp_path, train__epochs=1)
     train(config_from_dict(yaml.safe_load(recipe.read_text())), data_root, tmp_path / "run", log=logs.append)
     assert any(line.startswith("execution on cpu: channels_last=on, bf16 autocast=off") for line in logs)
+
+
+def test_decoded_cache_off_as_yaml_writes_it():
+    """`data.decoded_cache: off` is a boolean to YAML; it must still mean off."""
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["data"]["decoded_cache"] = yaml.safe_load("off")
+    assert config_from_dict(recipe).data.decoded_cache == "off"
+    recipe["data"]["decoded_cache"] = yaml.safe_load("on")
+    assert config_from_dict(recipe).data.decoded_cache == "run"

@@ -61,6 +61,12 @@ class DataConfig(StrictModel):
                                                   "directory), 'off', or a folder shared by runs; epochs after "
                                                   "the first then do no JPEG work")
 
+    @field_validator("decoded_cache", mode="before")
+    @classmethod
+    def _cache_switch(cls, where: Any) -> Any:
+        # YAML reads `off` / `on` (and a `key=off` override) as booleans
+        return {False: "off", True: "run"}.get(where, where) if isinstance(where, bool) else where
+
     @field_validator("image_size")
     @classmethod
     def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
