@@ -22,10 +22,11 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from .store import StoreError, VectorStore, check_vectors, recover, swap_in, write_file_synced
+from .store import StoreError, VectorStore, check_vectors, guard, recover, swap_in, write_file_synced
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT_VERSION = 1
+MARKER = "manifest.json"  # every store directory holds one: a folder without it is not ours
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per IVF list
 
 
@@ -46,6 +47,8 @@ class FaissStore(VectorStore):
         self._next_iid = 0
         self.ef_search = 64
         self.nprobe = 16
+        # the folder this store must stay inside (a catalog's spaces/); default: its parent
+        self.owner: Path | None = None
 
     # ---- building -----------------------------------------------------------------------
     def _make_index(self, train_vectors: np.ndarray) -> faiss.IndexIDMap2:
@@ -155,8 +158,10 @@ class FaissStore(VectorStore):
     def save(self) -> None:
         if self._tombstones:
             self._compact()
+        owner = self.owner if self.owner is not None else self.path.parent
+        guard(self.path, owner)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        recover(self.path)
+        recover(self.path, owner, MARKER)
         tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
         try:
@@ -171,16 +176,17 @@ class FaissStore(VectorStore):
             }
             # the manifest is written last: a directory without one is never a complete index
             write_file_synced(tmp / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
-            swap_in(tmp, self.path)
+            swap_in(tmp, self.path, owner, MARKER)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            recover(self.path)
+            recover(self.path, owner, MARKER)
             raise
 
     @classmethod
-    def open(cls, path: str | Path) -> "FaissStore":
+    def open(cls, path: str | Path, owner: str | Path | None = None) -> "FaissStore":
         path = Path(path)
-        recover(path)
+        owner = Path(owner) if owner is not None else path.parent
+        recover(path, owner, MARKER)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not an index directory (no manifest.json)")
@@ -194,6 +200,7 @@ class FaissStore(VectorStore):
         store = cls(path, manifest["dim"], manifest["kind"], manifest.get("info"), manifest.get("nlist"),
                     manifest.get("pq_m", 16), manifest.get("hnsw_m", 32))
         store._next_iid = manifest["next_iid"]
+        store.owner = owner
         index_path = path / "index.faiss"
         if index_path.exists():
             try:
