@@ -112,17 +112,20 @@ def swap_in(tmp: Path, path: Path, owner: Path | None = None, marker: str | None
     old = path.with_name(path.name + ".old")
     for each in (tmp, path, old):
         guard(each, owner)
-    for each in (path, old):
+    # the old name is only needed to move an existing ``path`` aside
+    for each in (path, old) if path.exists() or path.is_symlink() else ():
         if _foreign(each, marker):
             raise StoreError(f"{each}: exists and is not a store of ours"
                              f"{f' (no {marker})' if marker else ''}; refusing to replace or remove it")
     fsync_dir(tmp)
-    if path.exists():
+    moved_aside = path.exists()
+    if moved_aside:
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
     fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(path: Path, owner: Path | None = None, marker: str | None = None) -> None:
