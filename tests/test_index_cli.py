@@ -347,7 +347,7 @@ def write_then_pause(path, data):  # the new index half written: index.json is t
         pause()
     real_write(path, data)
 
-def swap_halfway(tmp, path):  # the old index moved aside, the new one not yet in place
+def swap_halfway(tmp, path, **_):  # the old index moved aside, the new one not yet in place
     store.fsync_dir(tmp)
     path.rename(path.with_name(path.name + ".old"))
     pause()

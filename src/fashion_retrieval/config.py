@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .files import parse_yaml, quote, read_yaml
+from .names import name_problem
 from .registry import ConfigError
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_from_dict"]
@@ -150,6 +151,15 @@ class ExperimentConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        # the default run directory is runs/<name>: a name is one folder, never a path
+        problem = name_problem(name, component=True)
+        if problem is not None:
+            raise ValueError(f"{quote(name, 80)} {problem}; the recipe name becomes the run directory runs/<name>")
+        return name
 
     @model_validator(mode="after")
     def _sampler_fits(self) -> "ExperimentConfig":

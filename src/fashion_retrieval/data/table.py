@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from ..files import quote
+from ..names import name_problem
+
 DOMAINS = ("consumer", "shop", "unknown")
 SPLITS = ("train", "val", "test", "query", "gallery", "unknown")
 
@@ -259,6 +262,11 @@ def _attributes(cell: str | None) -> dict[str, AttributeValue]:
         raise ValueError(f"attributes must be a JSON object like {{\"colour\": \"red\"}}, got {cell[:60]}")
     attributes: dict[str, AttributeValue] = {}
     for name, value in parsed.items():
+        # attribute names become a model's attributes and an index's space folders
+        # (names.path_component); what no name may be is refused here, with its line
+        problem = name_problem(name)
+        if problem is not None:
+            raise ValueError(f"attribute name {quote(name, 80)} {problem}")
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, (dict, list)) for v in values):
             raise ValueError(f"attribute '{name}' must be a value or a list of values, got {json.dumps(value)[:60]}")

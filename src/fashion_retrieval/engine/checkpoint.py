@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..files import quote, read_json
+from ..files import OutsideDirectoryError, ensure_inside, quote, read_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -78,6 +78,17 @@ def _fsync_file(path: Path) -> None:
 
 def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _inside_run(path: Path, run_dir: Path) -> None:
+    """Refuse to replace or remove ``path`` unless it is a real folder (or absent) inside ``run_dir``."""
+    try:
+        ensure_inside(path, run_dir, "training checkpoint")
+    except OutsideDirectoryError as exc:
+        raise CheckpointError(str(exc)) from None
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise CheckpointError(f"{path}: is not a checkpoint folder of this run (a link or a file); "
+                              "refusing to replace or remove it")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
@@ -355,6 +366,8 @@ def save_training_state(run_dir: str | Path, model: nn.Module, state: TrainingSt
     previous = run_dir / PREVIOUS_TRAINING_DIR
     tmp = _temporary_name(final)
     writing = final  # what the error names: the file as it will be called, not its temporary name
+    for each in (final, previous, tmp):  # a planted symlink must not make rmtree/rename leave the run
+        _inside_run(each, run_dir)
     try:
         tmp.mkdir(parents=True)
         writing = final / WEIGHTS_FILE

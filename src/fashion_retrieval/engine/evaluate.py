@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..names import path_component
 from ..registry import ConfigError
 from .checkpoint import CheckpointError, write_json_atomic
 from .embed import embed_table_attributes
@@ -282,16 +283,12 @@ def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int
         written.append(plots.plot_retrieval_grid(
             [benchmark.queries.resolve(benchmark.queries[i]) for i in chosen],
             [[benchmark.gallery.resolve(benchmark.gallery[j]) for j in neighbours[i, :5] if j >= 0] for i in chosen],
-            relevant[chosen, :5], plots_dir / f"top5_{_safe(attribute)}.png",
+            relevant[chosen, :5], plots_dir / f"top5_{path_component(attribute)}.png",
             f"{benchmark.name} ({evaluation.results['split']}), {attribute}: top-5 (green = relevant)", captions))
     if curves:
         written.insert(0, plots.plot_topk_curves(curves, plots_dir / "topk_accuracy.png",
                                                  f"{benchmark.name} ({evaluation.results['split']})"))
     return written
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def print_table(results: dict[str, Any], console: Any = None) -> None:

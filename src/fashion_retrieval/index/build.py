@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ..data.table import AnnotationError, Sample, SampleTable
 from ..files import quote, refuse_other_artefact
 from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, checkpoint_files, file_sha256,
-                      refuse_foreign_directory)
+                      refuse_foreign_directory, space_dirs_for)
 from .store import StoreError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -159,10 +159,14 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
             raise CheckpointError(str(exc).replace(str(Path(staging)), str(weights.parent))) from None
         model_attributes = list(meta.get("attributes") or [])
         spaces = _spaces_for(model, model_attributes, attributes)
+        # attribute names come from whoever wrote meta.json (a catalog CSV's keys): checked and
+        # mapped to folder names before anything is written
+        space_dirs = space_dirs_for(spaces, str(meta_file), "attribute")
         model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),
                       "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
                       "attributes": model_attributes}
-        catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged)
+        catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged,
+                               space_dirs=space_dirs)
         catalog.catalog_roots = []
         added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
         catalog.save()

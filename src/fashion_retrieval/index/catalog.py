@@ -8,8 +8,10 @@ Layout of ``INDEX_DIR``::
     model/                 a copy of the checkpoint (model.safetensors + meta.json): queries are
                            embedded by exactly the model that embedded the catalog, even after the
                            training run directory is overwritten or moved
-    spaces/<space>/        one FaissStore per space: "default" for a plain model, one per
-                           attribute for an attribute-conditioned model (ASEN, M3-Net …)
+    spaces/<space dir>/    one FaissStore per space: "default" for a plain model, one per
+                           attribute for an attribute-conditioned model (ASEN, M3-Net …);
+                           ``<space dir>`` is :func:`names.path_component` of the space name
+                           (the name itself when plain), recorded in index.json ``space_dirs``
 
 The whole directory is replaced atomically on save, so a crash during a build or an incremental
 add leaves the previous catalog loadable and answering. Writers and openers of one index take an
@@ -29,14 +31,18 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..files import quote, read_json, require_keys
+from ..names import check_name, is_component, milvus_identifier, path_component
 from .faiss_store import FaissStore
-from .store import StoreError, VectorStore, file_sha256, recover, swap_in, verify_file, verify_size, write_file_synced
+from .store import (StoreError, VectorStore, file_sha256, guard, recover, swap_in, verify_file, verify_size,
+                    write_file_synced)
 
 FORMAT_VERSION = 1
 DEFAULT_SPACE = "default"
 MODEL_DIR = "model"
 WEIGHTS_FILE = "model.safetensors"  # the names engine/checkpoint.py gives a run directory's files
 META_FILE = "meta.json"
+MANIFEST = "index.json"
+SPACES_DIR = {"faiss": "spaces", "milvus": "milvus"}
 
 
 class UnknownSpaceError(KeyError):
@@ -92,13 +98,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
 class CatalogIndex:
     def __init__(self, path: str | Path, model_info: dict[str, Any], spaces: Sequence[str], dim: int,
                  kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None,
-                 model_files: dict[str, Path] | None = None, generation: int | None = None):
+                 model_files: dict[str, Path] | None = None, generation: int | None = None,
+                 space_dirs: dict[str, str] | None = None):
         self.path = Path(path)
         self.model_info = model_info
         self.spaces = list(spaces)
         self.dim = dim
         self.kind = kind
         self.store_name = store
+        # space name → its folder under spaces/ (or milvus/): names come from data (a catalog
+        # CSV's attribute keys, a checkpoint's meta.json) and are never joined to a path as they are
+        self.space_dirs = dict(space_dirs) if space_dirs is not None else space_dirs_for(self.spaces)
         self.stores: dict[str, VectorStore] = stores or {s: self._new_store(s) for s in self.spaces}
         # where save() takes the model copy from: the checkpoint at build time, the index itself later
         self.model_files = model_files or {name: self.path / MODEL_DIR / name for name in (WEIGHTS_FILE, META_FILE)}
@@ -109,12 +119,22 @@ class CatalogIndex:
         # size and sha256 of each model file, as index.json records them (known once verified or written)
         self.model_records: dict[str, dict[str, Any]] | None = None
 
+    def space_path(self, space: str, root: Path | None = None) -> Path:
+        """Where ``space``'s store lives under ``root`` (default: the index), checked to be inside."""
+        owner = (self.path if root is None else root) / SPACES_DIR.get(self.store_name, "spaces")
+        path = owner / self.space_dirs[space]
+        guard(path, owner, f"store of space {quote(space, 80)}")
+        return path
+
     def _new_store(self, space: str) -> VectorStore:
         if self.store_name == "milvus":
             from .milvus_store import MilvusStore
 
-            return MilvusStore(self.path / "milvus" / space, self.dim, collection=f"space_{space}")
-        return FaissStore(self.path / "spaces" / space, self.dim, self.kind)
+            return MilvusStore(self.space_path(space), self.dim, collection=milvus_identifier(space),
+                               owner=self.path / SPACES_DIR["milvus"])
+        store = FaissStore(self.space_path(space), self.dim, self.kind)
+        store.owner = self.path / SPACES_DIR["faiss"]
+        return store
 
     @property
     def model_dir(self) -> Path:
@@ -154,7 +174,7 @@ class CatalogIndex:
     def _manifest(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
-                "generation": self.generation, "files": self._model_records(),
+                "generation": self.generation, "files": self._model_records(), "space_dirs": self.space_dirs,
                 **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
 
     def _model_records(self) -> dict[str, dict[str, Any]]:
@@ -183,7 +203,7 @@ class CatalogIndex:
             self._save_milvus()
             return
         with index_lock(self.path):
-            recover(self.path)
+            recover(self.path, marker=MANIFEST)
             refuse_foreign_directory(self.path)
             previous, self.generation = self.generation, self._next_generation()
             tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
@@ -191,19 +211,21 @@ class CatalogIndex:
             try:
                 self._write_model(tmp / MODEL_DIR)
                 for space, store in self.stores.items():
-                    store.path = tmp / "spaces" / space
+                    store.path = self.space_path(space, tmp)
+                    store.owner = tmp / SPACES_DIR["faiss"]
                     store.save()
                 # index.json is written last: a directory without one is never a complete index
                 write_file_synced(tmp / "index.json", json.dumps(self._manifest(), indent=2).encode("utf-8"))
-                swap_in(tmp, self.path)
+                swap_in(tmp, self.path, marker=MANIFEST)
             except BaseException:
                 self.generation = previous
                 shutil.rmtree(tmp, ignore_errors=True)
-                recover(self.path)
+                recover(self.path, marker=MANIFEST)
                 raise
             finally:
                 for space, store in self.stores.items():
-                    store.path = self.path / "spaces" / space
+                    store.path = self.space_path(space)
+                    store.owner = self.path / SPACES_DIR["faiss"]
         self.model_files = {name: self.model_dir / name for name in self.model_files}
 
     def _save_milvus(self) -> None:
@@ -214,6 +236,7 @@ class CatalogIndex:
             os.chmod(staging, 0o755)
             try:
                 self._write_model(staging)
+                guard(self.model_dir, self.path, "model copy")
                 staging.rename(self.model_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -234,7 +257,7 @@ class CatalogIndex:
         if not path.exists() and not path.with_name(path.name + ".old").exists():
             raise StoreError(f"{path}: no such index directory")
         with index_lock(path):
-            recover(path)
+            recover(path, marker=MANIFEST)
             return cls._read(path, verify)
 
     @classmethod
@@ -254,19 +277,24 @@ class CatalogIndex:
         if manifest.get("store", "faiss") not in ("faiss", "milvus"):
             raise StoreError(f"{manifest_path}: unknown store {quote(manifest.get('store'), 40)}")
         model_records = _verify_model(path, manifest, manifest_path, verify)
+        store_name = manifest.get("store", "faiss")
+        space_dirs = _recorded_space_dirs(manifest, manifest_path)
         stores: dict[str, VectorStore] = {}
-        for space in manifest["spaces"]:
-            if manifest.get("store") == "milvus":
+        owner = path / SPACES_DIR.get(store_name, "spaces")
+        for space, directory in space_dirs.items():
+            space_dir = owner / directory
+            guard(space_dir, owner, f"store of space {quote(space, 80)}")
+            if store_name == "milvus":
                 from .milvus_store import MilvusStore
 
-                stores[space] = MilvusStore.open(path / "milvus" / space, collection=f"space_{space}")
+                stores[space] = MilvusStore.open(space_dir, collection=milvus_identifier(space), owner=owner)
             else:
-                stores[space] = FaissStore.open(path / "spaces" / space, verify)
+                stores[space] = FaissStore.open(space_dir, verify, owner=owner)
                 if stores[space].dim != manifest["dim"]:
-                    raise StoreError(f"{path / 'spaces' / space / 'manifest.json'}: dim {stores[space].dim}, but "
+                    raise StoreError(f"{space_dir / 'manifest.json'}: dim {stores[space].dim}, but "
                                      f"{manifest_path} records dim {manifest['dim']}; rebuild the index")
-        catalog = cls(path, manifest["model"], manifest["spaces"], manifest["dim"], manifest.get("kind", "flat"),
-                      manifest.get("store", "faiss"), stores, generation=int(manifest.get("generation") or 0))
+        catalog = cls(path, manifest["model"], list(space_dirs), manifest["dim"], manifest.get("kind", "flat"),
+                      store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs)
         roots = manifest.get("catalog_roots")
         if roots is not None:
             if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
@@ -302,6 +330,39 @@ def _verify_model(path: Path, manifest: dict[str, Any], manifest_path: Path,
             raise StoreError(f"{manifest_path}: 'files' does not list {key}; rebuild the index")
         (verify_file if verify else verify_size)(file, records[key], manifest_path)
     return {f"{MODEL_DIR}/{name}": records[f"{MODEL_DIR}/{name}"] for name in files}
+
+
+def space_dirs_for(spaces: Sequence[str], where: str = "index", what: str = "space name") -> dict[str, str]:
+    """Folder name of each space of a new index; a name no folder may come from is refused."""
+    dirs: dict[str, str] = {}
+    for space in spaces:
+        check_name(space, what, where, error=StoreError)
+        dirs[space] = path_component(space)
+    if len(set(dirs.values())) != len(dirs):  # only two crafted names could do this
+        raise StoreError(f"{where}: two space names map to one folder; rename one of them")
+    return dirs
+
+
+def _recorded_space_dirs(manifest: dict[str, Any], manifest_path: Path) -> dict[str, str]:
+    """name → folder from index.json. An index written before ``space_dirs`` existed used the
+    names verbatim: they still open when a name is one harmless folder name (plain names always)."""
+    spaces = manifest.get("spaces")
+    if not isinstance(spaces, list) or not spaces or not all(isinstance(s, str) for s in spaces):
+        raise StoreError(f"{manifest_path}: 'spaces' must be a non-empty list of names")
+    for space in spaces:
+        check_name(space, "space name", str(manifest_path), error=StoreError)
+    recorded = manifest.get("space_dirs")
+    if recorded is None:
+        recorded = {space: space for space in spaces}
+    if not isinstance(recorded, dict) or list(recorded) != spaces:
+        raise StoreError(f"{manifest_path}: 'space_dirs' must map each of the 'spaces' to its folder")
+    for space, directory in recorded.items():
+        if not is_component(directory):
+            raise StoreError(f"{manifest_path}: space {quote(space, 80)} has the folder {quote(directory, 80)}, "
+                             "which is not a plain folder name; rebuild the index")
+    if len(set(recorded.values())) != len(recorded):
+        raise StoreError(f"{manifest_path}: two spaces share one folder; rebuild the index")
+    return dict(recorded)
 
 
 def _read_generation(path: Path) -> int | None:

@@ -25,11 +25,12 @@ import faiss
 import numpy as np
 
 from ..files import one_line, quote, read_json, read_jsonl, require_keys
-from .store import (StoreError, VectorStore, check_vectors, file_record, recover, swap_in, verify_file, verify_size,
-                    write_file_synced)
+from .store import (StoreError, VectorStore, check_vectors, file_record, guard, recover, swap_in, verify_file,
+                    verify_size, write_file_synced)
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT_VERSION = 1
+MARKER = "manifest.json"  # every store directory holds one: a folder without it is not ours
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per IVF list
 MANIFEST_FILE, INDEX_FILE, METADATA_FILE = "manifest.json", "index.faiss", "metadata.jsonl"
 
@@ -54,6 +55,8 @@ class FaissStore(VectorStore):
         self._next_iid = 0
         self.ef_search = 64
         self.nprobe = 16
+        # the folder this store must stay inside (a catalog's spaces/); default: its parent
+        self.owner: Path | None = None
 
     # ---- building -----------------------------------------------------------------------
     def _make_index(self, train_vectors: np.ndarray) -> faiss.IndexIDMap2:
@@ -163,8 +166,10 @@ class FaissStore(VectorStore):
     def save(self) -> None:
         if self._tombstones:
             self._compact()
+        owner = self.owner if self.owner is not None else self.path.parent
+        guard(self.path, owner)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        recover(self.path)
+        recover(self.path, owner, MARKER)
         tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
         try:
@@ -183,14 +188,14 @@ class FaissStore(VectorStore):
             }
             # the manifest is written last: a directory without one is never a complete index
             write_file_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
-            swap_in(tmp, self.path)
+            swap_in(tmp, self.path, owner, MARKER)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            recover(self.path)
+            recover(self.path, owner, MARKER)
             raise
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "FaissStore":
+    def open(cls, path: str | Path, verify: bool = True, owner: str | Path | None = None) -> "FaissStore":
         """Load ``path``, refusing any file that disagrees with the manifest.
 
         The manifest records each file's size and sha256 (``verify=False`` skips only the
@@ -199,7 +204,8 @@ class FaissStore(VectorStore):
         the count checks alone (logged once).
         """
         path = Path(path)
-        recover(path)
+        owner = Path(owner) if owner is not None else path.parent
+        recover(path, owner, MARKER)
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not an index directory (no manifest.json)")
@@ -236,6 +242,7 @@ class FaissStore(VectorStore):
         store = cls(path, manifest["dim"], manifest["kind"], manifest.get("info"), manifest.get("nlist"),
                     manifest.get("pq_m", 16), manifest.get("hnsw_m", 32))
         store._next_iid = manifest["next_iid"]
+        store.owner = owner
         if index_path.exists():
             try:
                 store._index = faiss.read_index(str(index_path))  # owns its memory: never re-wrap it

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..files import quote, read_json, require_keys
-from .store import StoreError, VectorStore, check_vectors
+from ..names import MILVUS_IDENTIFIER
+from .store import StoreError, VectorStore, check_vectors, guard
 
 FORMAT_VERSION = 1
 MAX_ID_LENGTH = 512
@@ -28,16 +29,23 @@ def _is_server(uri: str) -> bool:
 
 class MilvusStore(VectorStore):
     def __init__(self, path: str | Path, dim: int, info: dict[str, Any] | None = None,
-                 collection: str = "fashion_retrieval", token: str | None = None):
+                 collection: str = "fashion_retrieval", token: str | None = None, owner: str | Path | None = None):
         from pymilvus import MilvusClient
 
         self.path = str(path)
         self.dim = dim
         self.info = dict(info or {})
+        if not isinstance(collection, str) or not MILVUS_IDENTIFIER.fullmatch(collection):
+            # names from data go through names.milvus_identifier before they get here
+            raise StoreError(f"{path}: {quote(collection, 80)} is not a Milvus collection name "
+                             "(letters, digits and '_', not starting with a digit)")
         self.collection = collection
         if _is_server(self.path):
             self._client = MilvusClient(uri=self.path, token=token or os.environ.get("MILVUS_TOKEN", ""))
         else:
+            # the folder this store writes (milvus.db, manifest.json) must stay inside its owner
+            self.owner = Path(owner) if owner is not None else Path(self.path).parent
+            guard(self.path, self.owner)
             Path(self.path).mkdir(parents=True, exist_ok=True)
             self._client = MilvusClient(str(Path(self.path) / "milvus.db"))
         if not self._client.has_collection(collection):
@@ -100,6 +108,7 @@ class MilvusStore(VectorStore):
         manifest = {"format_version": FORMAT_VERSION, "store": "milvus", "dim": self.dim,
                     "collection": self.collection, "count": len(self), "info": self.info}
         target = Path(self.path) / "manifest.json"
+        guard(target, self.owner)
         tmp = target.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         os.replace(tmp, target)
@@ -108,7 +117,8 @@ class MilvusStore(VectorStore):
         self._client.close()
 
     @classmethod
-    def open(cls, path: str | Path, collection: str = "fashion_retrieval") -> "MilvusStore":
+    def open(cls, path: str | Path, collection: str = "fashion_retrieval",
+             owner: str | Path | None = None) -> "MilvusStore":
         if _is_server(str(path)):
             from pymilvus import MilvusClient
 
@@ -125,4 +135,4 @@ class MilvusStore(VectorStore):
         if manifest.get("store") != "milvus":
             raise StoreError(f"{manifest_path}: not a Milvus index (store={quote(manifest.get('store'), 40)})")
         require_keys(manifest, {"dim": int}, manifest_path, StoreError)
-        return cls(path, manifest["dim"], manifest.get("info"), manifest.get("collection", collection))
+        return cls(path, manifest["dim"], manifest.get("info"), manifest.get("collection", collection), owner=owner)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import glob
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +20,7 @@ import numpy as np
 from ..files import require_keys
 
 HASH_BLOCK = 8 << 20  # large reads: hashing runs at sha256's speed, not at the syscall rate
+from ..files import OutsideDirectoryError, ensure_inside
 
 
 class StoreError(RuntimeError):
@@ -127,24 +130,74 @@ def write_file_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def swap_in(tmp: Path, path: Path) -> None:
-    """Replace directory ``path`` by the complete directory ``tmp`` with two renames."""
-    fsync_dir(tmp)
+def guard(path: str | Path, owner: str | Path, what: str = "index directory") -> Path:
+    """:func:`ensure_inside` as a StoreError: every command reports those as one line."""
+    try:
+        return ensure_inside(path, owner, what)
+    except OutsideDirectoryError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def _foreign(path: Path, marker: str | None) -> bool:
+    """``path`` exists and is not a directory this project wrote: a symlink, a file, or a
+    non-empty folder without ``marker``."""
+    if path.is_symlink():
+        return True
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        return True
+    return marker is not None and not (path / marker).is_file() and any(path.iterdir())
+
+
+def swap_in(tmp: Path, path: Path, owner: Path | None = None, marker: str | None = None) -> None:
+    """Replace directory ``path`` by the complete directory ``tmp`` with two renames.
+
+    ``owner``: the folder both must lie in (default: ``path``'s parent), checked after resolving
+    symlinks. ``marker``: the file every directory of this kind holds; an existing ``path``
+    without it is not ours and is never moved aside or removed.
+    """
+    owner = Path(owner) if owner is not None else path.parent
     old = path.with_name(path.name + ".old")
-    if path.exists():
+    for each in (tmp, path, old):
+        guard(each, owner)
+    # the old name is only needed to move an existing ``path`` aside
+    for each in (path, old) if path.exists() or path.is_symlink() else ():
+        if _foreign(each, marker):
+            raise StoreError(f"{each}: exists and is not a store of ours"
+                             f"{f' (no {marker})' if marker else ''}; refusing to replace or remove it")
+    fsync_dir(tmp)
+    moved_aside = path.exists()
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
     fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def recover(path: Path) -> None:
-    """Complete or roll back a swap that a crash interrupted."""
+def recover(path: Path, owner: Path | None = None, marker: str | None = None) -> None:
+    """Complete or roll back a swap that a crash interrupted.
+
+    With ``marker``, a ``.old`` folder is only brought back or removed when it holds that file
+    (a user's ``photos.old`` beside ``--out photos`` is not a swapped-out index), and only
+    leftovers named exactly as ``tempfile.mkdtemp`` names them are removed.
+    """
     path = Path(path)
+    owner = Path(owner) if owner is not None else path.parent
     old = path.with_name(path.name + ".old")
-    if not path.exists() and old.exists():
-        old.rename(path)  # crashed between the two renames: the previous state comes back
-    elif path.exists() and old.exists():
-        shutil.rmtree(old, ignore_errors=True)  # crashed after the swap, before the clean-up
-    for leftover in path.parent.glob(path.name + ".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    if old.exists() and not _foreign(old, marker):  # a foreign one is left alone
+        guard(old, owner)
+        if not path.exists() and not path.is_symlink():
+            guard(path, owner)
+            old.rename(path)  # crashed between the two renames: the previous state comes back
+        elif not _foreign(path, marker):
+            shutil.rmtree(old, ignore_errors=True)  # crashed after the swap, before the clean-up
+    leftover_name = re.compile(re.escape(path.name) + r"\.tmp-[a-z0-9_]{8}")
+    for leftover in path.parent.glob(glob.escape(path.name) + ".tmp-*"):
+        if marker is not None and not leftover_name.fullmatch(leftover.name):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            guard(leftover, owner)
+            shutil.rmtree(leftover, ignore_errors=True)

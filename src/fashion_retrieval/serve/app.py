@@ -38,8 +38,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import ImageLoadError, decode_bytes, load_rgb
+from ..files import quote as files_quote
 from ..index.catalog import CatalogIndex, UnknownSpaceError
 from ..index.store import StoreError
+from ..names import name_problem
 from .embedders import Embedder
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -486,6 +488,11 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     async def add_item(image: Annotated[UploadFile, File()],
                        item_id: Annotated[str, Form(min_length=1, max_length=200)],
                        category: Annotated[str | None, Form(max_length=200)] = None) -> dict[str, Any]:
+        # the id becomes a URL path segment (image_url): "." and ".." would be resolved away by
+        # every client, control characters are nobody's id; the stored file is named by its hash
+        problem = name_problem(item_id)
+        if problem is not None:
+            raise HTTPException(400, f"item_id {files_quote(item_id, 80)} {problem}")
         pixels, shown = await read_upload(image, keep_photo=True)
         vectors = {space: await embed(pixels, space if catalog.attribute_conditioned else None)
                    for space in catalog.spaces}
