@@ -164,8 +164,8 @@ def swap_in(tmp: Path, path: Path, owner: Path | None = None, marker: str | None
     # the old name is only needed to move an existing ``path`` aside
     for each in (path, old) if path.exists() or path.is_symlink() else ():
         if _foreign(each, marker):
-            raise StoreError(f"{each}: exists and is not a store of ours"
-                             f"{f' (no {marker})' if marker else ''}; refusing to replace or remove it")
+            why = "a link" if each.is_symlink() else f"no {marker}" if marker else "not a folder"
+            raise StoreError(f"{each}: exists and is not a store of ours ({why}); refusing to replace or remove it")
     fsync_dir(tmp)
     moved_aside = path.exists()
     if moved_aside:
