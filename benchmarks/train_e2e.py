@@ -65,16 +65,26 @@ def run_variant(args: argparse.Namespace, name: str, ref: str | None, overrides:
                "eval.benchmark=null", f"seed={args.seed}", *VITON_BUDGET, *args.set, *overrides]
     env = {**os.environ, "PYTHONPATH": str(source / "src")}
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=source, env=env, capture_output=True, text=True)
+    log = scratch / f"log-{name}.txt"
+    with open(log, "w+", encoding="utf-8") as handle:
+        process = subprocess.Popen(command, cwd=source, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        # wait4, not wait: its rusage is the process's own peak RSS and that of the loader workers it reaped
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        handle.seek(0)
+        output = handle.read()
     seconds = time.perf_counter() - started
-    row = {"variant": name, "ref": ref or "checkout", "overrides": overrides, "seconds": round(seconds, 1)}
-    if done.returncode != 0:
-        row["error"] = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+    row = {"variant": name, "ref": ref or "checkout", "overrides": overrides, "seconds": round(seconds, 1),
+           "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    if process.returncode != 0:
+        row["error"] = (output.strip().splitlines() or ["exit status %d" % process.returncode])[-1]
         return row
     per_epoch = epoch_throughput(out / "metrics.csv")
     row.update(first_epoch_img_s=per_epoch[0] if per_epoch else None,
                later_img_s=round(sum(per_epoch[1:]) / len(per_epoch[1:]), 1) if len(per_epoch) > 1 else None,
-               log=[line for line in done.stdout.splitlines() if line.startswith(("execution on", "decoded-image"))])
+               # every epoch trains the same images: the whole run's rate is the harmonic mean
+               run_img_s=round(len(per_epoch) / sum(1 / value for value in per_epoch), 1) if per_epoch else None,
+               log=[line for line in output.splitlines() if line.startswith(("execution on", "decoded-image"))])
     return row
 
 
@@ -102,14 +112,20 @@ def main() -> None:
             for folder in scratch.glob("worktree-*"):
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)],
                                capture_output=True)
-    print(f"{'variant':<16} {'ref':<10} {'epoch 1 img/s':>14} {'later img/s':>12} {'wall s':>8}")
+    base = next((row for row in rows if "error" not in row), None)
+    print(f"{'variant':<16} {'ref':<10} {'epoch 1 img/s':>14} {'later img/s':>12} {'ratio':>6} "
+          f"{'peak RSS MiB':>13} {'wall s':>8}")
     for row in rows:
         if "error" in row:
             print(f"{row['variant']:<16} {row['ref']:<10} failed: {row['error']}")
             continue
+        # whole training runs against the first variant, cold first epoch included
+        ratio = row["run_img_s"] / base["run_img_s"]
         print(f"{row['variant']:<16} {row['ref']:<10} {row['first_epoch_img_s'] or 0:>14.1f} "
-              f"{row['later_img_s'] or 0:>12.1f} {row['seconds']:>8.1f}")
-    print(f"{args.recipe}, {args.epochs} epochs x {args.steps} steps, batch 32 at 96x72; "
+              f"{row['later_img_s'] or 0:>12.1f} {ratio:>6.2f} {row['peak_rss_mib']:>13.1f} {row['seconds']:>8.1f}")
+    size = [item.split("=", 1)[1] for item in [*VITON_BUDGET, *args.set] if item.startswith("data.image_size=")][-1]
+    print(f"{args.recipe}, {args.epochs} epochs x {args.steps} steps, batch 32 at {size}; ratio = images/s over all "
+          f"epochs against the first variant's; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
