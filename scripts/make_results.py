@@ -9,10 +9,16 @@ the hardware it ran on (both recorded by ``fashion-retrieval evaluate`` and by t
 The reading of the numbers is written by hand in ``results/analysis.md`` (``--analysis``): its text
 before the first ``## <benchmark>`` heading follows the header, and each ``## <benchmark>`` section
 follows that benchmark's table, so tables stay generated and the words stay next to them.
+
+Learning curves: a run's ``metrics.csv`` copied beside its JSON as ``NAME.metrics.csv`` (as
+``scripts/results_cpu.sh`` does for the converged rows) becomes one line of a PNG per benchmark
+and results folder (the validation metric the rows stop on, against the epoch), written to
+``docs/img/`` and shown under that table.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 import re
@@ -95,8 +101,52 @@ def load_analysis(path: Path | None) -> dict[str, str]:
     return {name: "\n".join(lines).strip() for name, lines in sections.items() if "".join(lines).strip()}
 
 
+# the validation metric a curve shows, per kind of benchmark (the early-stopping metric of the converged rows)
+CURVE_METRIC = {"instance": "overall/mAP", "attribute": "overall/MAP@all"}
+
+
+def read_curve(metrics_csv: Path, column: str) -> list[tuple[int, float]]:
+    """(epoch, value) of every evaluation row of ``metrics_csv`` that has ``column``."""
+    with open(metrics_csv, newline="", encoding="utf-8") as handle:
+        return [(int(float(row["epoch"])), float(row[column])) for row in csv.DictReader(handle)
+                if row.get(column) not in (None, "")]
+
+
+def draw_curves(rows: list[tuple[Path, dict[str, Any]]], image: Path) -> Path | None:
+    """One line per row that has ``NAME.metrics.csv`` beside its JSON; None when no row has one."""
+    kind = rows[0][1].get("kind", "instance")
+    metric = CURVE_METRIC.get(kind, "overall/mAP")
+    curves = []
+    for path, data in sorted(rows, key=lambda r: _row_name(r[1])):
+        metrics_csv = path.with_suffix(".metrics.csv")
+        if metrics_csv.exists():
+            points = read_curve(metrics_csv, f"eval.val.{metric}")
+            if points:
+                curves.append((_row_name(data), points))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for name, points in curves:
+        axes.plot([epoch for epoch, _ in points], [100 * value for _, value in points], marker=".", label=name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(f"val {metric.split('/')[-1]} (%)")
+    axes.set_title(f"{rows[0][1]['benchmark']}: validation curves")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(image, dpi=110)
+    plt.close(figure)
+    return image
+
+
 def render(results: list[tuple[Path, dict[str, Any]]], relative_to: Path,
-           analysis: dict[str, str] | None = None) -> str:
+           analysis: dict[str, str] | None = None, images: Path | None = None) -> str:
     analysis = dict(analysis or {})
     groups: dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
     for path, data in results:
@@ -136,6 +186,11 @@ def render(results: list[tuple[Path, dict[str, Any]]], relative_to: Path,
             notes.append(f"{number}. `{_shown(path, relative_to)}` — `{command}` — {_hardware(data)}{at}")
         parts.append("")
         parts.extend(notes)
+        if images is not None:
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", f"curves_{benchmark}_{split}_{folder}").strip("_")
+            drawn = draw_curves(rows, images / f"{slug}.png")
+            if drawn is not None:
+                parts.append(f"\n![validation curves of {benchmark}, {folder}/]({drawn.relative_to(images.parent).as_posix()})")
         last_of_benchmark = position + 1 == len(ordered) or ordered[position + 1][0][0] != benchmark
         if last_of_benchmark and benchmark in analysis:
             parts.append("\n" + analysis.pop(benchmark))
@@ -154,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(args.inputs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = render(results, args.out.parent.parent if args.out.parent.name == "docs" else Path.cwd(),
-                  load_analysis(args.analysis))
+                  load_analysis(args.analysis), images=args.out.parent / "img")
     tmp = args.out.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(args.out)

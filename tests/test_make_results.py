@@ -50,3 +50,19 @@ def test_tables_rows_and_analysis_sections(tmp_path, capsys):
                                      "| model_a [1] | 75.00", "One is read so.", "## bench_two", "Two is read so.")]
     assert order == sorted(order)
     assert "Orphan." not in text and "bench_gone" in capsys.readouterr().err
+
+
+def test_learning_curves_from_metrics_csv_beside_the_json(tmp_path):
+    make_results = _load_script()
+    folder = tmp_path / "converged"
+    folder.mkdir()
+    _result(folder / "model_a.json", "bench_one", "model_a", 0.5)
+    _result(folder / "model_b.json", "bench_one", "model_b", 0.25)  # no curve file: a row without a line
+    (folder / "model_a.metrics.csv").write_text(
+        "step,epoch,train.loss,eval.val.overall/mAP\n10,1,2.0,\n10,1,,0.125\n20,2,1.5,\n20,2,,0.25\n")
+    assert make_results.read_curve(folder / "model_a.metrics.csv", "eval.val.overall/mAP") == [(1, 0.125), (2, 0.25)]
+    out = tmp_path / "docs" / "results.md"
+    assert make_results.main([str(folder / "*.json"), "--out", str(out), "--analysis", str(tmp_path / "none.md")]) == 0
+    images = list((tmp_path / "docs" / "img").glob("curves_bench_one_*.png"))
+    assert len(images) == 1 and images[0].stat().st_size > 1000
+    assert f"](img/{images[0].name})" in out.read_text()

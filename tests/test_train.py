@@ -313,3 +313,40 @@ def test_decoded_image_cache_trains_bit_identically(data_root: Path, tmp_path: P
 
     stats = DecodedImageCache(tmp_path / "cached" / "decoded-images", TINY_RECIPE["data"]["image_size"]).stats()
     assert stats.entries > 0 and stats.failures == 1  # the truncated product photo, still skipped
+
+
+def test_early_stop_ends_on_a_plateau_and_resume_keeps_it(data_root: Path, tmp_path: Path) -> None:
+    # No tiny model gains 100 points: with patience 1 the run stops after its second evaluation.
+    rule = {"metric": "overall/mAP", "patience": 1, "min_delta": 100.0}
+    recipe = _recipe(tmp_path, train__epochs=6, train__checkpoint_every_steps=None, train__max_steps_per_epoch=2,
+                     train__eval_every=1, train__early_stop=rule, eval={"benchmark": "viton_c2s", "split": "val"})
+    messages: list[str] = []
+    result = train(config_from_dict(yaml.safe_load(recipe.read_text())), data_root, tmp_path / "run",
+                   log=messages.append)
+    assert result.epochs == 2 and result.steps == 4
+    assert [h["split"] for h in result.history] == ["val", "val", "test"]
+    assert result.evaluation["split"] == "test" and (tmp_path / "run" / "eval.json").exists()
+    assert any(m.startswith("early stop after epoch 1: no") for m in messages)
+    assert any(m.startswith("early stop after epoch 2: yes") for m in messages)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        curve = [row for row in csv.DictReader(handle) if row.get("eval.val.overall/mAP")]
+    assert [row["epoch"] for row in curve] == ["1", "2"]
+
+    again: list[str] = []
+    resumed = train(config_from_dict(yaml.safe_load(recipe.read_text())), data_root, tmp_path / "run",
+                    resume=True, log=again.append)
+    assert resumed.steps == 4 and any("stopped early after epoch 2" in m for m in again)
+
+
+def test_early_stop_names_an_unknown_metric(data_root: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, train__epochs=2, train__checkpoint_every_steps=None, train__max_steps_per_epoch=1,
+                     train__eval_every=1, train__early_stop={"metric": "overall/top-1"},
+                     eval={"benchmark": "viton_c2s", "split": "val"})
+    with pytest.raises(ConfigError, match=r"train.early_stop.metric: 'overall/top-1' is not among .*overall/top1"):
+        train(config_from_dict(yaml.safe_load(recipe.read_text())), data_root, tmp_path / "run", log=lambda _: None)
+
+
+def test_early_stop_without_evaluations_is_refused(tmp_path: Path) -> None:
+    recipe = yaml.safe_load(_recipe(tmp_path, train__early_stop={"metric": "overall/mAP"}).read_text())
+    with pytest.raises(ConfigError, match="train.early_stop needs evaluations"):
+        config_from_dict(recipe)

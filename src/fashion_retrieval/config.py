@@ -111,8 +111,17 @@ class OptimConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
 
 
+class EarlyStopConfig(StrictModel):
+    """Stop once the validation metric has stopped improving (engine/stopping.py)."""
+    metric: str = Field(description="'/'-path into the evaluation's metrics, e.g. overall/mAP or overall/MAP@all")
+    patience: int = Field(3, ge=1, description="evaluations that must bring the gain")
+    min_delta: float = Field(0.5, ge=0, description="the gain that counts, in points (fraction x 100)")
+
+
 class TrainConfig(StrictModel):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="epochs to train; with early_stop, the cap")
+    early_stop: EarlyStopConfig | None = Field(None, description="stop on a plateau of the validation metric "
+                                                                  "(needs eval.benchmark and eval_every)")
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto: on CUDA only (it measured "
                                                               "slower on the CPU, docs/performance.md)")
     channels_last: bool | Literal["auto"] = Field("auto", description="channels-last memory format; auto: on "
@@ -160,6 +169,13 @@ class ExperimentConfig(StrictModel):
         if problem is not None:
             raise ValueError(f"{quote(name, 80)} {problem}; the recipe name becomes the run directory runs/<name>")
         return name
+
+    @model_validator(mode="after")
+    def _early_stop_has_evaluations(self) -> "ExperimentConfig":
+        if self.train.early_stop is not None and not (self.eval.benchmark and self.train.eval_every):
+            raise ValueError("train.early_stop needs evaluations to stop on: set eval.benchmark and "
+                             "train.eval_every (e.g. 1)")
+        return self
 
     @model_validator(mode="after")
     def _sampler_fits(self) -> "ExperimentConfig":

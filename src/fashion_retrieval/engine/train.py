@@ -32,11 +32,12 @@ from ..config import ConfigError, ExperimentConfig, config_from_dict, dump_confi
 from ..data.images import ImageDataset, SkipCounter, collate_skipping, default_transform, tensor_stage
 from ..data.labels import LabelSpace
 from ..data.table import SampleTable
-from ..files import refuse_other_artefact
+from ..files import quote, refuse_other_artefact
 from . import checkpoint as ckpt
 from .distributed import (DistributedContext, all_true, barrier, broadcast_object, cleanup, gather_objects,
                           init_distributed, wrap_model)
 from .execution import CompileGate, compile_step, freeze_backbone_stages, plan_execution
+from .stopping import StopDecision, available_metrics, metric_value, should_stop
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -371,6 +372,15 @@ def _flatten_numbers(prefix: str, data: Any, out: dict[str, float]) -> dict[str,
     return out
 
 
+def _stopping_decision(history: list[dict[str, Any]], split: str, rule: Any) -> StopDecision:
+    evaluations = [entry["metrics"] or {} for entry in history if entry.get("split") == split]
+    values = [metric_value(metrics, rule.metric) for metrics in evaluations]
+    if evaluations and values[-1] is None:
+        raise ConfigError(f"train.early_stop.metric: {quote(rule.metric, 80)} is not among the {split} "
+                          f"evaluation's metrics ({', '.join(available_metrics(evaluations[-1])[:12])})")
+    return should_stop([value for value in values if value is not None], rule.patience, rule.min_delta)
+
+
 # ---- the loop --------------------------------------------------------------------------------
 def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
     saved_path = run_dir / CONFIG_FILE
@@ -387,7 +397,7 @@ def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
     for volatile in (("train", "epochs"), ("train", "eval_every"), ("train", "log_every"), ("train", "progress"),
                      ("train", "checkpoint_every_steps"), ("data", "num_workers"), ("data", "decoded_cache"),
                      ("train", "amp"), ("train", "channels_last"), ("train", "compile"), ("train", "threads"),
-                     ("eval",), ("description",)):
+                     ("train", "early_stop"), ("eval",), ("description",)):
         for snapshot in (saved, current):
             node = snapshot
             for key in volatile[:-1]:
@@ -498,6 +508,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
         }
 
         skips = SkipCounter()
+        stopped: dict[str, Any] | None = None
         epoch, step, start_in_epoch = 0, 0, 0
         resumed_step: int | None = None
         history: list[dict[str, Any]] = []
@@ -516,6 +527,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             skips.count = int(state.extra.get("skipped_images", 0))
             skips.messages = list(state.extra.get("skipped_examples", []))
             history = list(state.extra.get("history", []))
+            stopped = state.extra.get("stopped_early")
             resumed_step = step
             log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}"
                 + (f" ({start_in_epoch} steps into the epoch)" if start_in_epoch else ""))
@@ -536,7 +548,8 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
         def save_checkpoint(epochs_done: int, in_epoch: int) -> None:
             rng_states = gather_objects(ckpt.capture_rng_states(), context)
             if is_main:
-                extra = {"skipped_images": skips.count, "skipped_examples": skips.messages, "history": history}
+                extra = {"skipped_images": skips.count, "skipped_examples": skips.messages, "history": history,
+                         **({"stopped_early": stopped} if stopped else {})}
                 state = ckpt.TrainingState(
                     epoch=epochs_done, step=step, step_in_epoch=in_epoch, optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), objective=objective.state_dict(), rng={"ranks": rng_states},
@@ -547,7 +560,11 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             barrier(context)
 
         evaluation: dict[str, Any] | None = None
-        while epoch < config.train.epochs:
+        if stopped and config.train.early_stop is None:
+            stopped = None  # the recipe no longer stops early: train on to train.epochs
+        elif stopped:
+            log(f"{run_dir}: stopped early after epoch {stopped['epoch']} ({stopped['reason']}); nothing to resume")
+        while epoch < config.train.epochs and not stopped:
             batches.set_epoch(epoch, start_in_epoch)
             step_module.train()
             sums: dict[str, float] = {}
@@ -616,18 +633,34 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             epoch += 1
             start_in_epoch = 0
             last = epoch == config.train.epochs
-            due = config.train.eval_every and epoch % config.train.eval_every == 0
-            if config.eval.benchmark and (last or due):
-                split = config.eval.final_split if last else config.eval.split
-                evaluation = _evaluate_during_training(model, meta, config, data_root, split, run_dir, epoch, step,
-                                                       context, show_progress, log, plan.num_workers)
-                if is_main and evaluation is not None:
-                    flat = _flatten_numbers("", evaluation.get("metrics", {}), {})
-                    metrics_log.log({"step": step, "epoch": epoch, **{f"eval.{split}.{k}": v for k, v in flat.items()}})
-                    history.append({"epoch": epoch, "step": step, "split": split, "metrics": evaluation.get("metrics")})
+            due = bool(config.train.eval_every and epoch % config.train.eval_every == 0)
+
+            def evaluate_on(split: str, final: bool) -> dict[str, Any] | None:
+                result = _evaluate_during_training(model, meta, config, data_root, split, run_dir, epoch, step,
+                                                   context, show_progress, log, plan.num_workers, final)
+                if result is not None:
+                    if is_main:
+                        flat = _flatten_numbers("", result.get("metrics", {}), {})
+                        metrics_log.log({"step": step, "epoch": epoch,
+                                         **{f"eval.{split}.{k}": v for k, v in flat.items()}})
+                    history.append({"epoch": epoch, "step": step, "split": split, "metrics": result.get("metrics")})
+                return result
+
+            rule = config.train.early_stop
+            if config.eval.benchmark and rule is not None and due:
+                # the curve and the stopping rule need the validation split at every due epoch, the last included
+                evaluate_on(config.eval.split, final=False)
+                decision = _stopping_decision(history, config.eval.split, rule)
+                log(f"early stop after epoch {epoch}: {'yes' if decision.stop else 'no'}, {decision.reason}")
+                if decision.stop and not last:
+                    stopped, last = {"epoch": epoch, "reason": decision.reason}, True
+            if config.eval.benchmark and (last or (due and rule is None)):
+                evaluation = evaluate_on(config.eval.final_split if last else config.eval.split, final=last)
             if is_main:
                 ckpt.save_for_inference(model, {**meta, "epoch": epoch, "step": step}, run_dir)
             save_checkpoint(epoch, 0)
+            if stopped:
+                break
 
         if is_main and skips.count:
             log(skips.summary())
@@ -641,7 +674,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
 
 def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: ExperimentConfig, data_root: Path,
                               split: str, run_dir: Path, epoch: int, step: int, context: DistributedContext,
-                              progress: bool, log: Any, num_workers: int) -> dict[str, Any] | None:
+                              progress: bool, log: Any, num_workers: int, last: bool) -> dict[str, Any] | None:
     """Rank 0 evaluates (embedding a benchmark is cheap next to training); the others wait."""
     result = None
     if context.is_main:
@@ -656,7 +689,6 @@ def _evaluate_during_training(model: nn.Module, meta: dict[str, Any], config: Ex
         result = evaluation.results
         result.update({"epoch": epoch, "step": step, "experiment": config.name, "checkpoint": str(run_dir),
                        **provenance(context.device, {**meta, "package_version": __version__})})
-        last = epoch == config.train.epochs
         name = EVAL_FILE if last else f"eval-epoch{epoch:03d}-{split}.json"
         write_results(evaluation, run_dir / name, save_embeddings=last)
         log(f"evaluation after epoch {epoch} on {config.eval.benchmark}/{split}: {summarise(result)}")
