@@ -203,11 +203,17 @@ for group in "${GROUPS_WANTED[@]}"; do
              optim.warmup_epochs=0.5 eval.final_split=test "train.early_stop={metric: overall/mAP}" "${LITE0[@]}")
     A_C=("${CONV[@]}" data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.epochs=30
          train.max_steps_per_epoch=300 eval.final_split=test "train.early_stop={metric: overall/MAP@all}")
-    run viton_global_ce configs/viton_global_ce.yaml "${VITON_C[@]}"
-    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
-    run fashion_product_asen configs/fashion_product_asen.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
+    # clothing -> fashion-product at 128x96, 10 categories x (2 consumer + 2 shop) per batch, epochs of
+    # 120 steps (the clothing queries are the same photos in val and test: only the gallery differs).
+    C_C=("${CONV[@]}" data.image_size=[128,96] data.sampler.p=10 data.sampler.k=4 train.epochs=30
+         train.max_steps_per_epoch=120 optim.warmup_epochs=0.5 eval.final_split=test
+         "train.early_stop={metric: overall/mAP}" "${LITE0[@]}")
+    run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}"
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
+    run fashion_product_asen configs/fashion_product_asen.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
+    run viton_global_ce configs/viton_global_ce.yaml "${VITON_C[@]}"
     run viton_mmfl_net configs/viton_mmfl_net.yaml "${VITON_C[@]}"
     run viton_dml configs/viton_dml.yaml "${VITON_C[@]}"
     run viton_dml_cosface configs/viton_dml_cosface.yaml "${VITON_C[@]}"
@@ -220,6 +226,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run fashion_product_m3_net_c configs/fashion_product_m3_net_c.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
     run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate
+    run clothing_to_shop_classifier configs/clothing_to_shop_classifier.yaml "${C_C[@]}"
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
