@@ -32,7 +32,7 @@ from fashion_retrieval.data.images import DEFAULT_MAX_PIXELS
 from fashion_retrieval.data.table import SampleTable
 from fashion_retrieval.index.catalog import CatalogIndex
 from fashion_retrieval.serve.app import create_app
-from fashion_retrieval.serve.embedders import TorchEmbedder
+from fashion_retrieval.index.embedders import TorchEmbedder
 
 runner = CliRunner()
 # In-process the library's filter is reset by pytest for each test; the subprocess test below

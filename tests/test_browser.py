@@ -35,7 +35,7 @@ def server(tmp_path_factory):
 
     from fashion_retrieval.index.build import build_index
     from fashion_retrieval.serve.app import create_app
-    from fashion_retrieval.serve.embedders import TorchEmbedder
+    from fashion_retrieval.index.embedders import TorchEmbedder
 
     root = tmp_path_factory.mktemp("browser")
     checkpoint = save_tiny_checkpoint(root / "run", "asen")

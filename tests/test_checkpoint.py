@@ -17,9 +17,10 @@ from fashion_retrieval.engine import checkpoint as ckpt
 from fashion_retrieval.engine.checkpoint import (CheckpointError, TrainingState, load_for_inference,
                                                  load_training_state, save_for_inference, save_training_state)
 from fashion_retrieval.models import MODELS
+from fashion_retrieval.models.base import RetrievalModel
 
 
-class TinyNet(nn.Module):
+class TinyNet(RetrievalModel):
     """A few thousand parameters: conv → BN → pool → embedding, an ID head and dropout (so RNG matters)."""
 
     attribute_conditioned = False
@@ -31,12 +32,12 @@ class TinyNet(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
                                   nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.embed = nn.Linear(width, feat_dim)
+        self.project = nn.Linear(width, feat_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(feat_dim, num_items) if num_items else None
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        embedding = self.embed(self.body(images))
+        embedding = self.project(self.body(images))
         outputs = {"embedding": embedding}
         if self.training:
             outputs["features"] = embedding
@@ -61,7 +62,7 @@ class TinyAttributeNet(TinyNet):
         if attribute is None:
             raise ValueError("tiny_test_attribute_net needs attribute=")
         attribute = attribute.to(images.device)
-        embedding = self.embed(self.body(images)) * torch.sigmoid(self.masks(attribute))
+        embedding = self.project(self.body(images)) * torch.sigmoid(self.masks(attribute))
         outputs = {"embedding": embedding}
         if self.training:
             outputs["features"] = embedding

@@ -34,7 +34,7 @@ from fashion_retrieval.engine.train import train
 from fashion_retrieval.index.build import build_index
 from fashion_retrieval.index.catalog import CatalogIndex
 from fashion_retrieval.serve.app import create_app
-from fashion_retrieval.serve.embedders import TorchEmbedder
+from fashion_retrieval.index.embedders import TorchEmbedder
 
 resource = pytest.importorskip("resource", reason="RLIMIT_FSIZE needs a POSIX system")
 

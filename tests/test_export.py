@@ -19,7 +19,7 @@ from fashion_retrieval.engine.embed import inference_transform
 from fashion_retrieval.index.build import build_index
 from fashion_retrieval.index.catalog import CatalogIndex
 from fashion_retrieval.serve.app import create_app
-from fashion_retrieval.serve.embedders import EmbedderError, embedder_for_index
+from fashion_retrieval.index.embedders import EmbedderError, embedder_for_index
 
 PARITY = 1e-4
 

@@ -8,7 +8,8 @@ import torch
 
 from fashion_retrieval.losses import LOSSES
 from fashion_retrieval.models import MODELS
-from fashion_retrieval.models.asen import PADDED_LOGIT, attention_box
+from fashion_retrieval.models.asen import attention_box
+from fashion_retrieval.models.attention import PADDED_LOGIT
 from fashion_retrieval.registry import ConfigError
 
 SIZES = [3, 5]
@@ -201,7 +202,7 @@ def test_asen_authors_variant_attends_over_c4(backbone, channels):
 
 
 def test_spatial_tanh_squashes_the_scores_before_the_softmax():
-    from fashion_retrieval.models.asen import AttributeSpatialAttention
+    from fashion_retrieval.models.attention import AttributeSpatialAttention
 
     feature_map, condition = torch.randn(2, 8, 4, 3), torch.randn(2, 6)
     ratios = {}

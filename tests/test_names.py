@@ -357,7 +357,7 @@ def test_training_checkpoint_swap_refuses_a_link_out_of_the_run(tmp_path):
 def test_serve_item_ids_and_attribute_names_never_become_paths(world):
     from fashion_retrieval.index.build import build_index
     from fashion_retrieval.serve.app import create_app
-    from fashion_retrieval.serve.embedders import TorchEmbedder
+    from fashion_retrieval.index.embedders import TorchEmbedder
 
     checkpoint = attribute_checkpoint(world.root / "run", world.crafted)
     write_catalog(world.root / "catalog", 4)

@@ -25,7 +25,7 @@ from catalog_fixtures import ATTRIBUTES, jpeg_bytes, model_ranking, photo_like, 
 from fashion_retrieval.index.build import build_index
 from fashion_retrieval.index.catalog import CatalogIndex
 from fashion_retrieval.serve.app import Limits, create_app
-from fashion_retrieval.serve.embedders import TorchEmbedder
+from fashion_retrieval.index.embedders import TorchEmbedder
 
 API_KEY = "correct horse battery staple"
 LOCAL = "http://127.0.0.1"  # the Host a local client sends; TestClient's default "testserver" is refused
@@ -571,7 +571,7 @@ import resource, sys
 from pathlib import Path
 from fastapi.testclient import TestClient
 from fashion_retrieval.serve.app import create_app, upload_cost, Limits
-from fashion_retrieval.serve.embedders import TorchEmbedder
+from fashion_retrieval.index.embedders import TorchEmbedder
 
 index, big, small = sys.argv[1:4]
 client = TestClient(create_app(index, TorchEmbedder(Path(index) / "model")), base_url="http://127.0.0.1")

@@ -27,7 +27,8 @@ from .files import parse_yaml, quote, read_yaml
 from .names import name_problem
 from .registry import ConfigError
 
-__all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_from_dict"]
+__all__ = ["ConfigError", "ExperimentConfig", "BackboneConfig", "load_config", "apply_overrides", "config_from_dict",
+           "nest_backbone_options"]
 
 
 class StrictModel(BaseModel):
@@ -76,9 +77,82 @@ class DataConfig(StrictModel):
         return size
 
 
+class BackboneConfig(StrictModel):
+    """``model.backbone``: the feature extractor every model is built on (models/backbones.py).
+    Options left null take the backbone's or the model's own default."""
+    name: str = Field("resnet18", description="BACKBONES name: resnet18, resnet50, efficientnet_lite0, "
+                                              "efficientnet_lite2")
+    pretrained: bool | str = Field(False, description="ImageNet initialisation: true, or a torchvision weights "
+                                                      "name such as IMAGENET1K_V2 (ResNet)")
+    weights_path: str | None = Field(None, description="a local .pth / .safetensors file to initialise from "
+                                                       "instead (offline)")
+    last_stride: Literal[1, 2] | None = Field(None, description="1 keeps C5 at stride 16 (re-id trick); null: "
+                                                                "the model's default (1 for global_net and "
+                                                                "mmfl_net, 2 otherwise)")
+    drop_connect_rate: float | None = Field(None, ge=0, lt=1, description="EfficientNet-Lite stochastic depth "
+                                                                          "(null: 0.2)")
+
+
+# Before the backbone had its own section these were model.kwargs keys (``backbone`` held the name);
+# recipes, command lines and meta.json files of that time still spell them so.
+FLAT_BACKBONE_KEYS = ("pretrained", "weights_path", "last_stride", "drop_connect_rate")
+
+
+def nest_backbone_options(kwargs: dict[str, Any], backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model keyword arguments with every backbone option in one ``backbone`` mapping.
+
+    The one migration of the old flat spelling (``kwargs: {backbone: resnet50, pretrained: true}``)
+    to the nested one (``backbone: {name: resnet50, pretrained: true}``), for recipes, command-line
+    overrides and the meta.json of older checkpoints alike. ``backbone`` is the recipe's
+    ``model.backbone`` section; flat keys in ``kwargs`` override it, so an override such as
+    ``model.kwargs.backbone=efficientnet_lite0`` changes the name and keeps the section's other
+    options. Without any backbone option the model's default backbone is kept (no key added).
+    Raises ConfigError naming the bad option."""
+    kwargs = dict(kwargs)
+    section = dict(backbone or {})
+    given = backbone is not None
+    inline = kwargs.pop("backbone", None)
+    if isinstance(inline, dict):
+        section.update(inline)
+        given = True
+    elif inline is not None:
+        section["name"] = inline
+        given = True
+    for key in FLAT_BACKBONE_KEYS:
+        if key in kwargs:
+            section[key] = kwargs.pop(key)
+            given = True
+    if given:
+        try:
+            nested = BackboneConfig.model_validate(section)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ConfigError(f"backbone.{'.'.join(str(p) for p in error['loc'])}: "
+                              f"{error['msg'].removeprefix('Value error, ')}") from None
+        kwargs["backbone"] = nested.model_dump(exclude_none=True)
+    return kwargs
+
+
 class ModelConfig(StrictModel):
     name: str
+    backbone: BackboneConfig | None = Field(None, description="the backbone and its options (default: the "
+                                                              "model's, resnet18 without pretrained weights)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="MODELS builder keyword arguments")
+
+    @model_validator(mode="after")
+    def _backbone_options_are_valid(self) -> "ModelConfig":
+        try:  # the old flat keys in kwargs are checked where the nested section would be
+            nest_backbone_options(self.kwargs, self.backbone_section())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def backbone_section(self) -> dict[str, Any] | None:
+        return None if self.backbone is None else self.backbone.model_dump(exclude_none=True)
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """``MODELS.build`` keyword arguments: ``kwargs`` with the backbone options nested."""
+        return nest_backbone_options(self.kwargs, self.backbone_section())
 
 
 class LossTermConfig(BaseModel):

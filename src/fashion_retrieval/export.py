@@ -24,6 +24,8 @@ class ExportError(RuntimeError):
 
 
 def _embedding_only(model):
+    """``model.embed`` as a module's forward, what the tracer records: the graph is the same
+    embedding every PyTorch path computes."""
     import torch
 
     class EmbeddingOnly(torch.nn.Module):
@@ -32,9 +34,7 @@ def _embedding_only(model):
             self.model = model
 
         def forward(self, images, attribute=None):
-            if attribute is None:
-                return self.model(images)["embedding"]
-            return self.model(images, attribute)["embedding"]
+            return self.model.embed(images, attribute)
 
     return EmbeddingOnly().eval()
 
@@ -60,12 +60,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
     from .engine.checkpoint import load_for_inference
     from .files import refuse_other_artefact
     from .index.catalog import checkpoint_files, file_sha256
-    from .serve.embedders import _inference_meta
+    from .index.embedders import inference_meta
 
     refuse_other_artefact(out, "export", ExportError)
     weights, _ = checkpoint_files(checkpoint)
     model, meta = load_for_inference(weights)
-    meta = _inference_meta(model, meta)
+    meta = inference_meta(model, meta)
     wrapper = _embedding_only(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

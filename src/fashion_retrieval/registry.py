@@ -22,8 +22,15 @@ def _suggest(name: str, options: list[str]) -> str:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """``expects``: the type every builder must return (checked on each build, so a plugin that
+    registers something else fails at once, naming it). ``prepare(builder, kwargs) -> kwargs``
+    rewrites the keyword arguments before they are checked, for spellings kept for old files."""
+
+    def __init__(self, kind: str, expects: type | None = None,
+                 prepare: Callable[[Callable[..., T], dict[str, Any]], dict[str, Any]] | None = None):
         self.kind = kind
+        self.expects = expects
+        self.prepare = prepare
         self._builders: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -52,8 +59,13 @@ class Registry(Generic[T]):
 
     def build(self, name: str, /, **kwargs: Any) -> T:
         builder = self.get(name)
+        if self.prepare is not None:
+            kwargs = self.prepare(builder, kwargs)
         check_kwargs(builder, kwargs, f"{self.kind} '{name}'")
-        return builder(**kwargs)
+        built = builder(**kwargs)
+        if self.expects is not None and not isinstance(built, self.expects):
+            raise ConfigError(f"{self.kind} '{name}' built a {type(built).__name__}, not a {self.expects.__name__}")
+        return built
 
 
 def check_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:

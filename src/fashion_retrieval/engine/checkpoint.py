@@ -204,8 +204,8 @@ def save_for_inference(model: nn.Module, meta: dict[str, Any], run_dir: str | Pa
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "model": {"name": spec["name"], "kwargs": dict(spec.get("kwargs", {}))},
-        "feat_dim": int(meta.get("feat_dim", getattr(plain, "feat_dim", 0))),
-        "attribute_conditioned": bool(getattr(plain, "attribute_conditioned", False)),
+        "feat_dim": int(meta.get("feat_dim", plain.feat_dim)),
+        "attribute_conditioned": plain.attribute_conditioned,
         "save_id": uuid.uuid4().hex,
     }
     try:
@@ -277,7 +277,7 @@ def load_for_inference(path: str | Path, expected_model: str | None = None,
     ``path`` is a run directory, its ``model.safetensors`` or its ``meta.json``. With
     ``expected_model`` a checkpoint of another architecture is refused.
     """
-    from ..models import MODELS
+    from ..models import build_model
     from ..registry import ConfigError
 
     weights, meta_path = _locate(path)
@@ -295,14 +295,10 @@ def load_for_inference(path: str | Path, expected_model: str | None = None,
     if "save_id" in header and "save_id" in meta and header["save_id"] != meta["save_id"]:
         raise CheckpointError(f"{weights}: weights and {meta_path.name} come from different saves "
                               "(an interrupted save?); re-export the checkpoint")
-    kwargs = dict(meta["model"]["kwargs"])
-    # The weights replace any pretrained initialisation: never download or read it again.
-    if "pretrained" in kwargs:
-        kwargs["pretrained"] = False
-    if "weights_path" in kwargs:
-        kwargs["weights_path"] = None
     try:
-        model = MODELS.build(name, **kwargs)
+        # The weights replace any pretrained initialisation: never download or read it again.
+        model = build_model(name, meta["model"]["kwargs"], attribute_names=meta.get("attributes") or (),
+                            initialise_backbone=False)
     except ConfigError as exc:
         raise CheckpointError(f"{meta_path}: cannot rebuild the model: {exc}") from None
     _load_weights(model, weights)

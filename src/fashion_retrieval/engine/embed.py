@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import ImageDataset, Transform, collate_skipping, default_transform
 from ..data.table import SampleTable
+from ..models.base import RetrievalModel
 
 
 @dataclass
@@ -48,30 +48,17 @@ def inference_transform(meta_or_size: Mapping[str, Any] | Sequence[int]) -> Tran
     return default_transform(image_size_of(meta_or_size), train=False)
 
 
-def _attribute_tensor(attribute: int | None, batch_size: int, device: torch.device) -> torch.Tensor | None:
-    if attribute is None:
-        return None
-    return torch.full((batch_size,), int(attribute), dtype=torch.long, device=device)
-
-
-def _forward_embeddings(model: nn.Module, images: torch.Tensor, attributes: Sequence[int | None],
+def _forward_embeddings(model: RetrievalModel, images: torch.Tensor, attributes: Sequence[int | None],
                         amp: bool) -> list[torch.Tensor]:
-    conditioned = bool(getattr(model, "attribute_conditioned", False))
-    outputs = []
-    shared: torch.Tensor | None = None
+    """L2-normalised float32 ``model.embed`` of ``images`` for each attribute index."""
+    outputs: dict[int | None, torch.Tensor] = {}
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         for attribute in attributes:
-            if conditioned:
-                if attribute is None:
-                    raise ValueError("this model is attribute-conditioned: pass attribute=<index>")
-                embedding = model(images, attribute=_attribute_tensor(attribute, len(images), images.device))["embedding"]
-            else:
-                # An unconditioned model has one embedding for every attribute: compute it once.
-                if shared is None:
-                    shared = model(images)["embedding"]
-                embedding = shared
-            outputs.append(embedding)
-    return [F.normalize(e.float(), dim=1) for e in outputs]
+            # An unconditioned model has one embedding for every attribute: compute it once.
+            key = attribute if model.attribute_conditioned else None
+            if key not in outputs:
+                outputs[key] = model.embed(images, attribute)
+    return [F.normalize(outputs[a if model.attribute_conditioned else None].float(), dim=1) for a in attributes]
 
 
 DECODERS = ("pil", "device")
@@ -166,7 +153,7 @@ def _decode_on_device(batch: dict[str, Any], transform: Transform, fallback: Ima
 
 
 @torch.inference_mode()
-def embed_table_attributes(model: nn.Module, table: SampleTable, image_size: Sequence[int],
+def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size: Sequence[int],
                            attributes: Sequence[int | None], batch_size: int = 64,
                            device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
                            crop_bbox: bool = False, amp: bool = False, desc: str = "embedding",
@@ -217,15 +204,14 @@ def embed_table_attributes(model: nn.Module, table: SampleTable, image_size: Seq
                 bar.update(len(batch_skipped) + (len(rows) if rows is not None else 0))
     finally:
         model.train(was_training)
-    dim = int(getattr(model, "feat_dim", 0))
-    stacked = [np.concatenate(c).astype(np.float32, copy=False) if c else np.zeros((0, dim), np.float32)
+    stacked = [np.concatenate(c).astype(np.float32, copy=False) if c else np.zeros((0, model.feat_dim), np.float32)
                for c in chunks]
     indices = np.concatenate(kept).astype(np.int64) if kept else np.zeros(0, np.int64)
     by_attribute = {a: e for a, e in zip(attributes, stacked) if a is not None}
     return EmbedResult(stacked[0], indices, skipped, by_attribute)
 
 
-def embed_table(model: nn.Module, table: SampleTable, image_size: Sequence[int], batch_size: int = 64,
+def embed_table(model: RetrievalModel, table: SampleTable, image_size: Sequence[int], batch_size: int = 64,
                 attribute: int | None = None, device: str | torch.device = "cpu", num_workers: int = 0,
                 progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil") -> EmbedResult:
     """L2-normalised embeddings of every readable row of ``table`` (for ``attribute`` when the
@@ -236,7 +222,7 @@ def embed_table(model: nn.Module, table: SampleTable, image_size: Sequence[int],
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, images: Iterable[Image.Image], image_size: Sequence[int],
+def embed_images(model: RetrievalModel, images: Iterable[Image.Image], image_size: Sequence[int],
                  attribute: int | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 64) -> np.ndarray:
     """Embeddings [N, D] (L2-normalised float32) of decoded RGB PIL images, e.g. uploaded queries."""
@@ -244,7 +230,7 @@ def embed_images(model: nn.Module, images: Iterable[Image.Image], image_size: Se
     transform = inference_transform(image_size)
     tensors = [transform(image.convert("RGB") if image.mode != "RGB" else image) for image in images]
     if not tensors:
-        return np.zeros((0, int(getattr(model, "feat_dim", 0))), np.float32)
+        return np.zeros((0, model.feat_dim), np.float32)
     was_training = model.training
     model.eval()
     try:

@@ -87,9 +87,9 @@ def top_neighbours(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self:
 
 # ---- embedding a benchmark -------------------------------------------------------------------
 def _attribute_indices(model: nn.Module, meta: dict[str, Any], benchmark: Any) -> dict[str, int | None]:
-    if not getattr(model, "attribute_conditioned", False):
+    if not model.attribute_conditioned:
         return {attribute: None for attribute in benchmark.attributes}
-    known = list(meta.get("attributes") or [])
+    known = list(model.attribute_names)
     missing = [a for a in benchmark.attributes if a not in known]
     if missing:
         raise ConfigError(f"benchmark '{benchmark.name}' evaluates {', '.join(missing)}, which this "

@@ -20,12 +20,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, ExperimentConfig
+
+if TYPE_CHECKING:
+    from ..models.base import RetrievalModel
 
 # torch.compile of a training step measured 81 s on the first step here (global_net, Lite0) and
 # then 98 against 85–89 img/s eager (≈ 12 % less time per step); bigger models compile longer.
@@ -97,23 +100,25 @@ def _keep_in_eval_mode(module: nn.Module, _inputs: Any) -> None:
         module.eval()
 
 
-def freeze_backbone_stages(model: nn.Module, stages: int) -> list[nn.Module]:
-    """Freeze the backbone's stem and its first ``stages`` stages: no gradients (so backward
-    stops before them and the optimizer leaves them alone) and eval mode in every forward, so
-    their BatchNorm statistics stay those of the pretrained weights and drop-connect is off.
-    Returns the frozen modules."""
+def freeze_backbone_stages(model: RetrievalModel, stages: int) -> list[nn.Module]:
+    """Freeze the stem and the first ``stages`` stages of every backbone of the model (ASEN++ has
+    two): no gradients (so backward stops before them and the optimizer leaves them alone) and
+    eval mode in every forward, so their BatchNorm statistics stay those of the pretrained weights
+    and drop-connect is off. Returns the frozen modules."""
     if stages <= 0:
         return []
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or not hasattr(backbone, "stage_modules"):
+    backbones = model.backbones()
+    if not backbones:
         raise ConfigError(f"train.freeze_backbone_stages: model {type(model).__name__} has no backbone with stages")
-    modules = backbone.stage_modules()
-    # the last entry of EfficientNet-Lite is its head, not a stage; ResNet has none
-    countable = len(modules) - 1 - (1 if type(backbone).__name__ == "EfficientNetLite" else 0)
-    if stages > countable:
-        raise ConfigError(f"train.freeze_backbone_stages: {type(backbone).__name__} has {countable} stages, "
-                          f"got {stages}")
-    frozen = modules[:stages + 1]
+    frozen: list[nn.Module] = []
+    for backbone in backbones:
+        modules = backbone.stage_modules()
+        # the last entry of EfficientNet-Lite is its head, not a stage; ResNet has none
+        countable = len(modules) - 1 - (1 if type(backbone).__name__ == "EfficientNetLite" else 0)
+        if stages > countable:
+            raise ConfigError(f"train.freeze_backbone_stages: {type(backbone).__name__} has {countable} stages, "
+                              f"got {stages}")
+        frozen += modules[:stages + 1]
     for module in frozen:
         module.requires_grad_(False)
         module.eval()

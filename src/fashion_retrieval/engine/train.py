@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from .distributed import (DistributedContext, all_true, barrier, broadcast_objec
                           init_distributed, wrap_model)
 from .execution import CompileGate, compile_step, freeze_backbone_stages, plan_execution
 from .stopping import StopDecision, available_metrics, metric_value, should_stop
+
+if TYPE_CHECKING:
+    from ..models.base import RetrievalModel
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -165,14 +168,14 @@ def model_kwargs(config: ExperimentConfig, labels: LabelSpace) -> dict[str, Any]
     reserved = {"num_items", "attribute_sizes"} & set(config.model.kwargs)
     if reserved:
         raise ConfigError(f"model.kwargs.{sorted(reserved)[0]}: set from the data, do not set it in the recipe")
-    return {**config.model.kwargs, "num_items": labels.num_items, "attribute_sizes": labels.attribute_sizes}
+    return {**config.model.build_kwargs(), "num_items": labels.num_items, "attribute_sizes": labels.attribute_sizes}
 
 
-def build_model(config: ExperimentConfig, labels: LabelSpace) -> tuple[nn.Module, dict[str, Any]]:
-    from ..models import MODELS
+def build_model(config: ExperimentConfig, labels: LabelSpace) -> tuple[RetrievalModel, dict[str, Any]]:
+    from ..models import build_model as build_named_model
 
     kwargs = model_kwargs(config, labels)
-    return MODELS.build(config.model.name, **kwargs), kwargs
+    return build_named_model(config.model.name, kwargs, attribute_names=labels.attribute_names), kwargs
 
 
 def build_objective_for(config: ExperimentConfig, model: nn.Module, labels: LabelSpace,
@@ -182,12 +185,11 @@ def build_objective_for(config: ExperimentConfig, model: nn.Module, labels: Labe
     ``table``, so recipes do not repeat them."""
     from ..losses.objective import build_objective
 
-    feat_dim = int(getattr(model, "feat_dim", 0))
     context: dict[str, Any] = {
         "num_classes": labels.num_items,
-        "embedding_size": int(getattr(model, "features_dim", feat_dim)),
+        "embedding_size": model.features_dim,
         "attribute_sizes": labels.attribute_sizes,
-        "feat_dim": feat_dim,
+        "feat_dim": model.feat_dim,
     }
     terms = [{"name": t.name, "weight": t.weight, **t.kwargs} for t in config.loss.terms]
     if table is not None and any(t.name == "attribute_multilabel_bce" for t in config.loss.terms):
@@ -279,14 +281,10 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
-        self.conditioned = bool(getattr(model, "attribute_conditioned", False))
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.conditioned:
-            outputs = self.model(batch["image"], attribute=batch["attribute"])
-        else:
-            outputs = self.model(batch["image"])
-        return self.objective(outputs, batch)
+        # every model takes the attribute; only attribute-conditioned ones read it
+        return self.objective(self.model(batch["image"], attribute=batch.get("attribute")), batch)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
@@ -459,8 +457,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
         table = training_table(config, data_root)
         labels = label_space_for(table, config.data.attributes)
         model, kwargs = build_model(config, labels)
-        conditioned = bool(getattr(model, "attribute_conditioned", False))
-        if conditioned and config.data.sampler.kind != "attribute":
+        if model.attribute_conditioned and config.data.sampler.kind != "attribute":
             raise ConfigError(f"data.sampler.kind: model '{config.model.name}' is attribute-conditioned and needs "
                               "kind: attribute (batches of one attribute each)")
         objective = build_objective_for(config, model, labels, table)
@@ -498,7 +495,7 @@ def train(config: ExperimentConfig, data_root: str | Path, out_dir: str | Path, 
             "image_size": list(config.data.image_size),
             "label_space": labels.to_dict(),
             "attributes": labels.attribute_names,
-            "feat_dim": int(getattr(model, "feat_dim", 0)),
+            "feat_dim": model.feat_dim,
             "dataset": {"format": config.data.format, "root": config.data.root, "train_split": config.data.train_split,
                         "train_images": len(table)},
             "benchmark": config.eval.benchmark,

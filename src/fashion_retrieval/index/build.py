@@ -101,8 +101,8 @@ def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, ba
     """Embed every image once per space (decoding it once) and add the vectors."""
     from ..engine.embed import embed_table_attributes
 
-    model_attributes = list(meta.get("attributes") or [])
-    indices = [model_attributes.index(s) for s in catalog.spaces] if catalog.attribute_conditioned else [None]
+    indices = ([model.attribute_names.index(s) for s in catalog.spaces] if catalog.attribute_conditioned
+               else [None])
     result = embed_table_attributes(model, table, meta["image_size"], indices, batch_size=batch_size,
                                     device=device, progress=progress)
     if not len(result):
@@ -120,7 +120,7 @@ def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, ba
 
 
 def _spaces_for(model, model_attributes: list[str], attributes: Sequence[str] | None) -> list[str]:
-    if getattr(model, "attribute_conditioned", False):
+    if model.attribute_conditioned:
         spaces = list(dict.fromkeys(attributes or model_attributes))
         unknown = [a for a in spaces if a not in model_attributes]
         if unknown:
@@ -157,7 +157,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
             model, meta = load_for_inference(staging)
         except CheckpointError as exc:  # it read the copies: name the files the user gave
             raise CheckpointError(str(exc).replace(str(Path(staging)), str(weights.parent))) from None
-        model_attributes = list(meta.get("attributes") or [])
+        model_attributes = list(model.attribute_names)
         spaces = _spaces_for(model, model_attributes, attributes)
         # attribute names come from whoever wrote meta.json (a catalog CSV's keys): checked and
         # mapped to folder names before anything is written

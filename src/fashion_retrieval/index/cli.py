@@ -51,7 +51,7 @@ def _known_errors():
     from ..data.table import AnnotationError
     from ..engine.checkpoint import CheckpointError
     from ..registry import ConfigError
-    from ..serve.embedders import EmbedderError
+    from .embedders import EmbedderError
     from .catalog import UnknownSpaceError
     from .store import StoreError
 
@@ -134,7 +134,7 @@ def search(
 ) -> None:
     """Ranked catalog items for a photo."""
     from ..data.images import load_rgb
-    from ..serve.embedders import embedder_for_index
+    from .embedders import embedder_for_index
     from .catalog import CatalogIndex
 
     try:

@@ -7,8 +7,8 @@ embedding, which steers an attribute-aware spatial attention (where on the garme
 attribute-aware channel attention (which patterns matter there). Similarity for attribute ``a`` is
 the cosine between two images' embeddings computed with ``a``.
 
-The attention blocks and the per-attribute value classifier defined here are shared with M3-Net
-(``m3_net.py``) and the classifier baseline (``attribute_classifier.py``).
+The attention blocks and the per-attribute value classifier live in ``attention.py``, shared with
+M3-Net (``m3_net.py``) and the classifier baseline (``attribute_classifier.py``).
 """
 from __future__ import annotations
 
@@ -20,130 +20,9 @@ from torch import nn
 
 from ..registry import ConfigError
 from . import MODELS
-from .backbones import BACKBONES
-
-# Logit written into the padded value slots (values an attribute does not have): softmax gives them
-# exactly zero probability, and it stays finite in float16 so no NaN can appear downstream.
-PADDED_LOGIT = -1e4
-
-
-def check_attribute_sizes(attribute_sizes: Sequence[int], model: str) -> list[int]:
-    sizes = [int(v) for v in attribute_sizes]
-    if not sizes:
-        raise ConfigError(f"{model} needs attribute_sizes (values per attribute); got an empty list")
-    bad = [v for v in sizes if v < 1]
-    if bad:
-        raise ConfigError(f"{model}: every attribute needs at least one value; got attribute_sizes={sizes}")
-    return sizes
-
-
-def require_attribute(attribute: torch.Tensor | None, batch_size: int, model: str) -> torch.Tensor:
-    if attribute is None:
-        raise ValueError(f"{model} is attribute-conditioned: call it as model(images, attribute=LongTensor[B])")
-    attribute = torch.as_tensor(attribute, dtype=torch.long)
-    if attribute.dim() == 0:  # one attribute for the whole batch
-        attribute = attribute.expand(batch_size)
-    if attribute.shape != (batch_size,):
-        raise ValueError(f"{model}: attribute must have shape [{batch_size}], got {tuple(attribute.shape)}")
-    return attribute
-
-
-def value_mask(attribute_sizes: torch.Tensor, attribute: torch.Tensor, max_values: int) -> torch.Tensor:
-    """[B, max_values] bool, True on the value slots that exist for each sample's attribute."""
-    slots = torch.arange(max_values, device=attribute.device)
-    return slots[None, :] < attribute_sizes.to(attribute.device)[attribute][:, None]
-
-
-class AttributeSpatialAttention(nn.Module):
-    """Where to look for this attribute: a softmax over the feature map's locations.
-
-    As in ASEN, the feature map (1x1 conv) and the condition vector (linear) are mapped into a joint
-    space with tanh, multiplied element-wise (the condition is replicated over locations) and scored
-    by a 1x1 conv. The softmax weights pool the *original* features so the output stays in backbone
-    feature space, which the channel attention then gates.
-    """
-
-    def __init__(self, in_channels: int, cond_dim: int, joint_dim: int = 512, score_tanh: bool = False):
-        super().__init__()
-        self.image_proj = nn.Conv2d(in_channels, joint_dim, kernel_size=1)
-        self.cond_proj = nn.Linear(cond_dim, joint_dim)
-        self.score = nn.Conv2d(joint_dim, 1, kernel_size=1)
-        # The authors' code squashes the scores with tanh before the softmax, which bounds the
-        # ratio between two locations' weights by e^2: the attention can never collapse to one cell.
-        self.score_tanh = score_tanh
-
-    def scores(self, feature_map: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """[B, h*w] pre-softmax location scores."""
-        joint = torch.tanh(self.image_proj(feature_map)) * torch.tanh(self.cond_proj(condition))[:, :, None, None]
-        scores = self.score(joint).flatten(1)
-        return torch.tanh(scores) if self.score_tanh else scores
-
-    def forward(self, feature_map: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, _, height, width = feature_map.shape
-        weights = self.scores(feature_map, condition).softmax(dim=1)  # [B, h*w]
-        attended = torch.einsum("bn,bcn->bc", weights, feature_map.flatten(2))
-        return attended, weights.view(batch, height, width)
-
-
-class AttributeChannelAttention(nn.Module):
-    """Which channels matter for this attribute: a sigmoid gate from [condition, attended feature].
-
-    Feeding the spatially attended feature as well as the condition (ASEN's design) lets the gate
-    depend on what was actually found in the attended region, not on the attribute alone.
-    """
-
-    def __init__(self, in_channels: int, cond_dim: int, reduction: int = 4):
-        super().__init__()
-        hidden = max(in_channels // reduction, 16)
-        self.gate = nn.Sequential(
-            nn.Linear(cond_dim + in_channels, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, in_channels),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, attended: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return attended * self.gate(torch.cat([condition, attended], dim=1))
-
-
-class ConditionedAttentionPool(nn.Module):
-    """Spatial then channel attention under one condition vector: feature map → [B, C] vector."""
-
-    def __init__(self, in_channels: int, cond_dim: int, joint_dim: int = 512, reduction: int = 4,
-                 spatial_tanh: bool = False):
-        super().__init__()
-        self.spatial = AttributeSpatialAttention(in_channels, cond_dim, joint_dim, spatial_tanh)
-        self.channel = AttributeChannelAttention(in_channels, cond_dim, reduction)
-
-    def forward(self, feature_map: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attended, attention_map = self.spatial(feature_map, condition)
-        return self.channel(attended, condition), attention_map
-
-
-class PerAttributeValueClassifier(nn.Module):
-    """One linear value classifier per attribute, evaluated only for each sample's own attribute.
-
-    Weights are stored padded as [A, max_values, D] so a batch with mixed attributes is one batched
-    matmul; slots beyond an attribute's value count get ``PADDED_LOGIT`` and are False in the mask.
-    """
-
-    def __init__(self, in_dim: int, attribute_sizes: Sequence[int]):
-        super().__init__()
-        self.max_values = max(attribute_sizes)
-        self.register_buffer("sizes", torch.tensor(list(attribute_sizes), dtype=torch.long), persistent=False)
-        bound = 1.0 / in_dim**0.5  # nn.Linear's default init range
-        self.weight = nn.Parameter(torch.empty(len(attribute_sizes), self.max_values, in_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(len(attribute_sizes), self.max_values))
-
-    def forward(self, features: torch.Tensor, attribute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One matmul against every attribute's weights, then pick the own attribute's block: cheaper
-        # in memory than gathering a [B, max_values, D] weight tensor per sample when D is large.
-        num_attributes = self.weight.shape[0]
-        every = (features @ self.weight.flatten(0, 1).t()).view(-1, num_attributes, self.max_values) + self.bias
-        logits = every[torch.arange(features.shape[0], device=features.device), attribute]
-        mask = value_mask(self.sizes, attribute, self.max_values)
-        return logits.masked_fill(~mask, PADDED_LOGIT), mask
-
+from .attention import ConditionedAttentionPool, check_attribute_sizes, require_attribute
+from .backbones import BackboneSpec, build_backbone
+from .base import RetrievalModel
 
 def attention_box(attention_map: torch.Tensor, image_size: tuple[int, int], threshold: float) -> torch.Tensor:
     """Image-space box [B, 4] (x1, y1, x2, y2) around the cells whose attention is at least
@@ -171,11 +50,10 @@ ATTENTION_STAGES = {"c4": 3, "c5": 4}  # how many backbone levels the branch kee
 class AsenBranch(nn.Module):
     """Backbone C5 (or C4) → attribute embedding → spatial + channel attention → FC (one ASEN stream)."""
 
-    def __init__(self, backbone: str, pretrained: bool | str, weights_path: str | None, num_attributes: int,
-                 embedding_dim: int, attr_dim: int, joint_dim: int, channel_reduction: int,
+    def __init__(self, backbone: BackboneSpec, num_attributes: int, embedding_dim: int, attr_dim: int, joint_dim: int, channel_reduction: int,
                  attention_stage: str = "c5", spatial_tanh: bool = False):
         super().__init__()
-        self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path)
+        self.backbone = build_backbone(backbone)
         # Reading C4, the last stage would only cost compute and leave parameters without gradient.
         self.backbone.keep_levels(ATTENTION_STAGES[attention_stage])
         channels = self.backbone.channels[-1]
@@ -190,7 +68,7 @@ class AsenBranch(nn.Module):
 
 
 @MODELS.register("asen")
-class ASEN(nn.Module):
+class ASEN(RetrievalModel):
     """ASEN (AAAI 2020); ``local_branch=True`` adds the ASEN++ local branch.
 
     ``attention_stage="c4"`` + ``spatial_tanh=True`` is the authors' variant: their public code
@@ -210,9 +88,7 @@ class ASEN(nn.Module):
         self,
         attribute_sizes: Sequence[int],
         num_items: int | None = None,  # unused: ASEN learns from attribute values only
-        backbone: str = "resnet18",
-        pretrained: bool | str = False,
-        weights_path: str | None = None,
+        backbone: BackboneSpec = "resnet18",
         embedding_dim: int = 1024,
         attr_dim: int = 512,
         joint_dim: int = 512,
@@ -228,7 +104,7 @@ class ASEN(nn.Module):
             raise ConfigError(f"asen: attention_stage must be one of {', '.join(ATTENTION_STAGES)}, "
                               f"got {attention_stage!r}")
         self.attribute_sizes = sizes
-        branch_args = (backbone, pretrained, weights_path, len(sizes), embedding_dim, attr_dim, joint_dim,
+        branch_args = (backbone, len(sizes), embedding_dim, attr_dim, joint_dim,
                        channel_reduction, attention_stage, spatial_tanh)
         self.global_branch = AsenBranch(*branch_args)
         # ASEN++ gives the local branch its own parameters: the crop is a different input distribution.
@@ -264,5 +140,3 @@ class ASEN(nn.Module):
         return roi_align(images, torch.cat([index, boxes], dim=1), output_size=(height, width),
                          spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
-
-from . import attribute_classifier  # noqa: E402,F401  registers "attribute_classifier"

@@ -15,14 +15,15 @@ from torch import nn
 
 from ..registry import ConfigError
 from . import MODELS
-from .asen import PADDED_LOGIT, check_attribute_sizes, require_attribute, value_mask
-from .backbones import BACKBONES
+from .attention import PADDED_LOGIT, check_attribute_sizes, require_attribute, value_mask
+from .backbones import BackboneSpec, build_backbone
+from .base import RetrievalModel
 
 EMBEDDINGS = ("softmax", "penultimate")
 
 
 @MODELS.register("attribute_classifier")
-class AttributeClassifier(nn.Module):
+class AttributeClassifier(RetrievalModel):
     """``embedding="softmax"``: feat_dim = max(attribute_sizes); the probabilities of head ``a`` are
     zero-padded to that width so every attribute's embedding has the same size (the padded slots
     are zero for every image of that attribute, so cosine similarity is unchanged).
@@ -34,9 +35,7 @@ class AttributeClassifier(nn.Module):
         self,
         attribute_sizes: Sequence[int],
         num_items: int | None = None,  # unused: the baseline learns from attribute values only
-        backbone: str = "resnet18",
-        pretrained: bool | str = False,
-        weights_path: str | None = None,
+        backbone: BackboneSpec = "resnet18",
         embedding: str = "softmax",
         dropout: float = 0.0,
     ):
@@ -48,7 +47,7 @@ class AttributeClassifier(nn.Module):
         self.embedding_kind = embedding
         self.max_values = max(sizes)
         self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
-        self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path)
+        self.backbone = build_backbone(backbone)
         channels = self.backbone.channels[-1]
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleList(nn.Linear(channels, size) for size in sizes)

@@ -2,7 +2,8 @@
 
 Every backbone normalises its own input, so models take RGB in [0, 1], and exposes
 ``channels`` and ``strides`` of C2..C5 (``last_stride=1`` makes C5's stride 16). Built by name:
-``BACKBONES.build("resnet50", pretrained=True, last_stride=1)``.
+``BACKBONES.build("resnet50", pretrained=True, last_stride=1)``; models build theirs from the
+recipe's ``model.backbone`` section (``config.BackboneConfig``) with :func:`build_backbone`.
 
 * ``resnet18`` / ``resnet50``: torchvision ResNets. ``pretrained=True`` (or a torchvision weights
   name such as ``"IMAGENET1K_V2"``) downloads torchvision's weights; offline, ``weights_path``
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import BackboneConfig, nest_backbone_options
 from ..registry import ConfigError, Registry
 from .efficientnet_lite import efficientnet_lite
 
@@ -25,6 +27,37 @@ BACKBONES: Registry[nn.Module] = Registry("backbone")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+BackboneSpec = BackboneConfig | dict | str  # a section, its dict form, or a bare name
+
+
+def backbone_config(spec: BackboneSpec) -> BackboneConfig:
+    """``spec`` as a validated section; a bare name means that backbone with its defaults."""
+    if isinstance(spec, BackboneConfig):
+        return spec
+    if isinstance(spec, str):
+        return BackboneConfig(name=spec)
+    return BackboneConfig(**nest_backbone_options({"backbone": spec})["backbone"])  # names a bad option
+
+
+def build_backbone(spec: BackboneSpec, default_last_stride: int = 2) -> nn.Module:
+    """The backbone a model's ``backbone`` argument describes; ``default_last_stride`` is the
+    model's choice where the section leaves ``last_stride`` null. Options a backbone does not take
+    (``drop_connect_rate`` on a ResNet) fail naming the key."""
+    config = backbone_config(spec)
+    options = {"pretrained": config.pretrained, "weights_path": config.weights_path,
+               "last_stride": config.last_stride or default_last_stride}
+    if config.drop_connect_rate is not None:
+        options["drop_connect_rate"] = config.drop_connect_rate
+    return BACKBONES.build(config.name, **options)
+
+
+def without_initialisation(spec: BackboneSpec) -> dict:
+    """The same backbone with no pretrained initialisation (neither download nor weights file):
+    for a model whose trained weights are loaded right after it is built."""
+    return backbone_config(spec).model_copy(update={"pretrained": False, "weights_path": None}).model_dump(
+        exclude_none=True)
 
 
 class Normalize(nn.Module):

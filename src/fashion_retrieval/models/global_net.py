@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from . import MODELS
-from .backbones import BACKBONES
+from .backbones import BackboneSpec, build_backbone
+from .base import RetrievalModel
 from .heads import BNNeck, MultiLabelAttributeHead, check_attribute_sizes_or_none
 from .pooling import build_pooling
 
 
 @MODELS.register("global_net")
-class GlobalNet(nn.Module):
+class GlobalNet(RetrievalModel):
     """Outputs (``forward(images)``, images RGB in [0, 1]):
 
     * always ``"embedding"`` [B, feat_dim]: post-BN, the retrieval embedding;
@@ -27,7 +28,8 @@ class GlobalNet(nn.Module):
       ``attribute_sizes`` is given.
 
     ``embedding_dim``: None keeps the backbone width (no reduction layer).
-    ``last_stride=1`` removes the backbone's last downsampling: C5 keeps stride 16, a finer final
+    ``backbone``: a name or a ``model.backbone`` section; its ``last_stride`` defaults to 1 here,
+    which removes the backbone's last downsampling: C5 keeps stride 16, a finer final
     map that re-identification models use for small details, for 4× the positions (and compute)
     in the last stage.
     """
@@ -38,16 +40,12 @@ class GlobalNet(nn.Module):
         self,
         num_items: int | None = None,
         attribute_sizes: Sequence[int] | None = None,
-        backbone: str = "resnet18",
-        pretrained: bool | str = False,
-        weights_path: str | None = None,
+        backbone: BackboneSpec = "resnet18",
         pooling: str = "gem",
         embedding_dim: int | None = 512,
-        last_stride: int = 1,
     ):
         super().__init__()
-        self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path,
-                                        last_stride=last_stride)
+        self.backbone = build_backbone(backbone, default_last_stride=1)
         self.pool = build_pooling(pooling)
         self.neck = BNNeck(self.backbone.channels[-1], embedding_dim, num_items)
         sizes = check_attribute_sizes_or_none(attribute_sizes, "global_net")

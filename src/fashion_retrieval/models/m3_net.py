@@ -36,8 +36,9 @@ from torch import nn
 
 from ..registry import ConfigError
 from . import MODELS
-from .asen import ConditionedAttentionPool, PerAttributeValueClassifier, check_attribute_sizes, require_attribute
-from .backbones import BACKBONES
+from .attention import ConditionedAttentionPool, PerAttributeValueClassifier, check_attribute_sizes, require_attribute
+from .backbones import BackboneSpec, build_backbone
+from .base import RetrievalModel
 
 ATTENTION_MODES = ("attribute", "class", "both")
 LEVEL_INDEX = {"c2": 0, "c3": 1, "c4": 2, "c5": 3}
@@ -50,16 +51,14 @@ def class_mixture_weights(value_logits: torch.Tensor) -> torch.Tensor:
 
 
 @MODELS.register("m3_net")
-class M3Net(nn.Module):
+class M3Net(RetrievalModel):
     attribute_conditioned = True
 
     def __init__(
         self,
         attribute_sizes: Sequence[int],
         num_items: int | None = None,  # unused: M3-Net learns from attribute values only
-        backbone: str = "resnet18",
-        pretrained: bool | str = False,
-        weights_path: str | None = None,
+        backbone: BackboneSpec = "resnet18",
         embedding_dim: int = 1024,
         attention: str = "both",
         levels: Sequence[str] = ("c4", "c5"),
@@ -80,7 +79,7 @@ class M3Net(nn.Module):
         self.use_class_attention = attention in ("class", "both")
         self.level_indices = [LEVEL_INDEX[level] for level in levels]
 
-        self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path)
+        self.backbone = build_backbone(backbone)
         channels = [self.backbone.channels[i] for i in self.level_indices]
         # M3-Net_c conditions on the class alone, so it has no attribute embedding.
         self.attribute_embedding = nn.Embedding(len(sizes), attr_dim) if self.use_attribute_attention else None

@@ -40,7 +40,8 @@ from torchvision.ops import Conv2dNormActivation
 
 from ..registry import ConfigError
 from . import MODELS
-from .backbones import BACKBONES
+from .backbones import BackboneSpec, build_backbone
+from .base import RetrievalModel
 from .fusion import SemanticSpatialFusion
 from .heads import BNNeck, MultiLabelAttributeHead, NeckOutput, check_attribute_sizes_or_none
 from .pooling import build_pooling
@@ -108,7 +109,7 @@ class LocalDetailBranch(nn.Module):
 
 
 @MODELS.register("mmfl_net")
-class MMFLNet(nn.Module):
+class MMFLNet(RetrievalModel):
     """Outputs (``forward(images)``, images RGB in [0, 1]):
 
     * always ``"embedding"`` [B, feat_dim]: the concatenated post-BN branch embeddings;
@@ -129,9 +130,7 @@ class MMFLNet(nn.Module):
         self,
         num_items: int | None = None,
         attribute_sizes: Sequence[int] | None = None,
-        backbone: str = "resnet18",
-        pretrained: bool | str = False,
-        weights_path: str | None = None,
+        backbone: BackboneSpec = "resnet18",
         fusion_channels: int = 256,
         embedding_dim: int = 256,
         pooling: str = "gem",
@@ -140,7 +139,6 @@ class MMFLNet(nn.Module):
         local_level: int = 3,
         use_part_branches: bool = True,
         use_local_branch: bool = True,
-        last_stride: int = 1,
         metric_on_stripes: bool = False,
     ):
         super().__init__()
@@ -152,8 +150,7 @@ class MMFLNet(nn.Module):
             raise ConfigError(f"mmfl_net: part_stripes must be positive stripe counts, got {list(part_stripes)}")
         self.part_level, self.local_level = part_level, local_level
 
-        self.backbone = BACKBONES.build(backbone, pretrained=pretrained, weights_path=weights_path,
-                                        last_stride=last_stride)
+        self.backbone = build_backbone(backbone, default_last_stride=1)
         self.fusion = SemanticSpatialFusion(self.backbone.channels, fusion_channels, self.backbone.strides)
         self.global_pool = build_pooling(pooling)
         self.global_neck = BNNeck(fusion_channels, embedding_dim, num_items, reduce=True)
@@ -172,7 +169,12 @@ class MMFLNet(nn.Module):
         self.metric_branch_names = [name for name in self.branch_names
                                     if metric_on_stripes or "_stripe" not in name]
         self._metric_branches = [self.branch_names.index(name) for name in self.metric_branch_names]
-        self.features_dim = embedding_dim * len(self.metric_branch_names)  # width of "features"
+        self._features_dim = embedding_dim * len(self.metric_branch_names)
+
+    @property
+    def features_dim(self) -> int:
+        """Width of ``"features"``: the metric branches only (the stripes are left out by default)."""
+        return self._features_dim
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict:
         del attribute  # one embedding for every attribute: accepted so all models share a call

@@ -42,7 +42,7 @@ from ..files import quote as files_quote
 from ..index.catalog import CatalogIndex, UnknownSpaceError
 from ..index.store import StoreError
 from ..names import name_problem
-from .embedders import Embedder
+from ..index.embedders import Embedder
 
 STATIC_DIR = Path(__file__).parent / "static"
 ALLOWED_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

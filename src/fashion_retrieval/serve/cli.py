@@ -61,7 +61,7 @@ def serve(
     from ..index.catalog import CatalogIndex
     from ..index.store import StoreError
     from .app import Limits, create_app
-    from .embedders import EmbedderError, embedder_for_index
+    from ..index.embedders import EmbedderError, embedder_for_index
     from .timeouts import timed_h11
 
     api_key = None

@@ -1,18 +1,24 @@
 """Turn query photos into vectors, with the checkpoint's PyTorch model or its ONNX export.
 
 Both give L2-normalised float32 vectors from the same preprocessing (resize to the model's
-image size, RGB in [0, 1]), so an index built with one can be searched with the other.
+image size, RGB in [0, 1]) and the same forward (``RetrievalModel.embed``, which is also what the
+ONNX graph holds), so an index built with one can be searched with the other. ``search`` and the
+server embed their queries here; ``index build`` embeds the catalog with ``engine/embed.py``,
+through the same ``embed``.
 """
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..files import read_json, require_keys
+
+if TYPE_CHECKING:
+    from ..models.base import RetrievalModel
 
 
 class EmbedderError(RuntimeError):
@@ -28,18 +34,18 @@ class Embedder:
     """Shared preprocessing; subclasses run the network."""
 
     def __init__(self, meta: dict[str, Any]):
-        from ..data.images import default_transform
+        from ..engine.embed import inference_transform
 
         self.meta = meta
         self.image_size = tuple(meta["image_size"])
         self.attributes: list[str] = list(meta.get("attributes") or [])
         self.attribute_conditioned = bool(meta.get("attribute_conditioned", False))
         self.feat_dim = int(meta["feat_dim"])
-        self._transform = default_transform(self.image_size, train=False)
+        self._transform = inference_transform(self.image_size)
         self._lock = threading.Lock()  # one forward at a time: the model is shared by all requests
 
     def attribute_index(self, attribute: str | None) -> int | None:
-        from ..index.catalog import UnknownSpaceError
+        from .catalog import UnknownSpaceError
 
         if not self.attribute_conditioned:
             if attribute is not None:
@@ -78,7 +84,7 @@ class TorchEmbedder(Embedder):
         from ..engine.checkpoint import load_for_inference
 
         model, meta = load_for_inference(checkpoint)
-        super().__init__(_inference_meta(model, meta))
+        super().__init__(inference_meta(model, meta))
         self.model = model.to(device).eval()
         self.device = device
 
@@ -87,11 +93,7 @@ class TorchEmbedder(Embedder):
 
         images = torch.from_numpy(pixels).to(self.device)
         with torch.inference_mode():
-            if attribute is None:
-                out = self.model(images)
-            else:
-                out = self.model(images, torch.full((len(images),), attribute, dtype=torch.long, device=self.device))
-        return out["embedding"].float().cpu().numpy()
+            return self.model.embed(images, attribute).float().cpu().numpy()
 
 
 class OnnxEmbedder(Embedder):
@@ -121,14 +123,15 @@ class OnnxEmbedder(Embedder):
         return self.session.run(["embedding"], feeds)[0]
 
 
-def _inference_meta(model, meta: dict[str, Any]) -> dict[str, Any]:
-    """The facts an embedder needs, whatever else the checkpoint's meta holds."""
+def inference_meta(model: RetrievalModel, meta: dict[str, Any]) -> dict[str, Any]:
+    """The facts an embedder (and the ONNX sidecar) needs, from the model itself, with whatever
+    else the checkpoint's meta holds."""
     return {
         **meta,
         "image_size": list(meta["image_size"]),
-        "attributes": list(meta.get("attributes") or []),
-        "attribute_conditioned": bool(getattr(model, "attribute_conditioned", False)),
-        "feat_dim": int(getattr(model, "feat_dim", meta.get("feat_dim", 0))),
+        "attributes": list(model.attribute_names),
+        "attribute_conditioned": model.attribute_conditioned,
+        "feat_dim": model.feat_dim,
     }
 
 
