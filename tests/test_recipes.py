@@ -146,7 +146,8 @@ def _small(config_path: Path) -> list[str]:
                  "train.eval_every=0", "train.progress=false", "train.log_every=1", "optim.warmup_epochs=0",
                  "eval.batch_size=16", "eval.final_split=test",
                  f"data.sampler.p={3 if kind == 'attribute' else 2}", f"data.sampler.k={2 if kind == 'cross_domain' else 3}"]
-    if "backbone" in config.model.kwargs:
+    if config.model.backbone is not None or "backbone" in config.model.kwargs:
+        # the old flat spelling on purpose: command lines of older runs must keep working
         overrides += ["model.kwargs.backbone=resnet18", "model.kwargs.pretrained=false"]
     return overrides
 
@@ -226,3 +227,16 @@ def test_asen_authors_recipes_attend_over_c4_with_tanh(recipe: Path) -> None:
     model = MODELS.build("asen", attribute_sizes=[3, 4], **_tiny(config.model.kwargs))
     spatial = model.global_branch.attention.spatial
     assert spatial.score_tanh and spatial.image_proj.in_channels == model.global_branch.backbone.channels[2] == 256
+
+
+def test_demo_runs_the_shipped_demo_recipes_and_quick_shrinks_them() -> None:
+    # The demo's recipes are YAML files in configs/ (so test_recipe_trains_and_evaluates_on_fixtures
+    # trains them too); --quick is overrides on top, not other recipes.
+    from fashion_retrieval.engine.cli import DEMO_RECIPES, demo_recipes
+
+    full, quick = demo_recipes(), demo_recipes(quick=True)
+    assert [c.name for c in full] == [c.name for c in quick] == list(DEMO_RECIPES)
+    assert all((CONFIGS / f"{name}.yaml") in RECIPES for name in DEMO_RECIPES)
+    assert [c.train.max_steps_per_epoch for c in full] == [60, 60]
+    assert [(c.train.epochs, c.train.max_steps_per_epoch, c.eval.final_split) for c in quick] == [(1, 3, "val")] * 2
+    assert [c.model.backbone.name for c in full] == ["efficientnet_lite0"] * 2

@@ -7,7 +7,7 @@ import pytest
 from conftest import (STYLES_HEADER, TINY_STYLES, write_clothing, write_fashion_product, write_jpeg,
                       write_viton)
 from fashion_retrieval.data.readers import READERS
-from fashion_retrieval.data.readers.shared import split_by_number
+from fashion_retrieval.data.readers._annotations import split_by_number
 from fashion_retrieval.data.table import AnnotationError, Sample, SampleTable
 
 

@@ -9,7 +9,6 @@ such gallery images are never relevant. See docs/benchmarks.md for the protocols
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,10 +16,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..registry import ConfigError, Registry
+from .category_map import load_category_map
 from .readers import READERS
-from .table import AnnotationError, SampleTable
+from .table import SampleTable
 
-CATEGORY_MAP_PATH = Path(__file__).with_name("category_map.csv")
 SPLITS = ("train", "val", "test")
 FASHION_PRODUCT_EVALUATED = ("gender", "articleType", "baseColour", "season", "usage")
 
@@ -166,26 +165,6 @@ def _single(value: str | tuple[str, ...] | None) -> str | None:
     if isinstance(value, tuple):
         return value[0] if len(value) == 1 else None
     return value or None
-
-
-def load_category_map(path: str | Path = CATEGORY_MAP_PATH) -> dict[str, str]:
-    """fashion-product articleType -> clothing category (``articleType,category`` CSV)."""
-    path = Path(path)
-    mapping: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        if next(reader, None) != ["articleType", "category"]:
-            raise AnnotationError(path, 1, "header must be 'articleType,category'")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != 2 or not all(cell.strip() for cell in row):
-                raise AnnotationError(path, reader.line_num, "expected two non-empty columns")
-            article_type, category = (cell.strip() for cell in row)
-            if article_type in mapping:
-                raise AnnotationError(path, reader.line_num, f"articleType '{article_type}' is mapped twice")
-            mapping[article_type] = category
-    return mapping
 
 
 # ---- the papers' datasets, official protocols ---------------------------------------------------

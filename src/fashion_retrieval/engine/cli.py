@@ -10,9 +10,12 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from ..config import ExperimentConfig
 
 DATA_ROOT_ENV = "FASHION_DATA_ROOT"
 USAGE_ERROR = 2
@@ -132,65 +135,36 @@ def demo(
 
 
 # ---- demo ------------------------------------------------------------------------------------
-FASHION_PRODUCT_ATTRIBUTES = ["gender", "articleType", "baseColour", "season", "usage"]
+# configs/<name>.yaml, in the order they run; each sized for about 5 minutes on two busy CPU cores
+DEMO_RECIPES = ("demo_fashion_product_attributes", "demo_viton_c2s")
+# `demo --quick`: a smoke run of each, evaluated on the smaller validation split
+QUICK_OVERRIDES = ["train.epochs=1", "train.max_steps_per_epoch=3", "eval.final_split=val"]
 
 
-def _demo_backbone() -> dict:
-    """An ImageNet-pretrained EfficientNet-Lite0 when the backbone is available (its weights ship
-    with a pip package, so no download), else a ResNet-18 trained from scratch."""
-    from ..models.backbones import BACKBONES
+def _shipped_recipe(name: str) -> Path:
+    """configs/<name>.yaml from the installed package (``fashion_retrieval.configs``) or, in a
+    checkout installed before the recipes were packaged, from the folder beside ``src/``."""
+    from importlib.resources import files
 
-    if "efficientnet_lite0" in BACKBONES:
-        return {"backbone": "efficientnet_lite0", "pretrained": True}
-    return {"backbone": "resnet18", "pretrained": False}
+    try:
+        folder = Path(str(files("fashion_retrieval.configs")))
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[3] / "configs"
+    return folder / f"{name}.yaml"
 
 
-def demo_recipes(quick: bool = False) -> list[dict]:
-    """The demo's recipes: attribute-specific retrieval on fashion-product, then (when the
-    instance model is available) consumer-to-shop retrieval on VITON. Sized for a CPU."""
-    from ..models import MODELS
+def demo_recipes(quick: bool = False) -> list[ExperimentConfig]:
+    """The demo's recipes: attribute-specific retrieval on fashion-product, then consumer-to-shop
+    retrieval on VITON."""
+    from ..config import load_config
 
-    backbone = _demo_backbone()
-    pretrained = bool(backbone["pretrained"])
-    # Sized for about 10 minutes on two busy CPU cores; a GPU or more cores make it much faster.
-    steps = 3 if quick else (60 if pretrained else 50)
-    epochs = 1 if quick else 2
-    train = {"epochs": epochs, "max_steps_per_epoch": steps, "log_every": 10, "eval_every": 0}
-    recipes = [{
-        "name": "demo_fashion_product_attributes",
-        "description": "demo: attribute classifier baseline on fashion-product",
-        # The catalog photos are 80x60 pixels: their own size costs nothing in detail.
-        "data": {"format": "fashion_product", "root": "fashion-product", "image_size": [80, 60],
-                 "attributes": FASHION_PRODUCT_ATTRIBUTES, "sampler": {"kind": "attribute", "p": 8, "k": 4},
-                 "num_workers": 2},
-        "model": {"name": "attribute_classifier", "kwargs": {**backbone, "embedding": "softmax"}},
-        "loss": {"terms": [{"name": "multihead_ce", "weight": 1.0}]},
-        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine", "warmup_epochs": 0.1},
-        "train": train,
-        "eval": {"benchmark": "fashion_product_attributes", "final_split": "val" if quick else "test",
-                 "batch_size": 128},
-    }]
-    if "global_net" in MODELS:
-        recipes.append({
-            "name": "demo_viton_c2s",
-            "description": "demo: global embedding fine-tuned on VITON person/product pairs",
-            "data": {"format": "viton", "root": "viton", "image_size": [128, 96],
-                     "sampler": {"kind": "cross_domain", "p": 8, "k": 4}, "num_workers": 2},
-            "model": {"name": "global_net", "kwargs": {**backbone}},
-            "loss": {"terms": [{"name": "cross_entropy", "weight": 1.0, "label_smoothing": 0.1},
-                               {"name": "trihard", "weight": 1.0, "margin": 0.3}]},
-            "optim": {"name": "adamw", "lr": 3e-4, "weight_decay": 5e-4, "scheduler": "cosine", "warmup_epochs": 0.1},
-            "train": train,
-            "eval": {"benchmark": "viton_c2s", "final_split": "val" if quick else "test", "batch_size": 128},
-        })
-    return recipes
+    return [load_config(_shipped_recipe(name), QUICK_OVERRIDES if quick else []) for name in DEMO_RECIPES]
 
 
 def run_demo(data_root: Path, out: Path, quick: bool = False) -> list[dict]:
     """Train and evaluate each demo recipe, printing each benchmark table; returns the results."""
     import time
 
-    from ..config import config_from_dict
     from .checkpoint import training_checkpoint_dir
     from .evaluate import evaluate as run_evaluation
     from .evaluate import print_table
@@ -203,8 +177,7 @@ def run_demo(data_root: Path, out: Path, quick: bool = False) -> list[dict]:
                                     f"(pass --data-root DIR or set {DATA_ROOT_ENV})")
     started = time.perf_counter()
     results = []
-    for recipe in demo_recipes(quick):
-        config = config_from_dict(recipe, source=f"demo recipe {recipe['name']}")
+    for config in demo_recipes(quick):
         # Quick and full demos are different recipes: keep their runs apart so each can continue.
         run_dir = Path(out) / (config.name + ("-quick" if quick else ""))
         typer.secho(f"\n== {config.description} → {run_dir}", bold=True)

@@ -389,8 +389,12 @@ def _check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
     saved = read_yaml(saved_path, ConfigError)
     if not isinstance(saved, dict):
         raise ConfigError(f"{saved_path}: expected the run's recipe (a mapping), got {type(saved).__name__}")
-    saved = config_from_dict(saved, str(saved_path)).to_dict()
-    current = config.to_dict()
+    saved_config = config_from_dict(saved, str(saved_path))
+    saved, current = saved_config.to_dict(), config.to_dict()
+    # backbone options spelled flat (a run started before model.backbone existed) or nested build
+    # the same model: compare what is built
+    for snapshot, source in ((saved, saved_config), (current, config)):
+        snapshot["model"] = {"name": source.model.name, "kwargs": source.model.build_kwargs()}
     # What may change on resume: how long, how often and how it runs, not what is trained.
     for volatile in (("train", "epochs"), ("train", "eval_every"), ("train", "log_every"), ("train", "progress"),
                      ("train", "checkpoint_every_steps"), ("data", "num_workers"), ("data", "decoded_cache"),

@@ -279,7 +279,7 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
-    from .backbones import read_weights
+    from .weights import read_weights
 
     state = read_weights(path)
     try:

@@ -4,4 +4,5 @@ from ...registry import Registry
 READERS = Registry("dataset format")
 
 # Importing the modules registers their readers.
-from . import deepfashion, street2shop, fashionai, darn, shared, catalog  # noqa: E402,F401
+from . import (catalog, clothing, darn, deepfashion, fashion_product, fashionai, street2shop,  # noqa: E402,F401
+               viton)

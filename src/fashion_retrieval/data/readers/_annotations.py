@@ -1,4 +1,5 @@
-"""Line-oriented parsing shared by the readers of the official dataset releases.
+"""Line-oriented parsing shared by the readers of the official dataset releases, and the CSV
+reading and split convention shared by the readers of the shared data folder.
 
 Every problem is raised as :class:`AnnotationError` naming the file and the 1-based line, so a
 user with a 300,000-line annotation file can open it at the right place. Files are streamed
@@ -6,12 +7,14 @@ line by line because some (DeepFashion's ``list_attr_img.txt``) are close to a g
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..table import AnnotationError, bbox_problem
+from ..table import AnnotationError, bbox_problem, read_utf8_text
 
 BBox = tuple[float, float, float, float]
 
@@ -159,3 +162,42 @@ def image_folder_parts(path: str) -> tuple[str | None, str | None]:
         return None, None
     category = "/".join(parts[1:-2]) or None
     return category, parts[-2]
+
+
+# ---- the shared data folder's conventions (fashion_product, viton) ----
+def split_by_number(number: int) -> str:
+    """The shared convention: last digit 0 or 5 is test, 9 is validation, the rest train."""
+    last_digit = number % 10
+    if last_digit in (0, 5):
+        return "test"
+    return "val" if last_digit == 9 else "train"
+
+
+def csv_rows(path: Path, required: tuple[str, ...]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """Header and ``(line, row)`` pairs of a CSV whose rows must all have the header's width."""
+    if not path.is_file():
+        raise AnnotationError(path, None, "file not found")
+    reader = csv.reader(io.StringIO(read_utf8_text(path), newline=""))
+    try:
+        header = [name.strip() for name in next(reader)]
+    except StopIteration:
+        raise AnnotationError(path, 1, "empty file: expected a header line") from None
+    except csv.Error as exc:
+        raise AnnotationError(path, 1, str(exc)) from None
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise AnnotationError(path, 1, f"header lacks column(s) {', '.join(missing)}; got {','.join(header)}")
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        try:
+            for row in reader:
+                line = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise AnnotationError(path, line, f"expected {len(header)} columns, got {len(row)}")
+                yield line, row
+        except csv.Error as exc:
+            raise AnnotationError(path, reader.line_num, str(exc)) from None
+
+    return header, rows()
