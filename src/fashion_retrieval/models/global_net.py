@@ -34,8 +34,6 @@ class GlobalNet(RetrievalModel):
     in the last stage.
     """
 
-    attribute_conditioned = False
-
     def __init__(
         self,
         num_items: int | None = None,

@@ -124,8 +124,6 @@ class MMFLNet(RetrievalModel):
     2304 with the defaults (9 branches × 256).
     """
 
-    attribute_conditioned = False
-
     def __init__(
         self,
         num_items: int | None = None,
