@@ -113,7 +113,7 @@ def build_project_step(name: str, args, device):
     objective = build_objective_for(config, model, labels)
     model.to(device)
     objective.to(device)
-    conditioned = bool(getattr(model, "attribute_conditioned", False))
+    conditioned = model.attribute_conditioned
     gmacs = forward_gmacs(model, args.size, device, conditioned)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -122,9 +122,9 @@ def build_project_step(name: str, args, device):
         model.compile(mode=args.compile_mode)  # the model only: the loss terms sync on purpose (logging)
     batches = synthetic_batches(labels, args.batch, config.data.sampler.k, conditioned, device)
     info = {"recipe": str(Path(recipe).relative_to(REPO)) if Path(recipe).is_relative_to(REPO) else str(recipe),
-            "backbone": config.model.kwargs.get("backbone"), "c5_stride": int(model.backbone.strides[-1]),
+            "backbone": config.model.build_kwargs().get("backbone", {}).get("name"), "c5_stride": int(model.backbone.strides[-1]),
             "loss_terms": [t.kwargs.get("label") or t.name for t in config.loss.terms],
-            "optimizer": config.optim.name, "feat_dim": int(getattr(model, "feat_dim", 0)),
+            "optimizer": config.optim.name, "feat_dim": model.feat_dim,
             "overrides": args.overrides.get(name, []), "forward_gmacs": round(gmacs, 2)}
     return TrainStep(model, objective), optimizer, batches, model, info, config.optim.grad_clip
 

@@ -221,7 +221,7 @@ def test_frequency_pos_weights_come_from_the_training_labels_and_change_the_loss
     # negatives / positives over the 4 images: dress 3/1, top 2/2, a 1/3, b 3/1, c 3/1 (the recipe's cap is 50)
     expected = torch.tensor([3.0, 1.0, 1.0 / 3.0, 3.0, 3.0])
     config = load_config("configs/deepfashion_c2s_mmfl_net.yaml")
-    model = SimpleNamespace(feat_dim=8)
+    model = SimpleNamespace(feat_dim=8, features_dim=8)  # the RetrievalModel sizes the objective reads
     objective = build_objective_for(config, model, labels, table)
     term = objective.terms[objective.labels.index("attribute_multilabel_bce")]
     torch.testing.assert_close(term.pos_weight, expected)
