@@ -31,7 +31,12 @@ MAX_FILTER_VALUES = 100_000  # values (or ids) one filter may list: more is not 
 
 
 class FilterError(ValueError):
-    """A filter naming a field the index does not have, or malformed; the message names it."""
+    """A filter naming a field the index does not have, or malformed; the message names it,
+    and ``field`` holds the field's name where there is one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def field_key(name: str) -> str:
@@ -83,7 +88,8 @@ class SearchFilter:
             key = field_key(name)
             values = [values] if isinstance(values, str) else list(values)
             if not values or not all(isinstance(v, str) for v in values):
-                raise FilterError(f"filter field {quote(name, 80)} needs one or more text values, got {quote(values, 80)}")
+                raise FilterError(f"filter field {quote(name, 80)} needs one or more text values, got {quote(values, 80)}",
+                                  name)
             merged.setdefault(key, set()).update(values)
         allowed = None
         if ids is not None:
@@ -121,7 +127,7 @@ class SearchFilter:
             if key not in known_keys:
                 names = sorted({field_name(k) for k in known_keys})
                 raise FilterError(f"unknown filter field {quote(field_name(key), 80)}; this index has "
-                                  f"{', '.join(names)}")
+                                  f"{', '.join(names)}", field_name(key))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as search results echo it."""
