@@ -83,3 +83,20 @@ def test_the_shipped_registry_pins_every_file_it_names():
     for name in registry(SHIPPED_ZOO):
         folder = resolve(f"zoo:{name}", SHIPPED_ZOO)
         assert (folder / "model.safetensors").stat().st_size < 20 * 2**20  # a few MB each
+
+
+def test_result_grid_draws_every_query_and_result_and_marks_unreadable_photos(tmp_path):
+    from PIL import Image
+
+    from fashion_retrieval.index.grid import TILE, GridRow, draw_grid
+
+    photos = write_catalog(tmp_path / "catalog", 4)
+    rows = [GridRow(photos[0], [{"path": str(p), "score": 0.9 - 0.1 * i, "id": p.stem} for i, p in enumerate(photos)]),
+            GridRow(photos[1], [{"path": str(tmp_path / "gone.jpg"), "score": 0.5, "id": "gone"}])]
+    out = draw_grid(rows, tmp_path / "grid" / "search.png", title="two queries")
+    with Image.open(out) as grid:
+        assert grid.format == "PNG"
+        assert grid.width > 5 * TILE[0] and grid.height > 2 * TILE[1]
+        # the first result tile holds the first catalog photo: not the white background
+        assert len(set(grid.crop((TILE[0] + 40, 30, TILE[0] + 80, 60)).getdata())) > 1
+    assert [p.name for p in out.parent.iterdir()] == ["search.png"]  # nothing temporary left
