@@ -16,12 +16,23 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from catalog_fixtures import model_ranking, save_tiny_checkpoint, write_catalog
+from catalog_fixtures import model_ranking as uncached_model_ranking, save_tiny_checkpoint, write_catalog
 from fashion_retrieval.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["Shirts", "Jeans", "Dresses"]
 runner = CliRunner()
+
+
+_rankings: dict = {}
+
+
+def model_ranking(checkpoint, query, photos) -> list[str]:
+    """The model's own ranking (a model load and 12 embeddings: computed once per query)."""
+    key = (str(checkpoint), str(query))
+    if key not in _rankings:
+        _rankings[key] = uncached_model_ranking(checkpoint, query, photos)
+    return list(_rankings[key])
 
 
 def catalog_rows(photos: list[Path]) -> list[dict]:
@@ -100,10 +111,26 @@ def test_api_errors_name_the_field_or_source(shop, tmp_path):
     _, _, photos, index = shop
     with pytest.raises(FilterError, match="unknown filter field 'colour'; this index has baseColour, category"):
         index.search(photos[0], filters={"colour": "Red"})
-    with pytest.raises(ValueError, match="'zoo:tiny': this version of fashion-retrieval has no model zoo"):
-        load_model("zoo:tiny")
+    with pytest.raises(Exception, match="zoo:no_such_model: no such zoo model"):
+        load_model("zoo:no_such_model")
     assert index.filter_fields == ["baseColour", "category", "domain", "gender", "item_id"]
     assert index.facets()["category"] == {"Dresses": 4, "Jeans": 4, "Shirts": 4}
+
+
+def test_api_loads_a_zoo_model_by_name(shop, tmp_path, monkeypatch):
+    from fashion_retrieval import load_model
+    from fashion_retrieval.zoo import add_to_zoo
+
+    _, checkpoint, photos, _ = shop
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "dataset": {"format": "fashion_product"}}))
+    monkeypatch.setenv("FASHION_RETRIEVAL_ZOO", str(tmp_path / "zoo"))
+    add_to_zoo(run, "tiny", "a test model", "consumer-to-shop")
+    from_zoo = load_model("zoo:tiny").embed(photos[:2])  # float16 weights: close, not identical
+    assert np.allclose(from_zoo, load_model(checkpoint).embed(photos[:2]), atol=2e-2)
 
 
 def test_package_import_stays_light():

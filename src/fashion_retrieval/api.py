@@ -5,7 +5,7 @@ the CLI's ``search`` is built on it. README.md ("Python") shows it in use, and
 ``tests/test_api.py`` runs that README code as written.
 
 - :func:`load_model` → :class:`Model` (a run directory, its ``model.safetensors``, an index's
-  model copy, or an ONNX export); ``Model.embed(images, attribute=None)`` takes PIL images or
+  model copy, an ONNX export, or ``zoo:NAME``); ``Model.embed(images, attribute=None)`` takes PIL images or
   paths and returns L2-normalised float32 vectors [N, D].
 - :func:`build_index` / :func:`open_index` → :class:`Index`; ``Index.search(query, k,
   attribute=None, filters=None, ids=None)`` → a list of :class:`Hit`, best first. ``query`` is a
@@ -83,29 +83,21 @@ class Model:
 
 def load_model(source: str | os.PathLike, device: str = "cpu") -> Model:
     """A run directory, its ``model.safetensors``, an index directory (its model copy), an ONNX
-    export (``model.onnx`` with its sidecar), or ``zoo:NAME``."""
+    export (``model.onnx`` with its sidecar), or ``zoo:NAME`` (a model shipped in the package;
+    ``fashion-retrieval zoo list``)."""
     from .serve.embedders import OnnxEmbedder, TorchEmbedder
 
     text = os.fspath(source)
-    if text.startswith(ZOO_PREFIX):
-        return Model(TorchEmbedder(_zoo_checkpoint(text[len(ZOO_PREFIX):]), device))
+    if text.startswith(ZOO_PREFIX):  # a shipped model, verified against its pinned sha256 (zoo/)
+        from .engine.checkpoint import resolve_zoo
+
+        return Model(TorchEmbedder(resolve_zoo(text), device))
     path = Path(text)
     if path.suffix == ".onnx":
         return Model(OnnxEmbedder(path))
     if (path / "index.json").is_file():
         path = path / "model"
     return Model(TorchEmbedder(path, device))
-
-
-def _zoo_checkpoint(name: str) -> Path:
-    import importlib.util
-
-    if importlib.util.find_spec("fashion_retrieval.zoo") is None:
-        raise ValueError(f"'zoo:{name}': this version of fashion-retrieval has no model zoo; "
-                         "pass a run directory, a model.safetensors or an index directory")
-    from . import zoo  # type: ignore[attr-defined]
-
-    return Path(zoo.checkpoint(name))
 
 
 class Index:
