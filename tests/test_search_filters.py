@@ -117,3 +117,12 @@ def test_facets_count_items_per_value():
     assert counted["colour"] == {"Red": 2, "Blue": 2, "Green": 4}
     assert counted["gender"] == {"Men": 3, "Women": 2}  # item 0 has none
     assert "item_id" not in counted
+
+
+def test_every_store_lists_its_items_for_the_filter_fields(store):
+    """What CatalogIndex.facets and filter_fields read (a Milvus store scans its collection)."""
+    _, store = store
+    items = store.items()
+    assert len(items) == N
+    assert known_fields(items) == ["category", "colour", "domain", "gender", "item_id"]
+    assert facets(items)["category"]["Rare"] == 12

@@ -237,9 +237,9 @@ def query_files(source: str | os.PathLike) -> list[Path]:
             raise AnnotationError(source, None, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return photos
     if source.suffix.lower() != ".csv":
-        if not source.exists():
-            raise AnnotationError(source, None, "no such file or folder")
-        return [source]
+        return [source]  # one photo: the image loader names what is wrong with it, missing included
+    if not source.is_file():
+        raise AnnotationError(source, None, "file not found")
     reader = csv.DictReader(io.StringIO(read_utf8_text(source), newline=""))
     if reader.fieldnames is None or "path" not in reader.fieldnames:
         raise AnnotationError(source, 1, f"header must contain a 'path' column, got {reader.fieldnames}")
