@@ -213,6 +213,14 @@ def test_cli_batch_over_a_folder_and_a_csv_writes_json_and_csv(shop, tmp_path):
     assert json.loads(rows[0]["attributes"])["gender"] == "Men"
     assert oct(out_csv.stat().st_mode & 0o777) == oct(0o644)
 
+    grid = tmp_path / "grid.png"
+    result = run_cli("search", queries, "--index", root / "index", "--top-k", "4", "--grid", grid, "--json")
+    assert result.exit_code == 0, result.output
+    with Image.open(grid) as picture:  # three readable queries: three rows of query + 4 results
+        assert picture.format == "PNG" and picture.width > 5 * 96 and picture.height > 3 * 128
+    assert "drew 3 queries' results" in result.stderr
+    assert run_cli("search", queries, "--index", root / "index", "--grid", tmp_path / "grid.jpg").exit_code == 2
+
 
 # ---- HTTP -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

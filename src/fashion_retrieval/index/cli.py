@@ -138,6 +138,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     onnx: Annotated[Optional[Path], typer.Option(help="embed the query with this ONNX export")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="photos embedded at once (folder or CSV)")] = 32,
+    grid: Annotated[Optional[Path], typer.Option(help="also draw the results as a PNG: one row per query photo, "
+                                                      "its top results beside it")] = None,
 ) -> None:
     """Ranked catalog items for a photo, or for every photo of a folder or CSV (batch)."""
     from ..api import Index, query_files
@@ -146,6 +148,8 @@ def search(
 
     if out is not None and out.suffix.lower() not in (".json", ".csv"):
         _fail(f"{out}: --out must end in .json or .csv")
+    if grid is not None and grid.suffix.lower() != ".png":
+        _fail(f"{grid}: --grid must end in .png")
     try:
         where = SearchFilter.parse(filter or [], _read_ids(ids_file) if ids_file is not None else None)
         searcher = Index(CatalogIndex.open(index), onnx=onnx)
@@ -167,6 +171,8 @@ def search(
     if batch and len(unreadable) == len(answers):
         _fail(f"{query}: none of the {len(answers)} query photos could be read")
     filters = where.to_dict() if where is not None else None
+    if grid is not None:
+        _draw_grid(grid, answers, attribute)
     if out is not None:
         try:
             _write_results(out, answers, attribute, filters)
@@ -181,6 +187,20 @@ def search(
         typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
         return
     _print_table(query, answers[0][1], attribute)
+
+
+def _draw_grid(grid: Path, answers, attribute: Optional[str]) -> None:
+    from .grid import GridRow, draw_grid
+
+    rows = [GridRow(Path(query), [_row(hit) for hit in hits]) for query, hits, why in answers if why is None]
+    try:
+        _check_out(grid)
+        draw_grid(rows, grid, title=f"same {attribute}" if attribute else None)
+    except OSError as exc:
+        _fail(f"{grid}: could not write the picture ({exc.strerror or exc})")
+    except _known_errors() as exc:
+        _fail(str(exc))
+    typer.echo(f"drew {len(rows)} queries' results to {grid}", err=True)
 
 
 def _check_out(out: Path) -> None:
