@@ -260,3 +260,34 @@ def test_git_commit_marks_uncommitted_source_changes(tmp_path: Path) -> None:
     assert ckpt.git_commit(repo) == head + "+dirty"
     (tmp_path / "not_a_checkout").mkdir()
     assert ckpt.git_commit(tmp_path / "not_a_checkout") is None
+
+
+RUN_BEFORE_ENGINE_SPLIT = Path(__file__).resolve().parent / "fixtures" / "run-main-54a499c"
+
+
+def test_a_run_written_before_the_engine_split_loads_and_resumes(tmp_path: Path) -> None:
+    """A run directory written by main's code at 54a499c (see the fixture's README)."""
+    import shutil
+
+    from test_train import write_synthetic_viton
+
+    from fashion_retrieval.config import load_config
+    from fashion_retrieval.engine.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(RUN_BEFORE_ENGINE_SPLIT, run)
+    model, meta = load_for_inference(run)
+    assert meta["epoch"] == 2 and meta["feat_dim"] == 16 and meta["model"]["kwargs"]["num_items"] == 42
+    assert model(torch.rand(2, 3, 64, 48))["embedding"].shape == (2, 16)
+    state = load_training_state(run, TinyNet(num_items=42, feat_dim=16))
+    assert (state.epoch, state.step, state.step_in_epoch) == (2, 6, 0)
+
+    write_synthetic_viton(tmp_path / "data" / "viton")
+    messages: list[str] = []
+    result = train(load_config(run / "config.yaml", ["train.epochs=3"]), tmp_path / "data", run, resume=True,
+                   log=messages.append)
+    assert any(m.startswith(f"resuming {run} at epoch 3, step 6") for m in messages), messages
+    assert (result.epochs, result.steps) == (3, 9)
+    _, meta = load_for_inference(run)
+    assert meta["epoch"] == 3 and meta["step"] == 9
+    assert load_training_state(run, TinyNet(num_items=42, feat_dim=16)).epoch == 3
