@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..files import quote, read_json, require_keys
 from ..names import check_name, is_component, milvus_identifier, path_component
 from .faiss_store import FaissStore
@@ -94,8 +95,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-        with open(target, "rb") as f:
-            os.fsync(f.fileno())
+        atomic.fsync_file(target)
 
 
 class CatalogIndex:
@@ -270,9 +270,7 @@ class CatalogIndex:
         self.generation = self._next_generation()
         for store in self.stores.values():
             store.save()
-        tmp = self.path / "index.json.tmp"
-        write_file_synced(tmp, json.dumps(self._manifest(), indent=2).encode("utf-8"))
-        tmp.replace(self.path / "index.json")
+        atomic.write_bytes(self.path / "index.json", json.dumps(self._manifest(), indent=2).encode("utf-8"))
         self.model_files = {name: self.model_dir / name for name in self.model_files}
 
     @classmethod

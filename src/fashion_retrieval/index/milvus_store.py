@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..files import quote, read_json, require_keys
 from ..names import MILVUS_IDENTIFIER, milvus_identifier
 from .filters import ATTRIBUTE_PREFIX, TOP_LEVEL_FIELDS, SearchFilter, field_values
@@ -123,9 +124,7 @@ class MilvusStore(VectorStore):
                     "collection": self.collection, "count": len(self), "info": self.info}
         target = Path(self.path) / "manifest.json"
         guard(target, self.owner)
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        os.replace(tmp, target)
+        atomic.write_text(target, json.dumps(manifest, indent=2))
 
     def close(self) -> None:
         self._client.close()

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import atomic
 from ..data.images import ImageLoadError, decode_bytes, load_rgb
 from ..files import quote as files_quote
 from ..index.catalog import CatalogIndex, UnknownSpaceError
@@ -544,9 +545,7 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     def store_upload(shown: bytes, item_id: str) -> Path:
         uploads_dir.mkdir(parents=True, exist_ok=True)
         stored = uploads_dir / (hashlib.sha256(item_id.encode()).hexdigest()[:32] + ".jpg")
-        tmp = stored.with_suffix(".tmp")
-        tmp.write_bytes(shown)
-        tmp.replace(stored)
+        atomic.write_bytes(stored, shown)
         return stored
 
     def serve_what_is_on_disk() -> None:
