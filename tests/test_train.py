@@ -164,7 +164,7 @@ def test_training_outputs_and_skipped_images(data_root: Path, tmp_path: Path) ->
     model, meta = load_for_inference(run)
     assert meta["model"]["kwargs"]["num_items"] == 42 and meta["image_size"] == [64, 48]
     assert meta["epoch"] == 2 and meta["label_space"]["items"][0] == "000001"
-    assert torch.equal(model.project.weight, result.model.project.weight.cpu())
+    assert torch.equal(model.get_submodule("embed").weight, result.model.get_submodule("embed").weight.cpu())
     # Evaluated on val after epoch 1 and on test (final_split) after the last epoch.
     assert result.evaluation["split"] == "test" and result.evaluation["benchmark"] == "viton_c2s"
     with open(run / "metrics.csv", newline="") as handle:
@@ -259,7 +259,7 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
 def test_category_identity_makes_categories_the_identities(tmp_path: Path) -> None:
     from conftest import write_clothing
 
-    from fashion_retrieval.engine.train import training_table
+    from fashion_retrieval.engine.builders import training_table
 
     write_clothing(tmp_path / "clothing")
     recipe = yaml.safe_load(_recipe(tmp_path).read_text())

@@ -7,13 +7,16 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..data.table import AnnotationError, Sample, SampleTable
 from ..files import quote, refuse_other_artefact
 from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, checkpoint_files, file_sha256,
                       refuse_foreign_directory, space_dirs_for)
 from .store import StoreError
+
+if TYPE_CHECKING:  # engine/checkpoint.py imports torch; build imports it only when it runs
+    from ..engine.checkpoint import RunMeta
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -96,14 +99,14 @@ def _catalog_roots(existing: Sequence[str], base: Path, paths: Sequence[str]) ->
     return sorted(r for r in roots if not {str(p) for p in Path(r).parents} & roots)
 
 
-def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, batch_size: int,
+def _embed_into(catalog: CatalogIndex, model, meta: "RunMeta", table: SampleTable, batch_size: int,
                 progress: bool, device: str) -> tuple[int, list[str]]:
     """Embed every image once per space (decoding it once) and add the vectors."""
     from ..engine.embed import embed_table_attributes
 
     indices = ([model.attribute_names.index(s) for s in catalog.spaces] if catalog.attribute_conditioned
                else [None])
-    result = embed_table_attributes(model, table, meta["image_size"], indices, batch_size=batch_size,
+    result = embed_table_attributes(model, table, meta.image_size, indices, batch_size=batch_size,
                                     device=device, progress=progress)
     if not len(result):
         shown = "; ".join(result.skipped[:3])
@@ -162,8 +165,9 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
         # attribute names come from whoever wrote meta.json (a catalog CSV's keys): checked and
         # mapped to folder names before anything is written
         space_dirs = space_dirs_for(spaces, str(meta_file), "attribute")
-        model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),
-                      "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
+        origin = str(checkpoint) if str(checkpoint).startswith("zoo:") else str(Path(checkpoint).resolve())
+        model_info = {"checkpoint": origin, "sha256": file_sha256(staged[WEIGHTS_FILE]),
+                      "name": meta.model.name, "image_size": list(meta.image_size),
                       "attributes": model_attributes}
         catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged,
                                space_dirs=space_dirs)

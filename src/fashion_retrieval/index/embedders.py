@@ -16,8 +16,10 @@ import numpy as np
 from PIL import Image
 
 from ..files import read_json, require_keys
+from .store import file_sha256
 
 if TYPE_CHECKING:
+    from ..engine.checkpoint import RunMeta
     from ..models.base import RetrievalModel
 
 
@@ -110,6 +112,10 @@ class OnnxEmbedder(Embedder):
             raise EmbedderError(f"{sidecar}: missing sidecar written by `fashion-retrieval export onnx`")
         meta = read_json(sidecar, EmbedderError, max_bytes=1 << 20)
         require_keys(meta, {"image_size": list, "feat_dim": int}, sidecar, EmbedderError)
+        recorded = meta.get("onnx_sha256")  # the export writes its sidecar last (export.py)
+        if recorded is not None and file_sha256(onnx_path) != recorded:
+            raise EmbedderError(f"{onnx_path}: is not the model {sidecar.name} describes (sha256 differs: an "
+                                "interrupted export?); export it again")
         super().__init__(meta)
         try:
             self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -123,12 +129,12 @@ class OnnxEmbedder(Embedder):
         return self.session.run(["embedding"], feeds)[0]
 
 
-def inference_meta(model: RetrievalModel, meta: dict[str, Any]) -> dict[str, Any]:
+def inference_meta(model: RetrievalModel, meta: RunMeta) -> dict[str, Any]:
     """The facts an embedder (and the ONNX sidecar) needs, from the model itself, with whatever
-    else the checkpoint's meta holds."""
+    else the checkpoint's meta holds (a dict, as an ONNX sidecar gives them)."""
     return {
-        **meta,
-        "image_size": list(meta["image_size"]),
+        **meta.to_dict(),
+        "image_size": list(meta.image_size),
         "attributes": list(model.attribute_names),
         "attribute_conditioned": model.attribute_conditioned,
         "feat_dim": model.feat_dim,
