@@ -34,14 +34,15 @@ class TinyNet(RetrievalModel):
         self.body = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
                                   nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        # named "embed" in the weights (runs saved before RetrievalModel.embed existed use that key),
-        # reached through get_submodule because the attribute is the base class's embed()
-        self._modules["embed"] = nn.Linear(width, feat_dim)  # add_module refuses a name the class uses
+        # "embed" in the weights, as in runs saved before RetrievalModel.embed() existed
+        # (tests/fixtures/run-main-54a499c); `self.embed` is that method, so the layer is set and
+        # read through _modules (add_module refuses a name the class already uses)
+        self._modules["embed"] = nn.Linear(width, feat_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(feat_dim, num_items) if num_items else None
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        embedding = self.get_submodule("embed")(self.body(images))
+        embedding = self._modules["embed"](self.body(images))
         outputs = {"embedding": embedding}
         if self.training:
             outputs["features"] = embedding
@@ -66,7 +67,7 @@ class TinyAttributeNet(TinyNet):
         if attribute is None:
             raise ValueError("tiny_test_attribute_net needs attribute=")
         attribute = attribute.to(images.device)
-        embedding = self.get_submodule("embed")(self.body(images)) * torch.sigmoid(self.masks(attribute))
+        embedding = self._modules["embed"](self.body(images)) * torch.sigmoid(self.masks(attribute))
         outputs = {"embedding": embedding}
         if self.training:
             outputs["features"] = embedding

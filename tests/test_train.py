@@ -164,7 +164,7 @@ def test_training_outputs_and_skipped_images(data_root: Path, tmp_path: Path) ->
     model, meta = load_for_inference(run)
     assert meta["model"]["kwargs"]["num_items"] == 42 and meta["image_size"] == [64, 48]
     assert meta["epoch"] == 2 and meta["label_space"]["items"][0] == "000001"
-    assert torch.equal(model.get_submodule("embed").weight, result.model.get_submodule("embed").weight.cpu())
+    assert torch.equal(model._modules["embed"].weight, result.model._modules["embed"].weight.cpu())
     # Evaluated on val after epoch 1 and on test (final_split) after the last epoch.
     assert result.evaluation["split"] == "test" and result.evaluation["benchmark"] == "viton_c2s"
     with open(run / "metrics.csv", newline="") as handle:
