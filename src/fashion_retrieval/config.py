@@ -8,9 +8,11 @@ the dotted key and the closest valid key::
 A recipe may start from another with ``base: other.yaml`` (path relative to the recipe); the
 recipe's keys are merged over the base's, mappings key by key, lists replaced whole. Command-line
 overrides ``a.b=value`` are applied last; the value is parsed as YAML (``train.epochs=3``,
-``model.kwargs.pretrained=false``, ``data.image_size=[128,96]``, ``loss.terms.0.weight=0.5``).
+``model.backbone.pretrained=false``, ``data.image_size=[128,96]``, ``loss.terms.0.weight=0.5``).
 Model and loss keyword arguments are free-form here and checked against the builder's signature
-when the model is built (``Registry.check_kwargs``).
+when the model is built (``Registry.check_kwargs``); the backbone's options are a section of their
+own, ``model.backbone`` (:class:`BackboneConfig`), into which :func:`nest_backbone_options` moves
+the older flat spelling (``model.kwargs.backbone=NAME``, ``model.kwargs.pretrained=...``).
 """
 from __future__ import annotations
 
