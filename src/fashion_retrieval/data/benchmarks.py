@@ -301,7 +301,10 @@ def catalog(data_root: Path, split: str = "test", catalog: str | Path | None = N
     if level not in CATALOG_LEVELS:
         raise ConfigError(f"catalog benchmark: level must be one of {', '.join(CATALOG_LEVELS)}, got '{level}'")
     path = Path(data_root) / catalog
-    table = read_catalog(path, format, columns, **dict(options or {}))
+    reader_options = dict(options or {})
+    # a recipe's reader options carry its column mapping; an explicit one wins
+    mapping = reader_options.pop("columns", None)
+    table = read_catalog(path, format, columns or mapping, **reader_options)
     present = {s.split for s in table}
     if present & set(EVALUATION_SPLITS):
         kept = {split} | ({"query", "gallery"} if split == "test" else set())

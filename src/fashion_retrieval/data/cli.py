@@ -53,7 +53,7 @@ def check(
     from ..registry import ConfigError
     from .check import render, summarize, verify_images as verify
     from .readers import READERS
-    from .readers.catalog import read_catalog
+    from .readers.catalog import parse_columns, read_catalog
     from .table import AnnotationError
 
     try:
@@ -64,7 +64,7 @@ def check(
     if not root.exists():
         raise _fail(f"root {root} does not exist", USAGE_ERROR)
     try:
-        table = read_catalog(root, format_name, columns, **_reader_options(option or []))
+        table = read_catalog(root, format_name, parse_columns(columns, "--columns"), **_reader_options(option or []))
     except ConfigError as exc:
         raise _fail(str(exc), USAGE_ERROR) from None
     except (AnnotationError, OSError, ValueError) as exc:

@@ -124,7 +124,10 @@ def evaluate(
         options = None
         if benchmark == "catalog":
             # a relative --catalog is relative to the working directory, like every other path option
-            options = {"catalog": catalog.absolute() if catalog is not None else None, "format": catalog_format, "columns": columns, "queries": queries,
+            from ..data.readers.catalog import parse_columns
+
+            options = {"catalog": catalog.absolute() if catalog is not None else None, "format": catalog_format,
+                       "columns": parse_columns(columns, "--columns"), "queries": queries,
                        "level": level, "attributes": attributes}
         elif any(value is not None for value in catalog_given.values()):
             used = next(name for name, value in catalog_given.items() if value is not None)

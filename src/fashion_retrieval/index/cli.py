@@ -82,11 +82,12 @@ def build(
     device: str = "cpu",
 ) -> None:
     """Embed a catalog and write a persistent index (atomically)."""
+    from ..data.readers.catalog import parse_columns
     from .build import build_index
 
     try:
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
-                             batch_size, store.value, device, columns=columns)
+                             batch_size, store.value, device, columns=parse_columns(columns, "--columns"))
     except _known_errors() as exc:
         _fail_writing(exc, out)
     _report(report, "indexed")
@@ -104,10 +105,12 @@ def add(
     device: str = "cpu",
 ) -> None:
     """Add images to an existing index with its own model, without a rebuild."""
+    from ..data.readers.catalog import parse_columns
     from .build import add_to_index
 
     try:
-        report = add_to_index(index, images, format, split, domain, batch_size, device, columns=columns)
+        report = add_to_index(index, images, format, split, domain, batch_size, device,
+                              columns=parse_columns(columns, "--columns"))
     except _known_errors() as exc:
         _fail_writing(exc, index)
     _report(report, "added")

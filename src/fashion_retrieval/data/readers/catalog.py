@@ -80,6 +80,10 @@ class ColumnMap:
     encoding: str = "utf-8"
     source: str = "columns"
 
+    def __bool__(self) -> bool:
+        """False for the empty mapping (today's fixed names, recognised delimiter, UTF-8)."""
+        return bool(self.roles or self.attributes or self.delimiter or self.encoding != "utf-8")
+
 
 def parse_columns(spec: str | Mapping[str, Any] | ColumnMap | None, source: str = "--columns") -> ColumnMap:
     """A column mapping from the command line, a recipe or a YAML file.
