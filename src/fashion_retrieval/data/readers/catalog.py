@@ -429,6 +429,8 @@ def read_catalog(path: str | Path, format: str | None = None, columns: str | Map
             return SampleTable([Sample(path=path.name, item_id=path.stem, domain="shop")], path.parent, path.stem)
         if format not in (None, "csv"):
             raise AnnotationError(path, None, f"the {format} format reads a dataset folder, not a file")
+        if "file" in options:
+            raise ConfigError(f"{path}: is the catalog file itself; the option file= names a CSV inside a folder")
         return read_csv(path.parent, file=path.name, columns=columns, **options)
     if format is not None:
         return READERS.build(format, root=path, **({"columns": columns} if columns else {}), **options)
