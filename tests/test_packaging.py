@@ -82,3 +82,14 @@ def test_model_safetensors_gets_the_same_mode_as_the_other_files(tmp_path):
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "run").iterdir()}
     assert modes["model.safetensors"] == modes["meta.json"] == oct(0o644), modes
+
+
+def test_the_installed_package_finds_its_recipes_by_name(wheel, tmp_path):
+    """The wheel unpacked (what pip installs), imported from an empty folder away from the checkout."""
+    wheel.extractall(tmp_path / "site")
+    code = ("import fashion_retrieval.recipes as r; d = r.recipe_dir(); "
+            "print(d); print(r.resolve_recipe('viton_mmfl_net'))")
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, check=True).stdout.split()
+    assert found == [str(tmp_path / "site" / "fashion_retrieval" / "configs"),
+                     str(tmp_path / "site" / "fashion_retrieval" / "configs" / "viton_mmfl_net.yaml")]

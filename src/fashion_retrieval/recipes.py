@@ -1,6 +1,6 @@
 """The shipped recipes (configs/*.yaml), findable by name from an installed wheel or a checkout.
 
-The wheel carries them as the package ``fashion_retrieval.configs`` (setup.py maps the top-level
+The wheel carries them in ``fashion_retrieval/configs/`` (setup.py maps the top-level
 ``configs/`` folder to it); in a checkout whose install predates that, the folder beside ``src/``
 is used. ``--config viton_mmfl_net`` then works from any directory, and a path to your own YAML
 works as before.
@@ -17,14 +17,11 @@ SUFFIX = ".yaml"
 
 def recipe_dir() -> Path | None:
     """The folder of shipped recipes, or None when neither the package nor a checkout has one."""
-    try:
-        from importlib.resources import files
-
-        packaged = Path(str(files("fashion_retrieval.configs")))
-        if packaged.is_dir():
-            return packaged
-    except (ImportError, TypeError):
-        pass  # an install made before the recipes were packaged
+    # an installed wheel: the recipes are a folder inside the package (a namespace package, so
+    # importlib.resources would give a multiplexed path rather than a folder)
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return packaged
     checkout = Path(__file__).resolve().parents[2] / "configs"
     return checkout if checkout.is_dir() else None
 
