@@ -1,6 +1,6 @@
 """A picture of search results: one row per query photo, its top results to the right.
 
-What the quickstart ends with and what `search --grid FILE` writes: a PNG a person can look at to
+What the quickstart ends with and what `search --grid FILE.png` writes: a PNG a person can look at to
 judge a model in seconds (the tables give the numbers; the grid shows what "top-1 40 %" looks
 like). Catalog photos are read with the same safe loader as everything else; a photo that no
 longer reads becomes a grey tile with its reason, so a grid is always written.

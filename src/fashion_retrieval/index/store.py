@@ -39,8 +39,9 @@ class VectorStore(abc.ABC):
         """Remove ids; returns how many were present."""
 
     @abc.abstractmethod
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self)))."""
+    def search(self, vectors: np.ndarray, k: int, where=None) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self))); ``where``
+        (an ``index.filters.SearchFilter``): only among the items it accepts, k' = min(k, matches)."""
 
     @abc.abstractmethod
     def get_metadata(self, item_id: str) -> dict[str, Any] | None: ...
