@@ -544,6 +544,29 @@ def test_milvus_store_builds_searches_and_removes(plain, tmp_path):
     assert photos[9].stem not in [r["id"] for r in search_json(index, photos[9], "--top-k", "12")]
 
 
+def test_milvus_server_store_builds_adds_searches_and_removes(plain, tmp_path, milvus_server_uri, monkeypatch):
+    """--store milvus --milvus-uri: vectors on a real server process; the index folder keeps the
+    model copy and index.json (with the URI, never the token)."""
+    root, _, photos, _, _ = plain
+    monkeypatch.setenv("MILVUS_TOKEN", "root:Milvus")
+    index = tmp_path / "served"
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog", "--out", index,
+                     "--store", "milvus", "--milvus-uri", milvus_server_uri)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((index / "index.json").read_text())
+    assert manifest["milvus_uri"] == milvus_server_uri and "root:Milvus" not in (index / "index.json").read_text()
+    assert not (index / "milvus").exists()
+    assert search_json(index, photos[9])[0]["id"] == photos[9].stem
+    new = write_catalog(tmp_path / "new", 1, first_seed=900, prefix="new")
+    assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
+    assert search_json(index, new[0])[0]["id"] == new[0].stem
+    assert run_cli("index", "remove", "--index", index, photos[9].stem).exit_code == 0
+    assert photos[9].stem not in [r["id"] for r in search_json(index, photos[9], "--top-k", "13")]
+    assert len(CatalogIndex.open(index)) == 12
+    assert_one_line_error(run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog",
+                                  "--out", tmp_path / "x", "--milvus-uri", milvus_server_uri), "needs --store milvus")
+
+
 @pytest.mark.shared_data
 def test_index_of_real_shop_photos_answers_a_consumer_photo(shared_data_root, plain, tmp_path):
     """30 fashion-product shop photos (read in their official format, then as a CSV table) and a

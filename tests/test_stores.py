@@ -21,34 +21,39 @@ def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def make_store(kind: str, path):
+def make_store(kind: str, path, request=None):
     if kind == "milvus":
         pytest.importorskip("milvus_lite")
         from fashion_retrieval.index.milvus_store import MilvusStore
 
         return MilvusStore(path, DIM)
+    if kind == "milvus-server":  # a real server process over TCP: one collection per test
+        from fashion_retrieval.index.milvus_store import MilvusStore
+
+        uri = request.getfixturevalue("milvus_server_uri")
+        return MilvusStore(uri, DIM, collection=f"t{abs(hash(request.node.nodeid)) % 10**12}", replace=True)
     return FaissStore(path, DIM, kind)
 
 
 def reopen(kind: str, store):
     store.save()
-    if kind == "milvus":
+    if kind.startswith("milvus"):
         from fashion_retrieval.index.milvus_store import MilvusStore
 
         store.close()
-        return MilvusStore.open(store.path)
+        return MilvusStore.open(store.path, collection=store.collection)
     return FaissStore.open(store.path)
 
 
-STORES = ["flat", "ivf", "hnsw", "ivfpq", "milvus"]
-EXACT = {"flat", "hnsw", "milvus"}  # at this size HNSW and Milvus-lite (flat) are exact
+STORES = ["flat", "ivf", "hnsw", "ivfpq", "milvus", "milvus-server"]
+EXACT = {"flat", "hnsw", "milvus", "milvus-server"}  # at this size HNSW and Milvus (flat) are exact
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_add_search_remove_save_open(kind, tmp_path):
+def test_add_search_remove_save_open(kind, tmp_path, request):
     vectors = unit_vectors(400)
     ids = [f"item-{i}" for i in range(400)]
-    store = make_store(kind, tmp_path / "index")
+    store = make_store(kind, tmp_path / "index", request)
     store.add(ids, vectors, [{"n": i} for i in range(400)])
     assert len(store) == 400
     scores, found = store.search(vectors[:20], 5)
@@ -80,9 +85,9 @@ def test_add_search_remove_save_open(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_readding_an_id_replaces_it(kind, tmp_path):
+def test_readding_an_id_replaces_it(kind, tmp_path, request):
     vectors = unit_vectors(50)
-    store = make_store(kind, tmp_path / "index")
+    store = make_store(kind, tmp_path / "index", request)
     store.add([str(i) for i in range(50)], vectors)
     store.add(["3"], vectors[10:11], [{"v": 2}])
     assert len(store) == 50
@@ -90,8 +95,8 @@ def test_readding_an_id_replaces_it(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_bad_vectors_are_refused(kind, tmp_path):
-    store = make_store(kind, tmp_path / "index")
+def test_bad_vectors_are_refused(kind, tmp_path, request):
+    store = make_store(kind, tmp_path / "index", request)
     with pytest.raises(ValueError, match=r"shape \[N, 16\]"):
         store.add(["a"], np.zeros((1, DIM + 1), np.float32))
     with pytest.raises(ValueError, match="NaN"):

@@ -105,13 +105,16 @@ class CatalogIndex:
     def __init__(self, path: str | Path, model_info: dict[str, Any], spaces: Sequence[str], dim: int,
                  kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None,
                  model_files: dict[str, Path] | None = None, generation: int | None = None,
-                 space_dirs: dict[str, str] | None = None):
+                 space_dirs: dict[str, str] | None = None, milvus_uri: str | None = None):
         self.path = Path(path)
         self.model_info = model_info
         self.spaces = list(spaces)
         self.dim = dim
         self.kind = kind
         self.store_name = store
+        # a Milvus server (http://host:19530) instead of milvus-lite files under the index; its
+        # token is read from MILVUS_TOKEN when a store connects, never recorded
+        self.milvus_uri = milvus_uri
         # space name → its folder under spaces/ (or milvus/): names come from data (a catalog
         # CSV's attribute keys, a checkpoint's meta.json) and are never joined to a path as they are
         self.space_dirs = dict(space_dirs) if space_dirs is not None else space_dirs_for(self.spaces)
@@ -132,10 +135,15 @@ class CatalogIndex:
         guard(path, owner, f"store of space {quote(space, 80)}")
         return path
 
+    def collection(self, space: str) -> str:
+        return milvus_collection(self.path, space, self.milvus_uri)
+
     def _new_store(self, space: str) -> VectorStore:
         if self.store_name == "milvus":
             from .milvus_store import MilvusStore
 
+            if self.milvus_uri is not None:
+                return MilvusStore(self.milvus_uri, self.dim, collection=self.collection(space), replace=True)
             return MilvusStore(self.space_path(space), self.dim, collection=milvus_identifier(space),
                                owner=self.path / SPACES_DIR["milvus"])
         store = FaissStore(self.space_path(space), self.dim, self.kind)
@@ -181,6 +189,7 @@ class CatalogIndex:
         return {"format_version": FORMAT_VERSION if self.store_name == "faiss" else 1, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
                 "generation": self.generation, "files": self._model_records(), "space_dirs": self.space_dirs,
+                **({"milvus_uri": self.milvus_uri} if self.milvus_uri is not None else {}),
                 **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
 
     def _model_records(self) -> dict[str, dict[str, Any]]:
@@ -315,13 +324,19 @@ class CatalogIndex:
         space_dirs = _recorded_space_dirs(manifest, manifest_path)
         stores: dict[str, VectorStore] = {}
         owner = path / SPACES_DIR.get(store_name, "spaces")
+        milvus_uri = manifest.get("milvus_uri")
+        if milvus_uri is not None and (not isinstance(milvus_uri, str) or not milvus_uri.startswith(("http://", "https://"))):
+            raise StoreError(f"{manifest_path}: 'milvus_uri' must be an http(s) URI, got {quote(milvus_uri, 80)}")
         for space, directory in space_dirs.items():
             space_dir = owner / directory
             guard(space_dir, owner, f"store of space {quote(space, 80)}")
             if store_name == "milvus":
                 from .milvus_store import MilvusStore
 
-                stores[space] = MilvusStore.open(space_dir, collection=milvus_identifier(space), owner=owner)
+                if milvus_uri is not None:
+                    stores[space] = MilvusStore.open(milvus_uri, collection=milvus_collection(path, space, milvus_uri))
+                else:
+                    stores[space] = MilvusStore.open(space_dir, collection=milvus_identifier(space), owner=owner)
             else:
                 # the generation index.json names: a space's later manifest is an uncommitted save
                 stores[space] = FaissStore.open(space_dir, verify, owner=owner,
@@ -330,7 +345,8 @@ class CatalogIndex:
                     raise StoreError(f"{space_dir / 'manifest.json'}: dim {stores[space].dim}, but "
                                      f"{manifest_path} records dim {manifest['dim']}; rebuild the index")
         catalog = cls(path, manifest["model"], list(space_dirs), manifest["dim"], manifest.get("kind", "flat"),
-                      store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs)
+                      store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs,
+                      milvus_uri=milvus_uri)
         roots = manifest.get("catalog_roots")
         if roots is not None:
             if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
@@ -341,6 +357,14 @@ class CatalogIndex:
         if manifest.get("store", "faiss") == "faiss" and len(set(counts.values())) > 1:
             raise StoreError(f"{path}: the spaces hold different numbers of items ({counts}); rebuild the index")
         return catalog
+
+
+def milvus_collection(index: Path, space: str, milvus_uri: str | None) -> str:
+    """A space's Milvus collection. On a server, which several indexes may share, the index's
+    folder name is part of it (``fr_<index>_space_<space>``)."""
+    if milvus_uri is None:
+        return milvus_identifier(space)
+    return milvus_identifier(space, prefix=milvus_identifier(Path(index).resolve().name, prefix="fr_") + "_space_")
 
 
 def _verify_model(path: Path, manifest: dict[str, Any], manifest_path: Path,
