@@ -11,6 +11,7 @@ from .engine import cli as engine_cli
 from .index import cli as index_cli
 from .serve import cli as serve_cli
 from . import export as export_module
+from .zoo import cli as zoo_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Fashion image retrieval: train, evaluate, index, search, serve, export.")
@@ -22,6 +23,7 @@ app.add_typer(index_cli.app, name="index", help="Build and update a persistent v
 app.command("search")(index_cli.search)
 app.command("serve")(serve_cli.serve)
 app.add_typer(export_module.app, name="export", help="Export a trained model for production runtimes.")
+app.add_typer(zoo_cli.app, name="zoo", help="Models shipped with the package (--checkpoint zoo:NAME).")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -234,8 +234,20 @@ def save_for_inference(model: nn.Module, meta: dict[str, Any], run_dir: str | Pa
     return weights
 
 
+def resolve_zoo(path: str | Path) -> Path:
+    """``zoo:NAME`` -> the verified folder of that shipped model (fashion_retrieval/zoo); other paths unchanged."""
+    from ..zoo import ZooError, is_zoo_spec, resolve
+
+    if not is_zoo_spec(path):
+        return Path(path)
+    try:
+        return resolve(path)
+    except ZooError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def _locate(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
+    path = resolve_zoo(path)
     if path.is_dir():
         weights, meta = path / WEIGHTS_FILE, path / META_FILE
     elif path.suffix == ".safetensors":

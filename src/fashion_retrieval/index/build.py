@@ -168,7 +168,8 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
         # attribute names come from whoever wrote meta.json (a catalog CSV's keys): checked and
         # mapped to folder names before anything is written
         space_dirs = space_dirs_for(spaces, str(meta_file), "attribute")
-        model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),
+        origin = str(checkpoint) if str(checkpoint).startswith("zoo:") else str(Path(checkpoint).resolve())
+        model_info = {"checkpoint": origin, "sha256": file_sha256(staged[WEIGHTS_FILE]),
                       "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
                       "attributes": model_attributes}
         catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged,

@@ -59,8 +59,10 @@ class UnknownSpaceError(KeyError):
 
 
 def checkpoint_files(checkpoint: str | Path) -> tuple[Path, Path]:
-    """(weights, meta.json) of a run directory, its weights file, its meta.json or an index."""
-    checkpoint = Path(checkpoint)
+    """(weights, meta.json) of a run directory, its weights file, its meta.json, an index or ``zoo:NAME``."""
+    from ..engine.checkpoint import resolve_zoo
+
+    checkpoint = resolve_zoo(checkpoint)
     if (checkpoint / "index.json").is_file():
         checkpoint = checkpoint / MODEL_DIR
     if checkpoint.is_dir():
