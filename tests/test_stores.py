@@ -177,17 +177,35 @@ def test_sigkill_during_incremental_adds_leaves_a_loadable_index(tmp_path):
     assert not list(tmp_path.glob("index.tmp-*")) and not (tmp_path / "index.old").exists()
 
 
-def test_hnsw_removal_survives_faiss_torch_patch(tmp_path):
-    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
-    with a wrapper that has no `params`; filtered HNSW search must still work after it."""
-    import faiss.contrib.torch_utils  # noqa: F401  (the patch is the point of this test)
+TORCH_PATCHED_SEARCH = """
+import sys
+import numpy as np
+import faiss.contrib.torch_utils  # noqa: F401  (the patch is the point of this test)
+from fashion_retrieval.index.faiss_store import FaissStore
 
-    vectors = unit_vectors(100)
-    store = FaissStore(tmp_path / "index", DIM, "hnsw")
+vectors = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+for kind in ("hnsw", "ivf"):
+    store = FaissStore(sys.argv[1] + kind, 16, kind)
     store.add([f"item-{i}" for i in range(100)], vectors, [{} for _ in range(100)])
     assert store.remove(["item-0"]) == 1
     _, found = store.search(vectors[:1], 5)
-    assert "item-0" not in found[0] and len(found[0]) == 5
+    assert "item-0" not in found[0] and len(found[0]) == 5, (kind, found)
+print("ok")
+"""
+
+
+def test_hnsw_removal_survives_faiss_torch_patch(tmp_path):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
+    with a wrapper that has no `params`; filtered HNSW (and IVF) search must still work after it.
+    In a child process: the patch is global, and milvus-lite's own FAISS searches in this
+    process would break under it."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", TORCH_PATCHED_SEARCH, str(tmp_path / "index-")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 # ---- integrity: what open refuses, naming the file (format 1 first, as the code before segments wrote it) -----------------------------------------------
