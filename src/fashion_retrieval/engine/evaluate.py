@@ -122,13 +122,8 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
 
     started = time.perf_counter()
     device = torch.device(device)
-<<<<<<< HEAD
-    benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split)
-    image_size = meta.image_size
-=======
     benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split, **(benchmark_options or {}))
-    image_size = meta["image_size"]
->>>>>>> wt/catalog
+    image_size = meta.image_size
     indices = _attribute_indices(model, meta, benchmark)
     conditioned = any(i is not None for i in indices.values())
     query_emb, query_kept, skipped = _embed_side(model, benchmark.queries, image_size, indices, batch_size, device,
