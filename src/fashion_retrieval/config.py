@@ -243,6 +243,9 @@ class EvalConfig(StrictModel):
     split: Literal["train", "val", "test"] = Field("val", description="split evaluated every eval_every epochs")
     final_split: Literal["train", "val", "test"] = Field("test", description="split evaluated after training")
     batch_size: int = Field(64, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="the benchmark's keyword arguments; "
+                                    "catalog: queries, level, attributes (its catalog, format and columns "
+                                    "default to the recipe's data section)")
 
 
 class ExperimentConfig(StrictModel):
@@ -297,6 +300,14 @@ class ExperimentConfig(StrictModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def benchmark_options(self) -> dict[str, Any]:
+        """``eval.options``; the ``catalog`` benchmark reads the recipe's own catalog unless they
+        name another (``data.root`` relative to the data root, its format and reader options)."""
+        options = dict(self.eval.options)
+        if self.eval.benchmark == "catalog" and "catalog" not in options:
+            options.update(catalog=self.data.root, format=self.data.format, options=dict(self.data.options))
+        return options
 
 
 # ---- loading ---------------------------------------------------------------------------------

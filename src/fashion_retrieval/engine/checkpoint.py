@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import re
+import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -80,12 +81,36 @@ def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
 
     try:
         # save_model drops tied duplicates and makes channels_last tensors contiguous.
-        atomic.write_with(path, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata,
-                                                       force_contiguous=True))
+        def write(tmp: Path) -> None:
+            save_model(unwrap_model(model), str(tmp), metadata=metadata, force_contiguous=True)
+            # safetensors creates its file 0600; the run's other files follow the umask (0644 usually),
+            # and a weights file only its writer can read breaks serving it from another account
+            os.chmod(tmp, _new_file_mode(path.parent))
+
+        atomic.write_with(path, write)
     except SafetensorError as exc:
         # A failed write (a full disk) arrives as safetensors' own error, "... (os error 28)":
         # as an OSError it reaches the handlers that keep the previous checkpoint and say so.
         raise _as_os_error(exc, path) from exc
+
+
+def _new_file_mode(folder: Path) -> int:
+    """The mode ``open()`` gives a new file in ``folder`` (0666 less the umask). Read from
+    /proc on Linux; elsewhere from a probe file, since setting the umask to read it would race
+    with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = _temporary_name(folder / "mode-probe")
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def _as_os_error(exc: BaseException, path: Path) -> OSError:

@@ -115,12 +115,15 @@ def _keep_rows(embeddings: dict[str, np.ndarray], kept: np.ndarray, good: np.nda
 
 def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: str,
                    data_root: str | Path, batch_size: int = 64, device: str | torch.device = "cpu",
-                   num_workers: int = 0, progress: bool = True) -> Evaluation:
+                   num_workers: int = 0, progress: bool = True,
+                   benchmark_options: dict[str, Any] | None = None) -> Evaluation:
+    """``benchmark_options``: keyword arguments of the benchmark's builder (the ``catalog``
+    benchmark's catalog, columns, queries, level, attributes)."""
     from ..data.benchmarks import BENCHMARKS
 
     started = time.perf_counter()
     device = torch.device(device)
-    benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split)
+    benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split, **(benchmark_options or {}))
     image_size = meta.image_size
     indices = _attribute_indices(model, meta, benchmark)
     conditioned = any(i is not None for i in indices.values())
@@ -166,6 +169,7 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
         "split": split,
         "metric_names": metric_names(kind),
         "metrics": computed,
+        **({"protocol": benchmark.protocol} if benchmark.protocol else {}),
         "counts": {"queries": len(benchmark.queries), "gallery": len(benchmark.gallery),
                    "skipped_images": len(skipped)},
         "skipped": skipped[:50],
@@ -274,7 +278,8 @@ def print_table(results: dict[str, Any], console: Any = None) -> None:
 
 def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root: str | Path, json_out: str | Path,
              plots_dir: str | Path | None = None, batch_size: int = 64, device: str = "auto", num_workers: int = 2,
-             progress: bool = True, print_results: bool = True) -> Evaluation:
+             progress: bool = True, print_results: bool = True,
+             benchmark_options: dict[str, Any] | None = None) -> Evaluation:
     """Load a checkpoint, evaluate it, write JSON + npz (+ plots), print the table."""
     from .checkpoint import load_for_inference
     from .distributed import resolve_device
@@ -282,7 +287,8 @@ def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root:
     torch_device = resolve_device(device)
     model, meta = load_for_inference(checkpoint, device=torch_device)
     evaluation = evaluate_model(model, meta, benchmark_name, split, data_root, batch_size=batch_size,
-                                device=torch_device, num_workers=num_workers, progress=progress)
+                                device=torch_device, num_workers=num_workers, progress=progress,
+                                benchmark_options=benchmark_options)
     evaluation.results.update({"checkpoint": str(checkpoint), **provenance(torch_device, meta)})
     if plots_dir is not None:
         evaluation.results["plots"] = [str(p) for p in save_plots(evaluation, plots_dir)]

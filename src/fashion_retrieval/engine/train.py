@@ -413,7 +413,8 @@ def _evaluate_during_training(model: nn.Module, meta: ckpt.RunMeta, config: Expe
         was_training = model.training
         evaluation = evaluate_model(model, meta, config.eval.benchmark, split, data_root,
                                     batch_size=config.eval.batch_size, device=context.device,
-                                    num_workers=num_workers, progress=progress)
+                                    num_workers=num_workers, progress=progress,
+                                    benchmark_options=config.benchmark_options())
         model.train(was_training)
         result = evaluation.results
         result.update({"epoch": epoch, "step": step, "experiment": config.name, "checkpoint": str(run_dir),

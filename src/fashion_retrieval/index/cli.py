@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+COLUMNS_HELP = ("the CSV's own column names, ROLE=COLUMN,...,ATTRIBUTE_COLUMN,... "
+                "(e.g. path=image,item_id=sku,category=group,colour) or a .yaml mapping; docs/datasets.md")
 
 
 class Kind(str, Enum):
@@ -68,23 +70,29 @@ def _known_errors():
 @app.command("build")
 def build(
     checkpoint: Annotated[Path, typer.Option(help="run directory or model.safetensors of a trained model")],
-    images: Annotated[Path, typer.Option(help="folder of images, dataset root (with --format) or CSV table")],
+    images: Annotated[Path, typer.Option(help="CSV table, one image, folder of images, or dataset root (with --format)")],
     out: Annotated[Path, typer.Option(help="index directory to write")],
     kind: Annotated[Kind, typer.Option(help="FAISS index kind")] = Kind.flat,
     attribute: Annotated[Optional[list[str]], typer.Option(help="attribute space(s); default: all the model has")] = None,
     format: Annotated[Optional[str], typer.Option(help="dataset format of --images (see `data formats`)")] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
     split: Annotated[Optional[list[str]], typer.Option(help="keep only these splits")] = None,
     domain: Annotated[Optional[str], typer.Option(help="keep only this domain (shop, consumer)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     store: Annotated[Store, typer.Option(help="vector store: faiss (embedded) or milvus")] = Store.faiss,
+    milvus_uri: Annotated[Optional[str], typer.Option(
+        help="with --store milvus: a Milvus server, e.g. http://localhost:19530 (token from MILVUS_TOKEN); "
+             "default: milvus-lite files inside --out")] = None,
     device: str = "cpu",
 ) -> None:
     """Embed a catalog and write a persistent index (atomically)."""
+    from ..data.readers.catalog import parse_columns
     from .build import build_index
 
     try:
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
-                             batch_size, store.value, device)
+                             batch_size, store.value, device, columns=parse_columns(columns, "--columns"),
+                             milvus_uri=milvus_uri)
     except _known_errors() as exc:
         _fail_writing(exc, out)
     _report(report, "indexed")
@@ -93,18 +101,21 @@ def build(
 @app.command("add")
 def add(
     index: Annotated[Path, typer.Option(help="index directory")],
-    images: Annotated[Path, typer.Option(help="folder of images, dataset root (with --format) or CSV table")],
+    images: Annotated[Path, typer.Option(help="CSV table, one image, folder of images, or dataset root (with --format)")],
     format: Annotated[Optional[str], typer.Option()] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
     split: Annotated[Optional[list[str]], typer.Option()] = None,
     domain: Annotated[Optional[str], typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     device: str = "cpu",
 ) -> None:
     """Add images to an existing index with its own model, without a rebuild."""
+    from ..data.readers.catalog import parse_columns
     from .build import add_to_index
 
     try:
-        report = add_to_index(index, images, format, split, domain, batch_size, device)
+        report = add_to_index(index, images, format, split, domain, batch_size, device,
+                              columns=parse_columns(columns, "--columns"))
     except _known_errors() as exc:
         _fail_writing(exc, index)
     _report(report, "added")
