@@ -168,30 +168,20 @@ def demo(
 
 
 # ---- demo ------------------------------------------------------------------------------------
-# configs/<name>.yaml, in the order they run; each sized for about 5 minutes on two busy CPU cores
+# shipped recipes (configs/<name>.yaml), in the order they run; each sized for about 5 minutes on
+# two busy CPU cores
 DEMO_RECIPES = ("demo_fashion_product_attributes", "demo_viton_c2s")
 # `demo --quick`: a smoke run of each, evaluated on the smaller validation split
 QUICK_OVERRIDES = ["train.epochs=1", "train.max_steps_per_epoch=3", "eval.final_split=val"]
-
-
-def _shipped_recipe(name: str) -> Path:
-    """configs/<name>.yaml from the installed package (``fashion_retrieval.configs``) or, in a
-    checkout installed before the recipes were packaged, from the folder beside ``src/``."""
-    from importlib.resources import files
-
-    try:
-        folder = Path(str(files("fashion_retrieval.configs")))
-    except ModuleNotFoundError:
-        folder = Path(__file__).resolve().parents[3] / "configs"
-    return folder / f"{name}.yaml"
 
 
 def demo_recipes(quick: bool = False) -> list[ExperimentConfig]:
     """The demo's recipes: attribute-specific retrieval on fashion-product, then consumer-to-shop
     retrieval on VITON."""
     from ..config import load_config
+    from ..recipes import resolve_recipe
 
-    return [load_config(_shipped_recipe(name), QUICK_OVERRIDES if quick else []) for name in DEMO_RECIPES]
+    return [load_config(resolve_recipe(name), QUICK_OVERRIDES if quick else []) for name in DEMO_RECIPES]
 
 
 def run_demo(data_root: Path, out: Path, quick: bool = False) -> list[dict]:
