@@ -1,0 +1,128 @@
+"""Attacks of the classes in issues 20 and 21 that their first tests did not cover.
+
+Each test here failed before the fix it names (see docs/reliability.md §4, "Tried again as an
+attacker"). They stay fast: tiny crafted files, one module-scoped index.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, features
+
+from catalog_fixtures import save_tiny_checkpoint, write_catalog
+from fashion_retrieval.data.images import ImageLoadError, load_rgb
+from fashion_retrieval.index.build import build_index
+from fashion_retrieval.serve.app import Limits, create_app
+from fashion_retrieval.serve.embedders import TorchEmbedder
+
+LOCAL = "http://127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attacks")
+    checkpoint = save_tiny_checkpoint(root / "run", "global_net")
+    write_catalog(root / "catalog", 4)
+    build_index(checkpoint, root / "catalog", root / "index", progress=False)
+    app = create_app(root / "index", TorchEmbedder(root / "index" / "model"), limits=Limits())
+    return root, TestClient(app, base_url=LOCAL)
+
+
+# ---- image formats PIL knows but whose cost the header does not tell ---------------------------
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def icon_hiding_a_large_png(side: int = 1500) -> bytes:
+    """An .ico whose directory claims 16x16 but holds a ``side``x``side`` PNG: PIL decodes the
+    PNG while *opening* the icon, before any size check can run (a 580 KB icon of 12000x12000
+    held 550 MiB, then was refused)."""
+    png = _png(Image.new("RGBA", (side, side), (10, 20, 30, 255)))
+    header = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + png
+
+
+def _saved(image: Image.Image, kind: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, kind, **options)
+    return buffer.getvalue()
+
+
+UNDECODED = {
+    "ico": icon_hiding_a_large_png,
+    # openjpeg holds 4 bytes a sample plus PIL's copy: a 1 KB 6000x6000 file held 663 MiB
+    "jpeg2000": lambda: _saved(Image.new("RGB", (300, 300), (200, 100, 50)), "JPEG2000"),
+    "avif": lambda: _saved(Image.new("RGB", (300, 300), (200, 100, 50)), "AVIF"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNDECODED))
+def test_image_formats_outside_the_photo_formats_are_refused_unopened(kind, served, tmp_path):
+    if kind == "jpeg2000" and not features.check("jpg_2000") or kind == "avif" and not features.check("avif"):
+        pytest.skip(f"this Pillow cannot write {kind}")
+    data = UNDECODED[kind]()
+    path = tmp_path / "photo.jpg"  # named as a catalog photo: the suffix decides nothing
+    path.write_bytes(data)
+    with pytest.raises(ImageLoadError) as caught:
+        load_rgb(path)
+    assert caught.value.reason.startswith("not an image"), caught.value.reason
+    assert "JPEG, PNG" in caught.value.reason  # says what is read instead
+
+    _, client = served
+    response = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")})
+    assert response.status_code == 415, response.text
+
+
+def tiff_16_bit_rgba_one_strip(side: int) -> bytes:
+    """A deflate-compressed 16-bit RGBA TIFF whose one strip is the whole picture: libtiff
+    decodes it into a buffer of 8 bytes a pixel before PIL's own copy (4), which the estimate
+    from the mode alone did not count."""
+    packer = zlib.compressobj(9)
+    row = b"\x12\x34\x56\x78\x9a\xbc\xff\xff" * side
+    strip = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    tags = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 4, None), (259, 3, 1, 8), (262, 3, 1, 2),
+            (273, 4, 1, None), (277, 3, 1, 4), (278, 4, 1, side), (279, 4, 1, len(strip)), (284, 3, 1, 1),
+            (338, 3, 1, 2)]  # 258 BitsPerSample and 273 StripOffsets point after the directory
+    directory_end = 8 + 2 + 12 * len(tags) + 4
+    bits_at, strip_at = directory_end, directory_end + 8
+    directory = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        value = {258: bits_at, 273: strip_at}.get(tag, value)
+        directory += (struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1
+                      else struct.pack("<HHII", tag, kind, count, value))
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + struct.pack("<4H", *[16] * 4) + strip
+
+
+TIFF_PROBE = """
+import resource, sys
+from PIL import Image
+from fashion_retrieval.data.images import decode_bytes, load_rgb
+small, big = sys.argv[1:3]
+load_rgb(small)  # every code path warm: only the big decode can raise the peak
+with Image.open(big) as image:
+    estimate = decode_bytes(image)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+photo = load_rgb(big)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, estimate, photo.size[0])
+"""
+
+
+def test_a_16_bit_tiff_in_one_strip_decodes_within_its_memory_estimate(tmp_path):
+    big, small = tmp_path / "big.tif", tmp_path / "small.tif"
+    big.write_bytes(tiff_16_bit_rgba_one_strip(3000))
+    small.write_bytes(tiff_16_bit_rgba_one_strip(200))
+    assert big.stat().st_size < 200_000
+    result = subprocess.run([sys.executable, "-c", TIFF_PROBE, str(small), str(big)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grown, estimate, width = map(int, result.stdout.split())
+    assert width == 3000
+    assert grown <= estimate * 1.1 + 8 * 2**20, f"peak grew {grown / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB"
