@@ -126,3 +126,37 @@ def test_a_16_bit_tiff_in_one_strip_decodes_within_its_memory_estimate(tmp_path)
     grown, estimate, width = map(int, result.stdout.split())
     assert width == 3000
     assert grown <= estimate * 1.1 + 8 * 2**20, f"peak grew {grown / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB"
+
+
+# ---- a checkpoint someone hands you ------------------------------------------------------------
+def _edited_checkpoint(tmp_path, edit) -> "Path":
+    import json
+
+    run = save_tiny_checkpoint(tmp_path / "run", "global_net")
+    meta = json.loads((run / "meta.json").read_text())
+    edit(meta)
+    (run / "meta.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_a_meta_json_with_an_absurd_image_size_is_refused_before_any_image_is_resized(tmp_path):
+    """[20000, 20000] made `index build` grow to 17 GB and be killed by the kernel."""
+    from fashion_retrieval.engine.checkpoint import CheckpointError, load_for_inference
+
+    run = _edited_checkpoint(tmp_path, lambda meta: meta.update(image_size=[20000, 20000]))
+    with pytest.raises(CheckpointError) as caught:
+        load_for_inference(run)
+    message = str(caught.value)
+    assert "meta.json" in message and "image_size" in message and "\n" not in message
+
+
+def test_model_sizes_in_meta_json_that_the_weights_do_not_have_are_refused_before_allocating(tmp_path):
+    """num_items 1e11 allocated (or died trying: a traceback) a 400 GB classifier before the weights
+    were compared; the skeleton built without memory is compared with the file's shapes first."""
+    from fashion_retrieval.engine.checkpoint import CheckpointError, load_for_inference
+
+    run = _edited_checkpoint(tmp_path, lambda meta: meta["model"]["kwargs"].update(num_items=10**11))
+    with pytest.raises(CheckpointError) as caught:
+        load_for_inference(run)
+    message = str(caught.value)
+    assert "weights do not fit the model" in message and "100000000000" in message, message

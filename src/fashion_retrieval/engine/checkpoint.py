@@ -42,6 +42,9 @@ PREVIOUS_TRAINING_DIR = "checkpoint-previous"
 TRAINING_STATE_FILE = "training_state.pt"
 # meta.json holds the label vocabularies (tens of thousands of item ids): megabytes, not gigabytes
 MAX_META_BYTES = 256 << 20
+# a side of the model's input: papers use 224-512; a meta.json asking [20000, 20000] made every
+# image of `index build` a 1.6 GB tensor (17 GB, then the kernel killed it)
+MAX_IMAGE_SIDE = 2048
 
 
 class CheckpointError(Exception):
@@ -156,6 +159,37 @@ def _weights_metadata(path: Path) -> dict[str, str]:
             return dict(handle.metadata() or {})
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _check_weights_fit(build, weights: Path) -> None:
+    """Refuse a model whose tensors the weights file does not hold, before it is built for real.
+
+    meta.json's model arguments decide how much the model allocates (``num_items`` 1e11 is a 400 GB
+    classifier); the file's tensors are bounded by its size. So the model is first built on the
+    ``meta`` device (shapes, no memory) and its tensor shapes compared with the file's header.
+    A model that cannot be built that way is left to the ordinary build and load.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception:  # noqa: BLE001 - _load_weights names what is wrong with the file
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+        wanted = {key: tuple(value.shape) for key, value in unwrap_model(skeleton).state_dict().items()}
+    except Exception:  # noqa: BLE001 - the real build reports its own error
+        return
+    for key, shape in wanted.items():
+        if key in stored and stored[key] != shape:
+            raise CheckpointError(f"{weights}: weights do not fit the model: {key!r} is {list(stored[key])} in the "
+                                  f"file, the model described in {META_FILE} needs {list(shape)}")
+    missing = [key for key in wanted if key not in stored]
+    if missing:
+        raise CheckpointError(f"{weights}: weights are from another model: missing {len(missing)} tensor(s), "
+                              f"e.g. {missing[0]!r}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -277,8 +311,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: 'model' must be {{'name': str, 'kwargs': {{...}}}}")
     size = meta.get("image_size")
     if size is not None and not (isinstance(size, list) and len(size) == 2
-                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise CheckpointError(f"{meta_path}: 'image_size' must be [height, width] in pixels, got {quote(size, 60)}")
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIDE
+                                         for v in size)):
+        raise CheckpointError(f"{meta_path}: 'image_size' must be [height, width] in pixels, at most "
+                              f"{MAX_IMAGE_SIDE} each, got {quote(size, 60)}")
     return meta
 
 
@@ -313,6 +349,7 @@ def load_for_inference(path: str | Path, expected_model: str | None = None,
         kwargs["pretrained"] = False
     if "weights_path" in kwargs:
         kwargs["weights_path"] = None
+    _check_weights_fit(lambda: MODELS.build(name, **kwargs), weights)
     try:
         model = MODELS.build(name, **kwargs)
     except ConfigError as exc:
