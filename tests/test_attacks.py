@@ -160,3 +160,77 @@ def test_model_sizes_in_meta_json_that_the_weights_do_not_have_are_refused_befor
         load_for_inference(run)
     message = str(caught.value)
     assert "weights do not fit the model" in message and "100000000000" in message, message
+
+
+def _edited_weights(tmp_path, edit) -> "Path":
+    """The tiny checkpoint with its safetensors header (a dict of name → {dtype, shape,
+    data_offsets}) edited in place; the tensor bytes stay as they are."""
+    import json
+
+    run = save_tiny_checkpoint(tmp_path / "run", "global_net")
+    data = (run / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    (run / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length:])
+    return run
+
+
+def test_weights_stored_as_integers_are_refused_not_cast(tmp_path):
+    """Relabelling the float tensors I32 loaded garbage silently; `index build` then ended in a
+    traceback (`vectors contain NaN or infinite values`)."""
+    from fashion_retrieval.engine.checkpoint import CheckpointError, load_for_inference
+
+    def as_integers(header):
+        for value in header.values():
+            if isinstance(value, dict) and value.get("dtype") == "F32":
+                value["dtype"] = "I32"
+
+    with pytest.raises(CheckpointError, match="is I32 in the file, the model needs floating point"):
+        load_for_inference(_edited_weights(tmp_path, as_integers))
+
+
+def test_weights_of_a_diverged_run_are_refused_by_name(tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from fashion_retrieval.engine.checkpoint import CheckpointError, load_for_inference
+
+    run = save_tiny_checkpoint(tmp_path / "run", "global_net")
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), framework="np") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(run / "model.safetensors"))
+    name = next(key for key, value in tensors.items() if value.dtype == np.float32 and value.ndim == 4)
+    tensors[name][0, 0, 0, 0] = np.nan
+    save_file(tensors, str(run / "model.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=f"NaN or infinite values \\(first in '{name}'\\)"):
+        load_for_inference(run)
+
+
+def test_a_model_whose_embeddings_overflow_stops_index_build_in_one_line(tmp_path):
+    """Finite weights can still give infinite embeddings: `index build` ended in a ValueError
+    traceback from the store; now one line, and no index is written."""
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from typer.testing import CliRunner
+
+    from fashion_retrieval.cli import app
+
+    run = save_tiny_checkpoint(tmp_path / "run", "global_net")
+    with safe_open(str(run / "model.safetensors"), framework="np") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(run / "model.safetensors"))
+    for key, value in tensors.items():
+        if key.endswith("weight") and value.ndim == 1:  # every batch-norm scale: overflows float32
+            tensors[key] = np.full_like(value, 1e30)
+    save_file(tensors, str(run / "model.safetensors"), metadata=metadata)
+    write_catalog(tmp_path / "catalog", 2)
+    result = CliRunner().invoke(app, ["index", "build", "--checkpoint", str(run), "--images",
+                                      str(tmp_path / "catalog"), "--out", str(tmp_path / "index")])
+    assert result.exit_code == 2, result.output
+    assert "NaN or infinite embeddings" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "index").exists()

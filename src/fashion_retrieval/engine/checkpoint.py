@@ -45,6 +45,7 @@ MAX_META_BYTES = 256 << 20
 # a side of the model's input: papers use 224-512; a meta.json asking [20000, 20000] made every
 # image of `index build` a 1.6 GB tensor (17 GB, then the kernel killed it)
 MAX_IMAGE_SIDE = 2048
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the floating-point dtypes
 
 
 class CheckpointError(Exception):
@@ -142,6 +143,11 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read weights ({_first_line(exc)})") from None
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:  # a diverged run: every embedding would be NaN
+        raise CheckpointError(f"{path}: weights contain NaN or infinite values (first in {broken!r}); "
+                              "a diverged training run? use an earlier checkpoint")
     if missing or unexpected:
         parts = []
         if missing:
@@ -173,19 +179,28 @@ def _check_weights_fit(build, weights: Path) -> None:
 
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            stored = {key: (tuple(part.get_shape()), part.get_dtype()) for key, part in slices.items()}
     except Exception:  # noqa: BLE001 - _load_weights names what is wrong with the file
         return
     try:
         with torch.device("meta"):
             skeleton = build()
-        wanted = {key: tuple(value.shape) for key, value in unwrap_model(skeleton).state_dict().items()}
+        wanted = {key: (tuple(value.shape), value.is_floating_point())
+                  for key, value in unwrap_model(skeleton).state_dict().items()}
     except Exception:  # noqa: BLE001 - the real build reports its own error
         return
-    for key, shape in wanted.items():
-        if key in stored and stored[key] != shape:
-            raise CheckpointError(f"{weights}: weights do not fit the model: {key!r} is {list(stored[key])} in the "
+    for key, (shape, floating) in wanted.items():
+        if key not in stored:
+            continue
+        stored_shape, stored_dtype = stored[key]
+        if stored_shape != shape:
+            raise CheckpointError(f"{weights}: weights do not fit the model: {key!r} is {list(stored_shape)} in the "
                                   f"file, the model described in {META_FILE} needs {list(shape)}")
+        if floating and stored_dtype not in FLOAT_DTYPES:
+            # loading would cast the integers silently: a model of garbage, NaN embeddings later
+            raise CheckpointError(f"{weights}: weights do not fit the model: {key!r} is {stored_dtype} in the "
+                                  "file, the model needs floating point numbers")
     missing = [key for key in wanted if key not in stored]
     if missing:
         raise CheckpointError(f"{weights}: weights are from another model: missing {len(missing)} tensor(s), "
