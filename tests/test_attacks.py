@@ -234,3 +234,58 @@ def test_a_model_whose_embeddings_overflow_stops_index_build_in_one_line(tmp_pat
     assert result.exit_code == 2, result.output
     assert "NaN or infinite embeddings" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "index").exists()
+
+
+# ---- text from data printed to a terminal ------------------------------------------------------
+ESCAPES = "\x1b[2J\x1b]0;owned\x07"  # clear the screen, set the terminal's title
+
+
+@pytest.mark.parametrize("column", ["item_id", "category", "attributes"])
+def test_control_characters_in_catalog_text_are_refused_naming_the_line(column, tmp_path):
+    import csv
+
+    from fashion_retrieval.data.table import AnnotationError, SampleTable
+
+    good = {"path": "ok.jpg", "item_id": "p1", "category": "dress", "attributes": "{}"}
+    crafted = {"item_id": "p" + ESCAPES, "category": "dress" + ESCAPES,
+               "attributes": '{"colour": "red\\u001b[5m"}'}  # a JSON escape: no raw ESC in the file
+    with open(tmp_path / "catalog.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(good))
+        writer.writeheader()
+        writer.writerow(good)
+        writer.writerow({**good, "path": "bad.jpg", column: crafted[column]})
+    with pytest.raises(AnnotationError) as caught:
+        SampleTable.from_csv(tmp_path / "catalog.csv")
+    message = str(caught.value)
+    assert "catalog.csv:3" in message and "control character" in message and "\x1b" not in message, message
+
+
+def test_search_prints_ids_and_categories_from_the_index_as_text(served, tmp_path):
+    """Metadata an older index, another writer or `POST /items` (whose category is free text)
+    put there: ESC sequences reached the terminal, and an id like "[/x]" was parsed as rich
+    markup (a MarkupError traceback)."""
+    from typer.testing import CliRunner
+
+    from fashion_retrieval.cli import app
+    from fashion_retrieval.index.catalog import CatalogIndex
+
+    root, _ = served
+    index = tmp_path / "index"
+    import shutil
+
+    shutil.copytree(root / "index", index)
+    catalog = CatalogIndex.open(index)
+    store = catalog.stores["default"]
+    first = next(iter(store.items()))
+    import numpy as np
+
+    vector = np.ones((1, catalog.dim), np.float32)
+    catalog.remove([first["id"]])
+    catalog.add("default", ["[/x]" + ESCAPES], vector, [{**first, "item_id": "[/x]" + ESCAPES,
+                                                        "category": "[bold]" + ESCAPES}])
+    catalog.save()
+    query = first["path"]
+    result = CliRunner().invoke(app, ["search", query, "--index", str(index), "--top-k", "10"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "[/x]\\x1b[2J" in result.output and "[bold]\\x1b" in result.output

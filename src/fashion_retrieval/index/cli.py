@@ -156,10 +156,18 @@ def search(
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{image.name}" + (f" · same {attribute}" if attribute else ""))
+    from ..names import printable
+
+    # ids and categories are a catalog author's text: plain Text (never rich markup, where
+    # "[/x]" was a MarkupError traceback) with control characters shown, not sent to the terminal
+    def cell(value: object) -> Text:
+        return Text(printable("" if value is None else value))
+
+    table = Table(title=Text(printable(image.name) + (f" · same {printable(attribute)}" if attribute else "")))
     for column in ("rank", "id", "score", "category", "path"):
         table.add_column(column, justify="right" if column in ("rank", "score") else "left")
     for row in rows:
-        table.add_row(str(row["rank"]), row["id"], f"{row['score']:.4f}", str(row["category"] or ""), str(row["path"]))
+        table.add_row(str(row["rank"]), cell(row["id"]), f"{row['score']:.4f}", cell(row["category"]), cell(row["path"]))
     Console().print(table)
