@@ -289,3 +289,27 @@ def test_search_prints_ids_and_categories_from_the_index_as_text(served, tmp_pat
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "[/x]\\x1b[2J" in result.output and "[bold]\\x1b" in result.output
+
+
+# ---- a crafted index -------------------------------------------------------------------------
+def test_an_index_whose_manifest_counts_past_int64_is_refused_in_one_line(served, tmp_path):
+    """next_iid 2**70 opened, searched, and `index add` then died in an OverflowError traceback."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fashion_retrieval.cli import app
+
+    root, _ = served
+    index = tmp_path / "index"
+    shutil.copytree(root / "index", index)
+    manifest = index / "spaces" / "default" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["next_iid"] = 2**70
+    manifest.write_text(json.dumps(data))
+    before = {p: p.read_bytes() for p in index.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["index", "add", "--index", str(index), "--images", str(root / "catalog")])
+    assert result.exit_code == 2, result.output
+    assert "manifest.json: next_iid" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in index.rglob("*") if p.is_file()} == before
