@@ -313,3 +313,21 @@ def test_an_index_whose_manifest_counts_past_int64_is_refused_in_one_line(served
     assert result.exit_code == 2, result.output
     assert "manifest.json: next_iid" in result.output and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in index.rglob("*") if p.is_file()} == before
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["9" * 5000, "2001-13-45", "!!float x"])
+def test_recipe_values_yaml_cannot_build_are_one_line_errors(value, tmp_path):
+    """A 5,000-digit integer (Python's int() limit) or an impossible date ended `train` in a
+    ValueError traceback from inside PyYAML."""
+    from typer.testing import CliRunner
+
+    from fashion_retrieval.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: x\ntrain:\n  epochs: {value}\n")
+    result = CliRunner().invoke(app, ["train", "-c", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"{recipe}: invalid YAML (a value cannot be read" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
