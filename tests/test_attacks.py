@@ -331,3 +331,18 @@ def test_recipe_values_yaml_cannot_build_are_one_line_errors(value, tmp_path):
     assert f"{recipe}: invalid YAML (a value cannot be read" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, files", [("../../run", {"model.safetensors": {}}), ("/tmp/run", {}),
+                                         ("ok", {"../../../etc/passwd": {"size": 1, "sha256": "0"}})])
+def test_a_private_zoo_registry_cannot_point_outside_its_folder(name, files, tmp_path, monkeypatch):
+    """$FASHION_RETRIEVAL_ZOO names a registry someone else may have written: its model names
+    became folders (zoo:../../run read any run directory) and its pinned file names paths."""
+    import json
+
+    from fashion_retrieval.zoo import ZooError, resolve
+
+    entry = {"description": "d", "task": "attributes", "trained_on": "t", "files": files}
+    (tmp_path / "registry.json").write_text(json.dumps({"models": {name: entry}}))
+    with pytest.raises(ZooError, match="registry.json: (model name .* is not a plain folder name|entry 'ok' pins)"):
+        resolve(f"zoo:{name}", tmp_path)
