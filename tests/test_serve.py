@@ -90,7 +90,7 @@ def test_search_returns_sorted_results_with_working_image_urls(client, plain):
 def test_health_and_page(client):
     health = client.get("/health").json()
     assert health == {"status": "ok", "items": 10, "spaces": ["default"], "model": "global_net"}
-    assert client.get("/attributes").json() == {"attribute_conditioned": False, "attributes": []}
+    assert client.get("/attributes").json() == {"attribute_conditioned": False, "attributes": [], "labels": {}}
     page = client.get("/")
     assert page.status_code == 200 and 'id="results"' in page.text
     assert client.get("/app.js").status_code == 200
@@ -228,7 +228,10 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
 
     index = tmp_path / "index"
     shutil.copytree(root / "index", index)
-    client = TestClient(create_app(index, embedder, allow_writes_without_key=True), base_url=LOCAL)
+    # reload_interval=None: the server has not picked up the other writer's generation yet (the
+    # test below covers that it does)
+    client = TestClient(create_app(index, embedder, allow_writes_without_key=True, reload_interval=None),
+                        base_url=LOCAL)
     other = CatalogIndex.open(index)  # e.g. an `index remove` run while the server is up
     other.remove(["item000"])
     other.save()
@@ -239,6 +242,31 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
     found = [r["id"] for r in client.post("/search", params={"k": 20}, files=upload(jpeg_bytes(photo_like(600))))
              .json()["results"]]
     assert len(found) == 9 and "x" not in found and "item000" not in found
+
+
+def test_the_server_picks_up_index_add_and_remove_without_a_restart(plain, tmp_path):
+    from fashion_retrieval.index.build import add_to_index, remove_from_index
+
+    root, _, photos, embedder = plain
+    index = writable_copy(plain, tmp_path)
+    client = TestClient(create_app(index, embedder, reload_interval=0), base_url=LOCAL)
+
+    def items_once_reloaded(expected: int) -> int:
+        deadline = time.monotonic() + 60
+        while (count := client.get("/health").json()["items"]) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)  # each request checks; the reopen runs in the background
+        return count
+
+    assert client.get("/health").json()["items"] == 10
+    assert remove_from_index(index, [photos[0].stem]) == 1  # `index remove` from the command line
+    assert items_once_reloaded(9) == 9
+    query = upload(jpeg_bytes(photo_like(0)))
+    assert photos[0].stem not in [r["id"] for r in client.post("/search", params={"k": 20}, files=query).json()["results"]]
+    new = write_catalog(tmp_path / "new", 2, first_seed=700, prefix="new")
+    add_to_index(index, tmp_path / "new", progress=False)  # `index add`
+    assert items_once_reloaded(11) == 11
+    found = client.post("/search", params={"k": 1}, files=upload(new[1].read_bytes())).json()["results"]
+    assert found[0]["id"] == new[1].stem and client.get(found[0]["image_url"]).status_code == 200
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -371,7 +399,8 @@ def test_server_binds_loopback_by_default():
 def test_attribute_conditioned_app(conditioned):
     root, checkpoint, photos, embedder = conditioned
     client = TestClient(create_app(root / "index", embedder), base_url=LOCAL)
-    assert client.get("/attributes").json() == {"attribute_conditioned": True, "attributes": ATTRIBUTES}
+    assert client.get("/attributes").json() == {"attribute_conditioned": True, "attributes": ATTRIBUTES,
+                                                "labels": {"colour": "Colour", "sleeve": "Sleeve"}}
     query = photos[6]
     rankings = {}
     for attribute in ATTRIBUTES:

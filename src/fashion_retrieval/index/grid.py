@@ -1,19 +1,19 @@
 """A picture of search results: one row per query photo, its top results to the right.
 
-What the quickstart ends with and what `search --grid FILE` writes: a PNG a person can look at to
+What the quickstart ends with and what `search --grid FILE.png` writes: a PNG a person can look at to
 judge a model in seconds (the tables give the numbers; the grid shows what "top-1 40 %" looks
 like). Catalog photos are read with the same safe loader as everything else; a photo that no
 longer reads becomes a grey tile with its reason, so a grid is always written.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw
+
+from ..atomic import write_with
 
 TILE = (96, 128)  # width, height of one photo
 CAPTION = 26  # pixels under each photo for its rank and score
@@ -76,13 +76,4 @@ def draw_grid(rows: Sequence[GridRow], out: str | Path, title: str | None = None
                                             problem or str(label)])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
-        canvas.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_with(out, lambda tmp: canvas.save(tmp, format="PNG"))

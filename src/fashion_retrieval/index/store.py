@@ -9,7 +9,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import glob
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from ..files import require_keys
 
 HASH_BLOCK = 8 << 20  # large reads: hashing runs at sha256's speed, not at the syscall rate
+from ..atomic import fsync_dir, write_file_synced  # noqa: F401  (the stores import them from here)
 from ..files import OutsideDirectoryError, ensure_inside
 
 
@@ -39,8 +39,9 @@ class VectorStore(abc.ABC):
         """Remove ids; returns how many were present."""
 
     @abc.abstractmethod
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self)))."""
+    def search(self, vectors: np.ndarray, k: int, where=None) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self))); ``where``
+        (an ``index.filters.SearchFilter``): only among the items it accepts, k' = min(k, matches)."""
 
     @abc.abstractmethod
     def get_metadata(self, item_id: str) -> dict[str, Any] | None: ...
@@ -115,19 +116,7 @@ def verify_file(path: Path, record: Any, manifest: Path) -> None:
 
 
 # ---- atomic directory writes, shared by every store that lives in a directory ------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+# fsync_dir and write_file_synced are atomic.py's (imported above), re-exported for the stores.
 
 
 def guard(path: str | Path, owner: str | Path, what: str = "index directory") -> Path:
@@ -140,14 +129,15 @@ def guard(path: str | Path, owner: str | Path, what: str = "index directory") ->
 
 def _foreign(path: Path, marker: str | None) -> bool:
     """``path`` exists and is not a directory this project wrote: a symlink, a file, or a
-    non-empty folder without ``marker``."""
+    non-empty folder without a file matching ``marker``."""
     if path.is_symlink():
         return True
     if not path.exists():
         return False
     if not path.is_dir():
         return True
-    return marker is not None and not (path / marker).is_file() and any(path.iterdir())
+    # ``marker`` may be a pattern ("manifest*.json"): a store names its manifest by generation
+    return marker is not None and not any(p.is_file() for p in path.glob(marker)) and any(path.iterdir())
 
 
 def swap_in(tmp: Path, path: Path, owner: Path | None = None, marker: str | None = None) -> None:

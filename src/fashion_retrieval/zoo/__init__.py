@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,12 +120,13 @@ def add_to_zoo(run_dir: str | Path, name: str, description: str, task: str, metr
     import torch
     from safetensors.torch import load_file, save_file
 
+    from ..atomic import write_json, write_with
     from ..engine.checkpoint import read_meta
     from ..names import check_name
 
     check_name(name, "zoo model name", "zoo add", ZooError, component=True)
     run_dir = Path(run_dir)
-    meta = read_meta(run_dir / META_FILE)
+    meta = read_meta(run_dir / META_FILE).to_dict()
     data_format = _training_format(meta)
     if data_format not in REDISTRIBUTABLE_DATA:
         raise ZooError(f"{run_dir / META_FILE}: trained on {data_format or 'unknown data'!r}; the zoo only takes "
@@ -143,11 +143,8 @@ def add_to_zoo(run_dir: str | Path, name: str, description: str, task: str, metr
     # Local paths of the machine it was trained on say nothing to a user and may say too much.
     meta = {**meta, "zoo": {"name": name, "weights_dtype": "float16"}}
     meta["dataset"] = {key: value for key, value in meta.get("dataset", {}).items() if key != "root"}
-    with tempfile.TemporaryDirectory(dir=folder) as staging:
-        save_file(tensors, str(Path(staging) / WEIGHTS_FILE), metadata=header)
-        Path(staging, META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for file_name in (WEIGHTS_FILE, META_FILE):
-            os.replace(Path(staging) / file_name, folder / file_name)
+    write_with(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    write_json(folder / META_FILE, meta)
     files = {file_name: {"sha256": _sha256(folder / file_name), "size": (folder / file_name).stat().st_size}
              for file_name in (WEIGHTS_FILE, META_FILE)}
     entry = ZooModel(name=name, description=description, task=task, trained_on=REDISTRIBUTABLE_DATA[data_format],
@@ -156,7 +153,6 @@ def add_to_zoo(run_dir: str | Path, name: str, description: str, task: str, metr
     path = root / REGISTRY_NAME
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"models": {}}
     data["models"][name] = {key: value for key, value in entry.__dict__.items() if key not in ("name", "zoo_dir")}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    data["models"] = dict(sorted(data["models"].items()))
+    write_json(path, data)  # last: a model whose files were not all written is never pinned
     return entry
