@@ -93,15 +93,16 @@ def run_worker(args: argparse.Namespace) -> dict:
         raw = calculator.get_accuracy(queries, query_labels, gallery, gallery_labels)
         metrics = {"top1": raw["precision_at_1"], "MAP@100": raw["mean_average_precision"]}
     else:
-        from fashion_retrieval.metrics import evaluate_retrieval
+        from fashion_retrieval.metrics import MetricSpec, evaluate_retrieval
 
         def progress(done: int, total: int) -> None:
             print(f"  {args.worker}: {done}/{total} queries, {time.perf_counter() - started:.0f}s",
                   file=sys.stderr, flush=True)
 
         metrics = evaluate_retrieval(
-            queries, gallery, query_labels, gallery_labels, map_at=(100,), recall_at=(100,),
-            full_map=args.worker == "ours-full", query_chunk=args.query_chunk,
+            queries, gallery, query_labels, gallery_labels,
+            spec=MetricSpec(map_at=(100,), recall_at=(100,), full_map=args.worker == "ours-full"),
+            query_chunk=args.query_chunk,
             gallery_chunk=args.gallery_chunk, progress=progress if args.verbose else None)
     seconds = time.perf_counter() - started
     cpu_seconds = _cpu_seconds() - cpu_before
