@@ -471,3 +471,86 @@ def test_faiss_scan_equals_the_torch_scan(monkeypatch, duplicates):
     assert not np.any(fast.topk_indices == own[fast.query_indices][:, None])
     taken = [r for r in used if r is not None]
     assert taken and (sum(r[2].size for r in taken) > 0) is duplicates  # ties went to the exact scan
+
+
+# ---------------------------------------------------------------------------------------------
+# The int8 first pass (scan_int8): candidates by a rigorous bound, float32 re-scoring
+# ---------------------------------------------------------------------------------------------
+
+def _small_int8_pass(monkeypatch):
+    """Make the int8 pass apply to test-sized galleries, with several ragged blocks."""
+    from fashion_retrieval import scan_int8
+
+    if not scan_int8.available():
+        pytest.skip("oneDNN's int8 product is missing or not exact on this CPU: the exact scans run")
+    monkeypatch.setattr(scan_int8, "MIN_GALLERY", 64)
+    monkeypatch.setattr(scan_int8, "GALLERY_BLOCK", 100)  # not a multiple of 8: padded blocks
+    monkeypatch.setattr(scan_int8, "SAMPLE_MIN", 64)
+    calls = []
+    original = scan_int8.Int8Gallery.topk
+    monkeypatch.setattr(scan_int8.Int8Gallery, "topk",
+                        lambda self, *args: calls.append(original(self, *args)) or calls[-1])
+    return scan_int8, calls
+
+
+def _int8_against_exact(monkeypatch, scan_int8, queries, gallery, query_labels, gallery_labels, own, k):
+    results = {}
+    for use_int8 in (True, False):
+        monkeypatch.setattr(scan_int8, "INT8_SCAN", use_int8)
+        results[use_int8] = retrieve(queries, gallery, query_labels, gallery_labels, k=k, full_ranks=False,
+                                     query_gallery_index=own, query_chunk=37)
+    fast, exact = results[True], results[False]
+    np.testing.assert_array_equal(fast.topk_indices, exact.topk_indices)
+    np.testing.assert_allclose(fast.topk_scores, exact.topk_scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(fast.topk_relevant, exact.topk_relevant)
+    return fast
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_int8_pass_equals_the_exact_scans(monkeypatch, duplicates):
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    rng = np.random.default_rng(12)
+    gallery = rng.standard_normal((450, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    if duplicates:  # exact ties everywhere, across the k-th place too
+        gallery[225:] = gallery[:225]
+    queries = np.concatenate([gallery[:30], rng.standard_normal((50, 16)).astype(np.float32) / 4])
+    own = np.concatenate([np.arange(30), -np.ones(50, dtype=np.int64)])
+    labels = rng.integers(0, 20, 450)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, rng.integers(0, 20, 80), labels, own, k=12)
+    assert any(found is not None for found in calls)  # the int8 pass ran
+
+
+def test_int8_pass_on_heavily_tied_scores(monkeypatch):
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(np.random.default_rng(2), 70, 400, 6, 5)
+    own = np.where(np.arange(70) % 3 == 0, np.arange(70) * 5, -1)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, query_labels, gallery_labels, own, k=25)
+    assert any(found is not None for found in calls)
+
+
+def test_int8_pass_redoes_the_queries_it_cannot_prove(monkeypatch):
+    # aiming the threshold at the best sampled score makes it too high for most queries: their
+    # proof (k kept items 2B above the threshold) fails and the exact scan answers them
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    monkeypatch.setattr(scan_int8, "TARGET_RANK", 1e-3)
+    rng = np.random.default_rng(5)
+    gallery = rng.standard_normal((500, 8)).astype(np.float32)
+    queries = rng.standard_normal((40, 8)).astype(np.float32)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, rng.integers(0, 9, 40), rng.integers(0, 9, 500),
+                        None, k=30)
+    redone = sum(found[2].size for found in calls if found is not None)
+    assert redone > 0
+
+
+def test_int8_pass_gives_up_on_dense_scores(monkeypatch):
+    # more kept pairs than the budget: the chunk goes to the exact scan, memory stays bounded
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    monkeypatch.setattr(scan_int8, "PAIR_BUDGET", 0)
+    monkeypatch.setattr(scan_int8, "PAIR_FLOOR", 1)
+    rng = np.random.default_rng(6)
+    gallery = rng.standard_normal((300, 8)).astype(np.float32)
+    queries = rng.standard_normal((20, 8)).astype(np.float32)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, rng.integers(0, 5, 20), rng.integers(0, 5, 300),
+                        None, k=10)
+    assert calls and all(found is None for found in calls)

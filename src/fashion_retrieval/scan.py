@@ -54,6 +54,17 @@ class EmbeddingScores:
         self.device = device
         self.num_gallery = gallery.shape[0]
         self._gallery_np: np.ndarray | None = None  # FAISS's copy, made on first use
+        self._int8: object = None  # the int8 pass's packed gallery, made on first use (False: not usable)
+
+    def int8_gallery(self):
+        """The gallery packed for the int8 pass, or None where that pass does not apply."""
+        from . import scan_int8
+
+        if self._int8 is None:
+            usable = (scan_int8.INT8_SCAN and self.device.type == "cpu" and self.num_gallery >= scan_int8.MIN_GALLERY
+                      and scan_int8.available())
+            self._int8 = scan_int8.Int8Gallery(self.gallery) if usable else False
+        return self._int8 or None
 
     def query_block(self, rows: np.ndarray) -> torch.Tensor:
         return self.queries[torch.from_numpy(rows).to(self.queries.device)].to(self.device)
@@ -411,9 +422,25 @@ def topk_scan(source, self_index: np.ndarray, k: int, *, query_chunk: int, galle
 
 def _topk_query_chunk(source, rows: np.ndarray, self_index: np.ndarray, k: int, gallery_chunk: int,
                       workspace: "_Workspace") -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of one query chunk by the fastest exact path that applies: FAISS's k-NN kernel
-    on the CPU (queries whose k-th place is tied go through the torch scan, which applies the tie
-    rule), else the torch scan."""
+    """The top-k of one query chunk by the fastest exact path that applies: the int8 pass with
+    float32 re-scoring (:mod:`fashion_retrieval.scan_int8`; its unproven queries go on below),
+    FAISS's k-NN kernel on the CPU (queries whose k-th place is tied go through the torch scan,
+    which applies the tie rule), else the torch scan."""
+    int8 = source.int8_gallery() if isinstance(source, EmbeddingScores) and k > 0 else None
+    found = int8.topk(source.query_block(rows), self_index, k) if int8 is not None else None
+    if found is not None:
+        values, indices, redo = found
+        if redo.size:
+            exact_values, exact_indices = _exact_topk_query_chunk(source, rows[redo], self_index[redo], k,
+                                                                  gallery_chunk, workspace)
+            values[torch.from_numpy(redo)] = exact_values
+            indices[torch.from_numpy(redo)] = exact_indices
+        return values, indices
+    return _exact_topk_query_chunk(source, rows, self_index, k, gallery_chunk, workspace)
+
+
+def _exact_topk_query_chunk(source, rows: np.ndarray, self_index: np.ndarray, k: int, gallery_chunk: int,
+                            workspace: "_Workspace") -> tuple[torch.Tensor, torch.Tensor]:
     faiss_topk = _faiss_topk(source, rows, self_index, k)
     if faiss_topk is None:
         values, indices, _ = _scan_query_chunk(source, rows, self_index, k, gallery_chunk, None, workspace)
