@@ -484,6 +484,7 @@ def _small_int8_pass(monkeypatch):
     if not scan_int8.available():
         pytest.skip("oneDNN's int8 product is missing or not exact on this CPU: the exact scans run")
     monkeypatch.setattr(scan_int8, "MIN_GALLERY", 64)
+    monkeypatch.setattr(scan_int8, "MIN_QUERIES", 1)
     monkeypatch.setattr(scan_int8, "GALLERY_BLOCK", 100)  # not a multiple of 8: padded blocks
     monkeypatch.setattr(scan_int8, "SAMPLE_MIN", 64)
     calls = []

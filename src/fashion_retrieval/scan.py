@@ -62,7 +62,7 @@ class EmbeddingScores:
 
         if self._int8 is None:
             usable = (scan_int8.INT8_SCAN and self.device.type == "cpu" and self.num_gallery >= scan_int8.MIN_GALLERY
-                      and scan_int8.available())
+                      and self.queries.shape[0] >= scan_int8.MIN_QUERIES and scan_int8.available())
             self._int8 = scan_int8.Int8Gallery(self.gallery) if usable else False
         return self._int8 or None
 

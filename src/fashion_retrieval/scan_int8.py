@@ -33,7 +33,8 @@ import torch
 from .scan import _chunk_candidates, _ordered_topk
 
 INT8_SCAN = True  # False: never use the int8 pass (tests compare with the exact scans)
-MIN_GALLERY = 32768  # below this FAISS's exact k-NN was as fast (docs/performance.md, Evaluation)
+MIN_GALLERY = 32768  # below this, or with fewer queries, FAISS's exact k-NN was as fast or faster
+MIN_QUERIES = 16384  # (packing the gallery costs about as much as scanning it for a few thousand queries)
 EXTRA_COLUMNS = 16  # int8 columns that carry the per-query threshold (|threshold| ≤ 16·c)
 GALLERY_BLOCK = 4096  # rows per int8 block; also the re-scoring block (cache-sized)
 SAMPLE_MIN, SAMPLE_MAX = 2048, 16384  # gallery sample that estimates each query's k-th score
@@ -104,29 +105,34 @@ class Int8Gallery:
         levels = torch.where(row_max > 0, torch.floor(127 * self.c / row_max.clamp_min(1e-300)),
                              torch.full_like(row_max, 127)).clamp(1, 127)
         scale = (self.c / levels).float()
-        quantized = torch.round(gallery / scale[:, None]).clamp_(-127, 127)
-        residual = gallery.double() - scale.double()[:, None] * quantized.double()
-        self.error_max = float(residual.norm(dim=1).max()) if self.num_gallery else 0.0
-        self.norm_max = float(gallery.double().norm(dim=1).max()) if self.num_gallery else 0.0
-        # E_g · scale_g differs from c by float32 rounding only: relative, bounded below
+        # E_g · scale_g differs from c by float32 rounding only: relative, bounded in topk
         self.c_deviation = float(((levels * scale.double()) / self.c - 1).abs().max()) if self.num_gallery else 0.0
-        weights = torch.cat([quantized, levels.float()[:, None].expand(-1, EXTRA_COLUMNS)], 1).to(torch.int8)
-        self.blocks = []
-        for start in range(0, self.num_gallery, GALLERY_BLOCK):
-            stop = min(start + GALLERY_BLOCK, self.num_gallery)
-            padded = -(-(stop - start) // 8) * 8  # byte output viewed as int64 words
-            block_weights = torch.zeros(padded, weights.shape[1], dtype=torch.int8)
-            block_weights[:stop - start] = weights[start:stop]
-            block_scale = torch.ones(padded)
-            block_scale[:stop - start] = scale[start:stop]
-            # padding rows are zero, threshold columns included: their byte is always 0
-            self.blocks.append((start, stop, torch.ops.onednn.qlinear_prepack(block_weights, None), block_scale,
-                                torch.zeros(padded, dtype=torch.int64)))
         sample_size = min(self.num_gallery, max(SAMPLE_MIN, min(SAMPLE_MAX, self.num_gallery // 16)))
         self.sample = torch.arange(sample_size, dtype=torch.int64) * self.num_gallery // sample_size
         self.sample_position = torch.full((self.num_gallery,), -1, dtype=torch.int64)
         self.sample_position[self.sample] = torch.arange(sample_size)
-        self.sample_packed = torch.ops.onednn.qlinear_prepack(weights[self.sample].contiguous(), None)
+        sample_weights = torch.empty(sample_size, self.dim + EXTRA_COLUMNS, dtype=torch.int8)
+        self.error_max = self.norm_max = 0.0
+        self.blocks = []
+        for start in range(0, self.num_gallery, GALLERY_BLOCK):  # block by block: float64 temporaries stay small
+            stop = min(start + GALLERY_BLOCK, self.num_gallery)
+            rows, block_scale = gallery[start:stop], scale[start:stop]
+            quantized = torch.round(rows / block_scale[:, None]).clamp_(-127, 127)
+            residual = rows.double() - block_scale.double()[:, None] * quantized.double()
+            self.error_max = max(self.error_max, float(residual.norm(dim=1).max()))
+            self.norm_max = max(self.norm_max, float(rows.double().norm(dim=1).max()))
+            padded = -(-(stop - start) // 8) * 8  # byte output viewed as int64 words
+            weights = torch.zeros(padded, self.dim + EXTRA_COLUMNS, dtype=torch.int8)
+            weights[:stop - start, :self.dim] = quantized.to(torch.int8)
+            weights[:stop - start, self.dim:] = levels[start:stop, None].to(torch.int8)
+            padded_scale = torch.ones(padded)
+            padded_scale[:stop - start] = block_scale
+            in_sample = self.sample_position[start:stop]
+            sample_weights[in_sample[in_sample >= 0]] = weights[:stop - start][in_sample >= 0]
+            # padding rows are zero, threshold columns included: their byte is always 0
+            self.blocks.append((start, stop, torch.ops.onednn.qlinear_prepack(weights, None), padded_scale,
+                                torch.zeros(padded, dtype=torch.int64)))
+        self.sample_packed = torch.ops.onednn.qlinear_prepack(sample_weights, None)
         self.sample_scale = scale[self.sample].contiguous()
 
     def topk(self, queries: torch.Tensor, self_index: np.ndarray, k: int):
