@@ -185,7 +185,7 @@ def main() -> None:
 
     from fashion_retrieval.data.table import Sample, SampleTable
     from fashion_retrieval.engine.distributed import resolve_device
-    from fashion_retrieval.engine.evaluate import hardware_description
+    from fashion_retrieval.provenance import hardware_description
 
     device = resolve_device(args.device)
     if args.threads:

@@ -102,7 +102,8 @@ def build_project_step(name: str, args, device):
     import torch
 
     from fashion_retrieval.config import load_config
-    from fashion_retrieval.engine.train import TrainStep, build_model, build_objective_for, build_optimizer
+    from fashion_retrieval.engine.builders import build_model, build_objective_for, build_optimizer
+    from fashion_retrieval.engine.train import TrainStep
 
     recipe = args.recipe.get(name, RECIPES[name])
     overrides = ["model.kwargs.pretrained=false"] + ([f"model.kwargs.backbone={args.backbone}"] if args.backbone else [])
@@ -309,7 +310,7 @@ def main() -> None:
         import torch
 
         from fashion_retrieval.engine.distributed import resolve_device
-        from fashion_retrieval.engine.evaluate import hardware_description
+        from fashion_retrieval.provenance import hardware_description
 
         report = {"command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
                   "hardware": hardware_description(resolve_device(args.device)),

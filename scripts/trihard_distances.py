@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 
 from fashion_retrieval.config import apply_overrides, config_from_dict, load_config
 from fashion_retrieval.data.images import ImageDataset, collate_skipping, default_transform
-from fashion_retrieval.engine.distributed import DistributedContext
-from fashion_retrieval.engine.train import (SeededBatches, SeededDataset, TrainStep, build_model, build_objective_for,
-                                            build_optimizer, build_sampler, label_space_for, seed_everything,
-                                            training_table)
+from fashion_retrieval.data.training import SeededBatches, SeededDataset
+from fashion_retrieval.engine.builders import (build_model, build_objective_for, build_optimizer, build_sampler,
+                                               label_space_for, seed_everything, training_table)
+from fashion_retrieval.engine.train import TrainStep
 
 QUANTILES = (0.05, 0.5, 0.95)
 RELATIVE_TAUS = (0.8, 0.9, 1.0, 1.1, 1.2)
@@ -91,7 +91,7 @@ def main() -> None:
     table = training_table(config, data_root)
     labels = label_space_for(table, config.data.attributes)
     model, _ = build_model(config, labels)
-    sampler = build_sampler(config, table, labels, DistributedContext())
+    sampler = build_sampler(config, table, labels)
     size = tuple(config.data.image_size)
     needed = args.batches + args.train_steps
     dataset = SeededDataset(ImageDataset(table, default_transform(size, config.data.augment), labels,

@@ -14,7 +14,7 @@ def build(name: str, data_root, split: str = "test") -> Benchmark:
 
 
 def test_registered_benchmarks():
-    assert BENCHMARKS.names() == ["clothing_to_shop_category", "darn", "deepfashion_asen", "deepfashion_c2s",
+    assert BENCHMARKS.names() == ["catalog", "clothing_to_shop_category", "darn", "deepfashion_asen", "deepfashion_c2s",
                                  "deepfashion_inshop", "fashion_product_attributes", "fashionai", "street2shop", "viton_c2s"]
 
 

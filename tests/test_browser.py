@@ -12,6 +12,24 @@ import pytest
 
 from catalog_fixtures import model_ranking, save_tiny_checkpoint, write_catalog
 
+CATEGORIES = ["Shirts", "Jeans"]
+
+
+def write_catalog_table(folder: Path, photos: list[Path]) -> Path:
+    """A catalog CSV giving each photo a category and attributes: what the page filters on."""
+    import csv
+    import json
+
+    table = folder / "catalog.csv"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "item_id", "category", "attributes"])
+        for i, photo in enumerate(photos):
+            attributes = {"colour": ["red", "blue", "green"][i % 3], "sleeve": "long" if i < 5 else "short",
+                          "baseColour": "Navy Blue" if i % 2 else "White"}
+            writer.writerow([photo.name, photo.stem, CATEGORIES[i % 2], json.dumps(attributes)])
+    return table
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
@@ -40,7 +58,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     checkpoint = save_tiny_checkpoint(root / "run", "asen")
     photos = write_catalog(root / "catalog", 10)
-    build_index(checkpoint, root / "catalog", root / "index", progress=False)
+    build_index(checkpoint, write_catalog_table(root / "catalog", photos), root / "index", progress=False)
     app = create_app(root / "index", TorchEmbedder(root / "index" / "model"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -84,8 +102,8 @@ def test_upload_search_and_switch_attribute(server, browser, tmp_path):
     wait = WebDriverWait(browser, 30)
     browser.get(url + "/")
     wait.until(lambda d: "10 items" in d.find_element(By.ID, "status").text)
-    options = [o.text for o in Select(browser.find_element(By.ID, "attribute")).options]
-    assert options == ["colour", "sleeve"]
+    options = [(o.text, o.get_attribute("value")) for o in Select(browser.find_element(By.ID, "attribute")).options]
+    assert options == [("Colour", "colour"), ("Sleeve", "sleeve")]  # human labels, names sent
 
     query = photos[4]
     browser.find_element(By.ID, "file").send_keys(str(query))
@@ -98,7 +116,7 @@ def test_upload_search_and_switch_attribute(server, browser, tmp_path):
         "return imgs.length === 10 && imgs.every(i => i.complete && i.naturalWidth > 0)"))
     assert "same colour" in browser.find_element(By.ID, "summary").text
 
-    Select(browser.find_element(By.ID, "attribute")).select_by_visible_text("sleeve")
+    Select(browser.find_element(By.ID, "attribute")).select_by_visible_text("Sleeve")
     wait.until(lambda d: result_ids(d) != by_colour and len(result_ids(d)) == 10)
     assert result_ids(browser) == model_ranking(checkpoint, query, photos, "sleeve")
     assert "same sleeve" in browser.find_element(By.ID, "summary").text
@@ -107,6 +125,68 @@ def test_upload_search_and_switch_attribute(server, browser, tmp_path):
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
     if os.environ.get("FASHION_SCREENSHOT_DIR"):  # keep it for a person to look at
         shutil.copy(screenshot, Path(os.environ["FASHION_SCREENSHOT_DIR"]) / screenshot.name)
+
+
+def filter_select(driver, field: str):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    return Select(driver.find_element(By.CSS_SELECTOR, f'#filter-fields select[data-field="{field}"]'))
+
+
+def test_filters_narrow_the_results_and_cards_show_attributes(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, checkpoint, photos = server
+    wait = WebDriverWait(browser, 30)
+    browser.get(url + "/")
+    wait.until(lambda d: "10 items" in d.find_element(By.ID, "status").text)
+    fields = browser.execute_script(
+        "return [...document.querySelectorAll('#filter-fields label')].map(l => l.firstChild.textContent.trim())")
+    assert fields == ["Category", "Base colour", "Colour", "Sleeve"]  # domain has one value: no choice to make
+    assert [o.text for o in filter_select(browser, "category").options] == ["any", "Jeans (5)", "Shirts (5)"]
+
+    query = photos[3]
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    wait.until(lambda d: len(result_ids(d)) == 10)
+    filter_select(browser, "category").select_by_value("Shirts")
+    shirts = [p.stem for i, p in enumerate(photos) if CATEGORIES[i % 2] == "Shirts"]
+    ranking = [s for s in model_ranking(checkpoint, query, photos, "colour") if s in shirts]
+    wait.until(lambda d: result_ids(d) == ranking)
+    assert "among Category: Shirts" in browser.find_element(By.ID, "summary").text
+
+    filter_select(browser, "baseColour").select_by_value("Navy Blue")  # a value with a space
+    navy = [p.stem for i, p in enumerate(photos) if i % 2]
+    wait.until(lambda d: result_ids(d) == [s for s in ranking if s in navy])  # Shirts are even: none is Navy Blue
+    assert result_ids(browser) == []
+    filter_select(browser, "category").select_by_value("")
+    wait.until(lambda d: result_ids(d) == [s for s in model_ranking(checkpoint, query, photos, "colour") if s in navy])
+
+    # the attribute switch keeps the filters
+    Select(browser.find_element(By.ID, "attribute")).select_by_value("sleeve")
+    wait.until(lambda d: result_ids(d) == [s for s in model_ranking(checkpoint, query, photos, "sleeve") if s in navy])
+
+    card = browser.execute_script("""
+        const li = document.querySelector('#results li');
+        const score = li.querySelector('.score');
+        return {terms: [...li.querySelectorAll('dt')].map(e => e.textContent),
+                values: [...li.querySelectorAll('dd')].map(e => e.textContent),
+                compared: [...li.querySelectorAll('dt.compared')].map(e => e.textContent),
+                score: score.textContent, band: score.dataset.band, colour: getComputedStyle(score).backgroundColor,
+                legend: [...document.querySelectorAll('#bands li')].map(e => e.textContent)};""")
+    first = photos[[p.stem for p in photos].index(result_ids(browser)[0])]
+    index = photos.index(first)
+    assert card["terms"] == ["Category", "Colour", "Sleeve", "Base colour"]
+    assert card["values"] == [CATEGORIES[index % 2], ["red", "blue", "green"][index % 3],
+                              "long" if index < 5 else "short", "Navy Blue"]
+    assert card["compared"] == ["Sleeve"]
+    score = float(card["score"].split()[0])
+    expected_band = ("near-identical" if score >= 0.9 else "very similar" if score >= 0.75 else
+                     "similar" if score >= 0.5 else "weakly similar")
+    assert card["band"] == expected_band and expected_band in card["score"]
+    assert card["colour"] not in ("rgba(0, 0, 0, 0)", "transparent")
+    assert card["legend"][0] == "0.90–1.00: near-identical" and card["legend"][-1] == "below 0.50: weakly similar"
 
 
 def test_a_refused_upload_shows_the_error(server, browser, tmp_path):

@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from fashion_retrieval import atomic
 from fashion_retrieval.engine import checkpoint as ckpt
 from fashion_retrieval.engine.checkpoint import (CheckpointError, TrainingState, load_for_inference,
                                                  load_training_state, save_for_inference, save_training_state)
 from fashion_retrieval.models import MODELS
+from fashion_retrieval.provenance import git_commit
 
 
 class TinyNet(nn.Module):
@@ -158,8 +160,7 @@ def test_refuses_missing_corrupt_and_mismatched_files(tmp_path: Path) -> None:
 
 
 def _state(epoch: int) -> TrainingState:
-    return TrainingState(epoch=epoch, step=10 * epoch, optimizer={"lr": 0.1}, rng=ckpt.capture_rng_states(),
-                         sampler={"epoch": epoch, "start": 0})
+    return TrainingState(epoch=epoch, step=10 * epoch, optimizer={"lr": 0.1}, rng=ckpt.capture_rng_states())
 
 
 def test_training_state_round_trip_and_rng(tmp_path: Path) -> None:
@@ -172,7 +173,7 @@ def test_training_state_round_trip_and_rng(tmp_path: Path) -> None:
     state = load_training_state(tmp_path, other)
     ckpt.restore_rng_states(state.rng)
     assert torch.equal(torch.rand(4), expected)
-    assert state.epoch == 2 and state.step == 20 and state.sampler == {"epoch": 2, "start": 0}
+    assert state.epoch == 2 and state.step == 20 and state.optimizer == {"lr": 0.1}
     for a, b in zip(model.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -213,7 +214,7 @@ def test_failed_inference_save_keeps_previous(tmp_path: Path, monkeypatch: pytes
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_fsync_file", disk_full)
+    monkeypatch.setattr(atomic, "fsync_file", disk_full)
     with pytest.raises(CheckpointError, match=r"model.safetensors: could not write the model \(No space left on "
                                               r"device\); the previous model is unchanged"):
         _tiny(tmp_path, feat_dim=8)
@@ -252,11 +253,42 @@ def test_git_commit_marks_uncommitted_source_changes(tmp_path: Path) -> None:
     git("add", "-A")
     git("commit", "-qm", "one")
     head = git("rev-parse", "HEAD")
-    assert ckpt.git_commit(repo / "src") == head
+    assert git_commit(repo / "src") == head
     (repo / "notes.txt").write_text("other notes\n")  # outside src/ and configs/: not the run's code
     (repo / "src" / "new_untracked.py").write_text("")
-    assert ckpt.git_commit(repo) == head
+    assert git_commit(repo) == head
     (repo / "src" / "code.py").write_text("x = 2\n")
-    assert ckpt.git_commit(repo) == head + "+dirty"
+    assert git_commit(repo) == head + "+dirty"
     (tmp_path / "not_a_checkout").mkdir()
-    assert ckpt.git_commit(tmp_path / "not_a_checkout") is None
+    assert git_commit(tmp_path / "not_a_checkout") is None
+
+
+RUN_BEFORE_ENGINE_SPLIT = Path(__file__).resolve().parent / "fixtures" / "run-main-54a499c"
+
+
+def test_a_run_written_before_the_engine_split_loads_and_resumes(tmp_path: Path) -> None:
+    """A run directory written by main's code at 54a499c (see the fixture's README)."""
+    import shutil
+
+    from test_train import write_synthetic_viton
+
+    from fashion_retrieval.config import load_config
+    from fashion_retrieval.engine.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(RUN_BEFORE_ENGINE_SPLIT, run)
+    model, meta = load_for_inference(run)
+    assert meta["epoch"] == 2 and meta["feat_dim"] == 16 and meta["model"]["kwargs"]["num_items"] == 42
+    assert model(torch.rand(2, 3, 64, 48))["embedding"].shape == (2, 16)
+    state = load_training_state(run, TinyNet(num_items=42, feat_dim=16))
+    assert (state.epoch, state.step, state.step_in_epoch) == (2, 6, 0)
+
+    write_synthetic_viton(tmp_path / "data" / "viton")
+    messages: list[str] = []
+    result = train(load_config(run / "config.yaml", ["train.epochs=3"]), tmp_path / "data", run, resume=True,
+                   log=messages.append)
+    assert any(m.startswith(f"resuming {run} at epoch 3, step 6") for m in messages), messages
+    assert (result.epochs, result.steps) == (3, 9)
+    _, meta = load_for_inference(run)
+    assert meta["epoch"] == 3 and meta["step"] == 9
+    assert load_training_state(run, TinyNet(num_items=42, feat_dim=16)).epoch == 3

@@ -197,3 +197,25 @@ def test_config_errors_quote_at_most_a_short_value(recipe: Path) -> None:
     message = str(info.value)
     assert "train.epochs: Input should be a valid integer" in message and len(message) < 300, message
     assert "xxx…" in message and "\n" not in message
+
+
+def test_a_plugin_registers_a_sampler_and_an_optimizer_by_name(recipe: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samplers, optimizers and schedules are registries: a plugin adds one in its own file and
+    the recipe names it (the plugin is imported before those names are checked)."""
+    (tmp_path / "my_training_parts.py").write_text(
+        "from fashion_retrieval.data.samplers import SAMPLERS\n"
+        "from fashion_retrieval.optim import OPTIMIZERS, SCHEDULES\n"
+        "for registry, name in ((SAMPLERS, 'my_sampler'), (OPTIMIZERS, 'my_optimizer'), (SCHEDULES, 'my_schedule')):\n"
+        "    if name not in registry:\n"
+        "        registry.register(name)(lambda **kwargs: None)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ["data.sampler.kind=my_sampler", "optim.name=my_optimizer", "optim.scheduler=my_schedule"]
+    with pytest.raises(ConfigError, match=r"data.sampler.kind: unknown sampler 'my_sampler'; should be 'attribute', "
+                                          r"'cross_domain' or 'pk'"):
+        load_config(recipe, names)
+    config = load_config(recipe, names + ["plugins=[my_training_parts]"])
+    assert (config.data.sampler.kind, config.optim.name, config.optim.scheduler) == (
+        "my_sampler", "my_optimizer", "my_schedule")
+    with pytest.raises(ConfigError, match=r"plugins: cannot import 'no_such_plugin'"):
+        load_config(recipe, ["plugins=[no_such_plugin]"])

@@ -216,7 +216,8 @@ def test_the_recipe_copy_and_the_metrics_log_name_their_file_when_the_disk_is_fu
     and leaves no temporary file."""
     import builtins
 
-    import fashion_retrieval.engine.train as train_module
+    from fashion_retrieval import atomic
+    from fashion_retrieval.engine import metrics_log
     from fashion_retrieval.config import dump_config
 
     def disk_full(*args, **kwargs):
@@ -229,7 +230,7 @@ def test_the_recipe_copy_and_the_metrics_log_name_their_file_when_the_disk_is_fu
     assert info.value.filename == str(tmp_path / "config.yaml") and "No space left" in info.value.strerror
     monkeypatch.undo()
 
-    log = train_module.MetricsLog(tmp_path, enabled=True, resume_step=None)
+    log = metrics_log.MetricsLog(tmp_path, enabled=True, resume_step=None)
     log.log({"step": 1, "loss": 0.5})
     log.log({"step": 2, "loss": 0.4})
 
@@ -240,7 +241,9 @@ def test_the_recipe_copy_and_the_metrics_log_name_their_file_when_the_disk_is_fu
 
     # the same columns are appended; a new column (the first eval row) rewrites the file
     for row, modes in (({"step": 3, "loss": 0.3}, "a"), ({"step": 4, "loss": 0.2, "eval.x": 1.0}, "w")):
-        monkeypatch.setattr(train_module, "open", full_when(modes), raising=False)
+        # an appended row is written by the log itself, a rewrite through the atomic module
+        for module in (metrics_log, atomic):
+            monkeypatch.setattr(module, "open", full_when(modes), raising=False)
         with pytest.raises(OSError) as info:
             log.log(row)
         assert info.value.filename == str(tmp_path / "metrics.csv"), info.value

@@ -116,3 +116,22 @@ def test_export_errors_are_one_line(tmp_path):
                                       "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.output
     assert "not found" in result.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_beside_the_sidecar_of_another_export_is_refused(exported, tmp_path):
+    """The sidecar is written last and records the ONNX file's sha256: a crash between the two
+    atomic writes (a new model, the previous sidecar) is caught before the model is used."""
+    import shutil
+
+    from fashion_retrieval.serve.embedders import OnnxEmbedder
+
+    _, _, _, _, onnx_path = exported
+    copy = tmp_path / "model.onnx"
+    shutil.copyfile(onnx_path, copy)
+    shutil.copyfile(onnx_path.with_name("model.onnx.json"), tmp_path / "model.onnx.json")
+    assert OnnxEmbedder(copy).feat_dim > 0
+    assert not [p.name for p in onnx_path.parent.iterdir() if p.name not in ("model.onnx", "model.onnx.json")]
+    with open(copy, "ab") as handle:  # another export's bytes under the same sidecar
+        handle.write(b"\0")
+    with pytest.raises(EmbedderError, match=r"model.onnx: is not the model model.onnx.json describes"):
+        OnnxEmbedder(copy)

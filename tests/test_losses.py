@@ -212,7 +212,7 @@ def test_frequency_pos_weights_come_from_the_training_labels_and_change_the_loss
 
     from fashion_retrieval.config import load_config
     from fashion_retrieval.data.labels import LabelSpace
-    from fashion_retrieval.engine.train import build_objective_for
+    from fashion_retrieval.engine.builders import build_objective_for
 
     table = _tiny_label_table()
     labels = LabelSpace.from_table(table)

@@ -90,7 +90,7 @@ def test_search_returns_sorted_results_with_working_image_urls(client, plain):
 def test_health_and_page(client):
     health = client.get("/health").json()
     assert health == {"status": "ok", "items": 10, "spaces": ["default"], "model": "global_net"}
-    assert client.get("/attributes").json() == {"attribute_conditioned": False, "attributes": []}
+    assert client.get("/attributes").json() == {"attribute_conditioned": False, "attributes": [], "labels": {}}
     page = client.get("/")
     assert page.status_code == 200 and 'id="results"' in page.text
     assert client.get("/app.js").status_code == 200
@@ -371,7 +371,8 @@ def test_server_binds_loopback_by_default():
 def test_attribute_conditioned_app(conditioned):
     root, checkpoint, photos, embedder = conditioned
     client = TestClient(create_app(root / "index", embedder), base_url=LOCAL)
-    assert client.get("/attributes").json() == {"attribute_conditioned": True, "attributes": ATTRIBUTES}
+    assert client.get("/attributes").json() == {"attribute_conditioned": True, "attributes": ATTRIBUTES,
+                                                "labels": {"colour": "Colour", "sleeve": "Sleeve"}}
     query = photos[6]
     rankings = {}
     for attribute in ATTRIBUTES:

@@ -259,7 +259,7 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
 def test_category_identity_makes_categories_the_identities(tmp_path: Path) -> None:
     from conftest import write_clothing
 
-    from fashion_retrieval.engine.train import training_table
+    from fashion_retrieval.engine.builders import training_table
 
     write_clothing(tmp_path / "clothing")
     recipe = yaml.safe_load(_recipe(tmp_path).read_text())

@@ -15,7 +15,6 @@ when the model is built (``Registry.check_kwargs``).
 from __future__ import annotations
 
 import difflib
-import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,9 +22,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import atomic
 from .files import parse_yaml, quote, read_yaml
 from .names import name_problem
-from .registry import ConfigError
+from .registry import ConfigError, check_name
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_from_dict"]
 
@@ -35,10 +35,17 @@ class StrictModel(BaseModel):
 
 
 class SamplerConfig(StrictModel):
-    kind: Literal["pk", "cross_domain", "attribute"] = "pk"
+    kind: str = Field("pk", description="SAMPLERS name (data/samplers.py): pk, cross_domain, attribute")
     p: int = Field(16, ge=1, description="groups per batch: identities, items or attribute values")
     k: int = Field(4, ge=1, description="images per group (cross_domain: half consumer, half shop)")
     label: Literal["item", "category"] = Field("item", description="what a P×K group shares (pk only)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_sampler(cls, kind: str) -> str:
+        from .data.samplers import SAMPLERS
+
+        return check_name(SAMPLERS, kind)
 
 
 class DataConfig(StrictModel):
@@ -98,17 +105,31 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    name: str = Field("adamw", description="OPTIMIZERS name (optim.py): adam, adamw, sgd")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, description="sgd only")
     backbone_lr_mult: float = Field(1.0, ge=0, description="learning-rate factor of the backbone's parameters")
     loss_lr_mult: float = Field(1.0, ge=0, description="factor for loss parameters (centers, margin weights)")
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    scheduler: str = Field("cosine", description="SCHEDULES name (optim.py): cosine, step, none")
     warmup_epochs: float = Field(0.0, ge=0)
     step_epochs: list[int] = Field(default_factory=list, description="step scheduler: epochs where lr *= gamma")
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        from .optim import OPTIMIZERS
+
+        return check_name(OPTIMIZERS, name)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        from .optim import SCHEDULES
+
+        return check_name(SCHEDULES, name)
 
 
 class EarlyStopConfig(StrictModel):
@@ -146,6 +167,9 @@ class EvalConfig(StrictModel):
     split: Literal["train", "val", "test"] = Field("val", description="split evaluated every eval_every epochs")
     final_split: Literal["train", "val", "test"] = Field("test", description="split evaluated after training")
     batch_size: int = Field(64, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="the benchmark's keyword arguments; "
+                                    "catalog: queries, level, attributes (its catalog, format and columns "
+                                    "default to the recipe's data section)")
 
 
 class ExperimentConfig(StrictModel):
@@ -160,6 +184,20 @@ class ExperimentConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, modules: list[str]) -> list[str]:
+        # before the sections below are checked: a plugin's samplers, optimizers and schedules
+        # must be registered when data.sampler.kind and optim.* are looked up
+        import importlib
+
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ValueError(f"cannot import '{name}' ({exc})") from None
+        return modules
 
     @field_validator("name")
     @classmethod
@@ -186,6 +224,14 @@ class ExperimentConfig(StrictModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def benchmark_options(self) -> dict[str, Any]:
+        """``eval.options``; the ``catalog`` benchmark reads the recipe's own catalog unless they
+        name another (``data.root`` relative to the data root, its format and reader options)."""
+        options = dict(self.eval.options)
+        if self.eval.benchmark == "catalog" and "catalog" not in options:
+            options.update(catalog=self.data.root, format=self.data.format, options=dict(self.data.options))
+        return options
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -317,11 +363,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
     """Write the recipe beside a run; a half-written copy would make the next resume refuse it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-        tmp.replace(path)
+        atomic.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         # a failed write (a full disk) names no file by itself
         raise OSError(exc.errno, f"could not write the run's recipe ({exc.strerror or exc})", str(path)) from exc

@@ -8,7 +8,6 @@ PyTorch with onnxruntime before it is reported done.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional, Sequence
@@ -57,6 +56,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
     import onnxruntime
     import torch
 
+    from . import atomic
     from .engine.checkpoint import load_for_inference
     from .files import refuse_other_artefact
     from .index.catalog import checkpoint_files, file_sha256
@@ -78,9 +78,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
         example = (pixels[:2], torch.zeros(2, dtype=torch.long))
         input_names.append("attribute")
         dynamic_axes["attribute"] = {0: "batch"}
-    tmp = out.with_name(out.name + ".tmp")
     sidecar_path = out.with_name(out.name + ".json")
-    try:
+    checked: dict = {}
+
+    def export_and_check(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             # tracer notes about Python-side shape checks that are constant for a fixed model
             warnings.simplefilter("ignore")
@@ -103,17 +104,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: Sequence[Path] 
                 worst = max(worst, float(np.abs(got - expected).max()))
         if worst > TOLERANCE:
             raise ExportError(f"ONNX output differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); not written")
-        sidecar = {key: meta[key] for key in ("image_size", "attributes", "attribute_conditioned", "feat_dim")}
-        sidecar.update(model=meta.get("model"), checkpoint=str(Path(checkpoint).resolve()),
-                       weights_sha256=file_sha256(weights), parity_max_abs_diff=worst,
-                       parity_inputs=f"{len(images)} photos" if images else "random pixels")
-        sidecar_tmp = sidecar_path.with_name(sidecar_path.name + ".tmp")
-        sidecar_tmp.write_text(json.dumps(sidecar, indent=2), "utf-8")
-        tmp.replace(out)
-        sidecar_tmp.replace(sidecar_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        sidecar_path.with_name(sidecar_path.name + ".tmp").unlink(missing_ok=True)
+        checked.update(worst=worst, onnx_sha256=file_sha256(tmp))
+
+    # The model, then its sidecar, each replaced atomically. The sidecar, written last, records
+    # the model file's sha256: after a crash between the two, the new model beside the old sidecar
+    # is refused by the embedder instead of being run with another export's description.
+    atomic.write_with(out, export_and_check)
+    worst = checked["worst"]
+    sidecar = {key: meta[key] for key in ("image_size", "attributes", "attribute_conditioned", "feat_dim")}
+    sidecar.update(model=meta.get("model"), checkpoint=str(Path(checkpoint).resolve()),
+                   weights_sha256=file_sha256(weights), onnx_sha256=checked["onnx_sha256"],
+                   parity_max_abs_diff=worst, parity_inputs=f"{len(images)} photos" if images else "random pixels")
+    atomic.write_json(sidecar_path, sidecar)
     return worst
 
 

@@ -68,3 +68,17 @@ def check_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], what: str)
             raise ConfigError(
                 f"unknown key '{key}' for {what}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
             )
+
+
+def _choices(names: list[str]) -> str:
+    quoted = [f"'{n}'" for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def check_name(registry: Registry, name: str) -> str:
+    """``name`` if ``registry`` knows it; else a ConfigError listing the names, for recipe fields
+    validated when the recipe loads (``optim.name: unknown optimizer 'lamb'; should be 'adam', ...``)."""
+    if name not in registry:
+        raise ConfigError(f"unknown {registry.kind} {name!r}{_suggest(name, registry.names())}; "
+                          f"should be {_choices(registry.names())}")
+    return name

@@ -1,7 +1,8 @@
 """Retrieval benchmarks, defined as data: queries, gallery and labels. Three on the shared data
-(``viton_c2s``, ``fashion_product_attributes``, ``clothing_to_shop_category``) and the official
+(``viton_c2s``, ``fashion_product_attributes``, ``clothing_to_shop_category``), the official
 protocols of the papers' datasets (``deepfashion_c2s``, ``deepfashion_inshop``, ``street2shop``,
-``fashionai``, ``darn``), each read from ``data_root/<its name>/`` in the layout of its reader.
+``fashionai``, ``darn``), each read from ``data_root/<its name>/`` in the layout of its reader,
+and ``catalog``, built from your own catalog table.
 
 A gallery image is relevant to a query when both have the same label for the evaluated
 attribute. Label ``-1`` means unknown: such queries are not evaluated for that attribute and
@@ -12,7 +13,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -37,6 +38,7 @@ class Benchmark:
     exclude_self: bool = False  # queries are the gallery (same rows, same order); never retrieve yourself
     values: dict[str, list[str]] = field(default_factory=dict)  # attribute -> name of each label id
     crop_bbox: bool = False  # the protocol embeds each image's annotated box, not the whole photo
+    protocol: dict[str, Any] = field(default_factory=dict)  # how a built benchmark chose its rows, for the JSON
 
     def __post_init__(self) -> None:
         if self.kind not in ("instance", "attribute", "category"):
@@ -265,3 +267,123 @@ def darn(data_root: Path, split: str = "test") -> Benchmark:
 def deepfashion_asen(data_root: Path, split: str = "test") -> Benchmark:
     """DeepFashion's five attribute types as split by ASEN (``data_root/deepfashion_asen/[split/]``)."""
     return _asen_benchmark("deepfashion_asen", "deepfashion_asen", data_root, split)
+
+
+# ---- your own catalog ---------------------------------------------------------------------------
+CATALOG_LEVELS = ("instance", "category", "attribute")
+EVALUATION_SPLITS = ("train", "val", "test")
+
+
+@BENCHMARKS.register("catalog")
+def catalog(data_root: Path, split: str = "test", catalog: str | Path | None = None, format: str | None = None,
+            columns: Any = None, options: dict[str, Any] | None = None, queries: str = "auto",
+            level: str = "instance", attributes: str | Sequence[str] | None = None) -> Benchmark:
+    """A benchmark built from any catalog table (``data.readers.catalog.read_catalog``).
+
+    ``catalog``: the CSV, folder or image, relative to ``data_root`` (or absolute); ``format``,
+    ``columns`` and ``options`` are read as by every other command. Rows: when the table has
+    train/val/test splits, those of ``split`` (for ``test`` also the rows marked query or
+    gallery); otherwise all of them. ``queries``: ``domain=D`` (the photos of domain D query the
+    rest), ``split=S`` (split S queries the rest; a ``query`` column marks split query), ``all``
+    (every photo queries all the others, never itself) or ``auto`` (split=query when rows are
+    marked so, else domain=consumer when there are consumer and other photos, else all).
+    ``level``: ``instance`` (relevant = same item id), ``category`` (same category) or
+    ``attribute`` (same value of each of ``attributes``, default all of the table's; the name
+    ``category`` means the category column unless an attribute has that name).
+    """
+    from .readers.catalog import read_catalog
+
+    if catalog is None:
+        raise ConfigError("the catalog benchmark needs a catalog: evaluate --catalog FILE_OR_FOLDER, or in a recipe "
+                          "eval.options.catalog (default: the recipe's data.root)")
+    if split not in EVALUATION_SPLITS:
+        raise ConfigError(f"unknown split '{split}'; benchmarks use one of {', '.join(EVALUATION_SPLITS)}")
+    if level not in CATALOG_LEVELS:
+        raise ConfigError(f"catalog benchmark: level must be one of {', '.join(CATALOG_LEVELS)}, got '{level}'")
+    path = Path(data_root) / catalog
+    reader_options = dict(options or {})
+    # a recipe's reader options carry its column mapping; an explicit one wins
+    mapping = reader_options.pop("columns", None)
+    table = read_catalog(path, format, columns or mapping, **reader_options)
+    present = {s.split for s in table}
+    if present & set(EVALUATION_SPLITS):
+        kept = {split} | ({"query", "gallery"} if split == "test" else set())
+        table = table.filter(split=sorted(kept))
+        if not len(table):
+            raise ConfigError(f"{path}: no rows of split '{split}' to evaluate (the table has "
+                              f"{', '.join(sorted(present))}); choose another split")
+    query_rows, rule = _catalog_queries(table, queries, path)
+    exclude_self = rule == "all"
+    if exclude_self:
+        query_table = gallery_table = table
+    else:
+        query_table = table.filter(predicate=lambda s: query_rows(s))
+        gallery_table = table.filter(predicate=lambda s: not query_rows(s))
+    if not len(query_table) or not len(gallery_table):
+        raise ConfigError(f"{path}: queries={rule} leaves {len(query_table)} queries and {len(gallery_table)} "
+                          "gallery images; choose queries=domain=D, split=S or all")
+    names = _catalog_labels(table, level, attributes, path)
+    query_labels, gallery_labels, values = {}, {}, {}
+    for name in names:
+        label = _catalog_label(table, level, name)
+        q = [label(s) for s in query_table]
+        g = [] if exclude_self else [label(s) for s in gallery_table]
+        query_labels[name], gallery_labels[name], values[name] = encode_shared(q, g)
+        if exclude_self:
+            gallery_labels[name] = query_labels[name]
+    kind = "attribute" if level == "attribute" else level
+    protocol = {"catalog": str(path), "queries": rule, "level": level, "rows": len(table)}
+    return Benchmark("catalog", kind, query_table, gallery_table, names, query_labels, gallery_labels,
+                     exclude_self=exclude_self, values=values, protocol=protocol)
+
+
+def _catalog_queries(table: SampleTable, queries: str, path: Path):
+    """``(is_query(sample), rule)`` for the ``queries`` option (``auto`` resolved)."""
+    from .table import DOMAINS, SPLITS
+
+    rule = queries.strip()
+    if rule == "auto":
+        domains = {s.domain for s in table}
+        if any(s.split == "query" for s in table):
+            rule = "split=query"
+        elif "consumer" in domains and len(domains) > 1:
+            rule = "domain=consumer"
+        else:
+            rule = "all"
+    if rule == "all":
+        return (lambda s: True), rule
+    key, sep, value = (part.strip() for part in rule.partition("="))
+    allowed = {"domain": DOMAINS, "split": SPLITS}.get(key)
+    if not sep or allowed is None or value not in allowed:
+        raise ConfigError(f"catalog benchmark: queries must be auto, all, domain=<{'|'.join(DOMAINS)}> or "
+                          f"split=<{'|'.join(SPLITS)}>, got '{queries}'")
+    return (lambda s: getattr(s, key) == value), f"{key}={value}"
+
+
+def _catalog_labels(table: SampleTable, level: str, attributes: str | Sequence[str] | None, path: Path) -> list[str]:
+    if level == "instance":
+        return ["item"]
+    if level == "category":
+        if not table.categories():
+            raise ConfigError(f"{path}: level=category, but no row has a category (map one: --columns category=COLUMN)")
+        return ["category"]
+    known = table.attribute_names()
+    if attributes is None or attributes == "" or attributes == []:
+        if not known:
+            raise ConfigError(f"{path}: level=attribute, but the table has no attributes (map plain attribute "
+                              "columns: --columns ...,colour,product_type)")
+        return known
+    names = [a.strip() for a in attributes.split(",")] if isinstance(attributes, str) else [str(a) for a in attributes]
+    for name in names:
+        if name not in known and not (name == "category" and table.categories()):
+            raise ConfigError(f"{path}: no attribute '{name}' in the catalog (it has: {', '.join(known) or 'none'}"
+                              f"{', category' if table.categories() else ''})")
+    return names
+
+
+def _catalog_label(table: SampleTable, level: str, name: str):
+    if level == "instance":
+        return lambda s: s.item_id
+    if level == "category" or (name == "category" and name not in table.attribute_names()):
+        return lambda s: s.category
+    return lambda s: _single(s.attributes.get(name))

@@ -29,8 +29,13 @@ def _reader_options(pairs: list[str]) -> dict[str, str]:
 
 @app.command()
 def check(
-    format_name: Annotated[str, typer.Option("--format", "-f", help="Dataset format (see `data formats`).")],
-    root: Annotated[Path, typer.Option("--root", "-r", help="The dataset's folder.")],
+    root: Annotated[Path, typer.Option("--root", "-r", help="The dataset's folder, or your catalog: a CSV "
+                                       "table, a folder of images or one image.")],
+    format_name: Annotated[Optional[str], typer.Option("--format", "-f", help="Dataset format (see `data "
+                                                       "formats`); default: csv for a file, else images")] = None,
+    columns: Annotated[Optional[str], typer.Option("--columns", help="The CSV's own column names: ROLE=COLUMN,"
+                                                   "...,ATTRIBUTE_COLUMN,... or a .yaml mapping "
+                                                   "(docs/datasets.md).")] = None,
     verify_images: Annotated[bool, typer.Option("--verify-images/--no-verify-images",
                                                 help="Decode every image and list the unreadable ones.")] = True,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Threads decoding images.")] = 4,
@@ -48,16 +53,18 @@ def check(
     from ..registry import ConfigError
     from .check import render, summarize, verify_images as verify
     from .readers import READERS
+    from .readers.catalog import parse_columns, read_catalog
     from .table import AnnotationError
 
     try:
-        READERS.get(format_name)
+        if format_name is not None:
+            READERS.get(format_name)
     except ConfigError as exc:
         raise _fail(str(exc), USAGE_ERROR) from None
     if not root.exists():
         raise _fail(f"root {root} does not exist", USAGE_ERROR)
     try:
-        table = READERS.build(format_name, root=root, **_reader_options(option or []))
+        table = read_catalog(root, format_name, parse_columns(columns, "--columns"), **_reader_options(option or []))
     except ConfigError as exc:
         raise _fail(str(exc), USAGE_ERROR) from None
     except (AnnotationError, OSError, ValueError) as exc:
@@ -69,7 +76,7 @@ def check(
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("decoding images", total=len(table))
             images = verify(table, workers=workers, advance=lambda: progress.advance(task))
-    render(console, f"{format_name} at {root}", summarize(table), images)
+    render(console, f"{format_name or 'catalog'} at {root}", summarize(table), images)
 
 
 @app.command()

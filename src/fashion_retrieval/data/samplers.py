@@ -4,6 +4,10 @@ Every process builds the same epoch plan from ``(seed, epoch)`` and keeps every
 ``world_size``-th batch starting at its ``rank``, so shards are disjoint and of equal length
 (DDP needs the same number of steps on every process). Use one as a DataLoader's
 ``batch_sampler`` and call ``set_epoch`` before each epoch.
+
+A recipe names its sampler (``data.sampler.kind``) in :data:`SAMPLERS`; each entry builds its
+sampler from the training table, its label space and the recipe's ``data.sampler`` section
+(``p``, ``k``, ``label``). A new sampler is a class and one registered function in this file.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..registry import Registry
+
+SAMPLERS: Registry = Registry("sampler")
 Batch = list  # list[int] or list[tuple[int, int]]
 
 
@@ -219,3 +226,21 @@ class AttributeBatchSampler(_ShardedBatchSampler):
             count = base + (1 if position < extra else 0)
             batch += [(i, attribute) for i in _take(rng, groups[g], count)]
         return batch
+
+
+# ---- by name: SAMPLERS.build(kind, table=..., labels=..., spec=..., seed=..., rank=..., world_size=...) ----
+@SAMPLERS.register("pk")
+def _pk(table, labels, spec, seed: int, rank: int, world_size: int) -> PKSampler:
+    """P identities × K images; ``spec.label``: what a group shares (``item`` or ``category``)."""
+    return PKSampler(labels.encode_table(table)[spec.label], spec.p, spec.k, seed, rank, world_size)
+
+
+@SAMPLERS.register("cross_domain")
+def _cross_domain(table, labels, spec, seed: int, rank: int, world_size: int) -> CrossDomainSampler:
+    return CrossDomainSampler([s.item_id for s in table], [s.domain for s in table], spec.p, spec.k, seed, rank,
+                              world_size)
+
+
+@SAMPLERS.register("attribute")
+def _attribute(table, labels, spec, seed: int, rank: int, world_size: int) -> AttributeBatchSampler:
+    return AttributeBatchSampler(labels.encode_table(table)["attrs"], spec.p, spec.k, seed, rank, world_size)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from .. import atomic
 from ..files import quote
 from ..names import name_problem
 
@@ -188,9 +189,7 @@ class SampleTable:
     COLUMNS = ("path", "item_id", "domain", "split", "category", "attributes", "bbox")
 
     def to_csv(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic.replacing(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(self.COLUMNS)
             for s in self.samples:
@@ -200,7 +199,6 @@ class SampleTable:
                     json.dumps(attrs, ensure_ascii=False) if attrs else "",
                     " ".join(f"{v:g}" for v in s.bbox) if s.bbox else "",
                 ])
-        tmp.replace(path)
 
     @classmethod
     def from_csv(cls, path: str | Path, root: str | Path | None = None, name: str | None = None) -> "SampleTable":

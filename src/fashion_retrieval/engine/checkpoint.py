@@ -8,10 +8,13 @@ A run directory holds
 - ``checkpoint-last/``: weights + optimizer + scheduler + loss parameters + RNG states + sampler
   position, so ``train --resume`` continues exactly where a killed run stopped.
 
-Every file is written to a temporary name, flushed to disk and renamed over the old one, so a
-crash or a full disk leaves the previous checkpoint intact. The weights and meta.json carry the
+Every file is written through :mod:`fashion_retrieval.atomic` (a temporary name, flushed to
+disk, renamed over the old one), so a crash or a full disk leaves the previous checkpoint intact. The weights and meta.json carry the
 same random ``save_id``: if a crash falls between their two renames, loading says so instead of
 pairing new weights with an old description.
+
+``meta.json``'s contract is :class:`RunMeta`: every reader goes through it (``meta.image_size``,
+``meta.attributes`` …); it still answers ``meta["image_size"]`` as the dict it replaced did.
 """
 from __future__ import annotations
 
@@ -21,17 +24,22 @@ import os
 import pickle
 import random
 import re
+<<<<<<< HEAD
+=======
 import shutil
+import stat
+>>>>>>> wt/catalog
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, atomic
 from ..files import OutsideDirectoryError, ensure_inside, quote, read_json
 
 FORMAT_VERSION = 1
@@ -60,26 +68,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself is only durable once the directory entry is on disk (POSIX only).
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def _inside_run(path: Path, run_dir: Path) -> None:
     """Refuse to replace or remove ``path`` unless it is a real folder (or absent) inside ``run_dir``."""
     try:
@@ -91,35 +79,44 @@ def _inside_run(path: Path, run_dir: Path) -> None:
                               "refusing to replace or remove it")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    tmp = _temporary_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     try:
         # save_model drops tied duplicates and makes channels_last tensors contiguous.
-        save_model(unwrap_model(model), str(path), metadata=metadata, force_contiguous=True)
+        atomic.write_with(path, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata,
+                                                       force_contiguous=True))
     except SafetensorError as exc:
         # A failed write (a full disk) arrives as safetensors' own error, "... (os error 28)":
         # as an OSError it reaches the handlers that keep the previous checkpoint and say so.
         raise _as_os_error(exc, path) from exc
+<<<<<<< HEAD
+=======
+    # safetensors creates its file 0600; the run's other files follow the umask (0644 usually),
+    # and a weights file only its writer can read breaks serving it from another account
+    os.chmod(path, _new_file_mode(path.parent))
     _fsync_file(path)
+>>>>>>> wt/catalog
+
+
+def _new_file_mode(folder: Path) -> int:
+    """The mode ``open()`` gives a new file in ``folder`` (0666 less the umask). Read from
+    /proc on Linux; elsewhere from a probe file, since setting the umask to read it would race
+    with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = _temporary_name(folder / "mode-probe")
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def _as_os_error(exc: BaseException, path: Path) -> OSError:
@@ -163,69 +160,126 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def git_commit(where: str | Path | None = None) -> str | None:
-    """The source checkout's commit, recorded so a result can be traced to its code; ``+dirty``
-    is appended when tracked files under ``src/`` or ``configs/`` differ from it (the commit alone
-    would then not reproduce the run). ``where``: a folder of the checkout (default: this package's)."""
-    import subprocess
+# ---- meta.json ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``MODELS.build`` gets: the registered name and its exact keyword arguments."""
 
-    folder = Path(where) if where is not None else Path(__file__).resolve().parent
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=5)
 
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0 or not head.stdout.strip():
-            return None
-        top = git("rev-parse", "--show-toplevel").stdout.strip()
-        changed = git("-C", top, "diff", "--quiet", "HEAD", "--", "src", "configs") if top else None
-        return head.stdout.strip() + ("+dirty" if changed is not None and changed.returncode == 1 else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+@dataclass
+class RunMeta(Mapping):
+    """The contract of ``meta.json``: how to rebuild the model and what it was trained on.
+
+    Written by :func:`save_for_inference`, read by :func:`read_meta` / :func:`load_for_inference`
+    and, through them, by evaluation, index build, serving and export. Keys this version does not
+    know (from a newer or older writer) are kept in ``extra`` and written back unchanged. As a
+    read-only mapping it also answers ``meta["image_size"]`` with the JSON value.
+    """
+
+    model: ModelSpec
+    image_size: list[int] | None = None  # [height, width] the model was trained at
+    feat_dim: int = 0
+    attribute_conditioned: bool = False
+    attributes: list[str] = field(default_factory=list)  # attribute names, in the model's index order
+    label_space: dict[str, Any] | None = None  # LabelSpace.to_dict()
+    dataset: dict[str, Any] | None = None  # format, root, train_split, train_images
+    benchmark: str | None = None
+    experiment: str | None = None
+    seed: int | None = None
+    epoch: int | None = None  # epochs completed when saved
+    step: int | None = None
+    git_commit: str | None = None
+    package_version: str | None = None
+    format_version: int = FORMAT_VERSION
+    save_id: str | None = None  # the same random id in the weights' header: one save wrote both
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path = "meta") -> "RunMeta":
+        """Check ``data`` (a parsed meta.json) and build the meta; errors are one line naming ``source``."""
+        if isinstance(data, RunMeta):
+            return data
+        data = dict(data)
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{source}: checkpoint format version {version!r} is not supported "
+                                  f"(this is fashion-retrieval {__version__}, format {FORMAT_VERSION})")
+        spec = data.get("model")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) \
+                or not isinstance(spec.get("kwargs", {}), Mapping):
+            raise CheckpointError(f"{source}: 'model' must be {{'name': str, 'kwargs': {{...}}}}")
+        size = data.get("image_size")
+        if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
+                                     and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise CheckpointError(f"{source}: 'image_size' must be [height, width] in pixels, got {quote(size, 60)}")
+        known = {f.name for f in fields(cls)} - {"model", "extra"}
+        values = {key: data[key] for key in known if data.get(key) is not None}
+        if size is not None:
+            values["image_size"] = list(size)
+        values["attributes"] = list(data.get("attributes") or [])
+        return cls(model=ModelSpec(spec["name"], dict(spec.get("kwargs", {}))), **values,
+                   extra={k: v for k, v in data.items() if k not in known and k != "model"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of meta.json (fields that are None are left out, as before this class)."""
+        out: dict[str, Any] = {"model": {"name": self.model.name, "kwargs": dict(self.model.kwargs)}}
+        for each in fields(self):
+            if each.name not in ("model", "extra") and getattr(self, each.name) is not None:
+                out[each.name] = getattr(self, each.name)
+        return {**self.extra, **out}
+
+    def replace(self, **changes: Any) -> "RunMeta":
+        """A copy with ``changes``; a key that is no field of this class goes to ``extra``."""
+        return RunMeta.from_dict({**self.to_dict(), **changes})
+
+    # read-only mapping over the JSON form, for code written against the dict
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
 
 
 # ---- inference checkpoints ------------------------------------------------------------------
-def save_for_inference(model: nn.Module, meta: dict[str, Any], run_dir: str | Path) -> Path:
+def save_for_inference(model: nn.Module, meta: RunMeta | Mapping[str, Any], run_dir: str | Path) -> Path:
     """Write ``model.safetensors`` and ``meta.json`` into ``run_dir`` (atomically, fsynced).
 
-    ``meta`` must contain ``model: {name, kwargs}`` with the exact ``MODELS.build`` arguments;
-    ``format_version``, ``package_version``, ``feat_dim`` and ``save_id`` are filled in.
-    Returns the weights path.
+    ``meta``: a :class:`RunMeta`, or its dict with at least ``model: {name, kwargs}`` (the exact
+    ``MODELS.build`` arguments); ``format_version``, ``package_version``, ``feat_dim``,
+    ``attribute_conditioned`` and ``save_id`` are filled in. Returns the weights path.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = meta.get("model")
-    if not isinstance(spec, dict) or "name" not in spec or not isinstance(spec.get("kwargs", {}), dict):
+    if not isinstance(spec, Mapping) or "name" not in spec or not isinstance(spec.get("kwargs", {}), Mapping):
         raise CheckpointError("meta['model'] must be {'name': ..., 'kwargs': {...}} to rebuild the model")
     plain = unwrap_model(model)
-    meta = {
-        **meta,
-        "format_version": FORMAT_VERSION,
-        "package_version": __version__,
-        "model": {"name": spec["name"], "kwargs": dict(spec.get("kwargs", {}))},
-        "feat_dim": int(meta.get("feat_dim", getattr(plain, "feat_dim", 0))),
-        "attribute_conditioned": bool(getattr(plain, "attribute_conditioned", False)),
-        "save_id": uuid.uuid4().hex,
-    }
+    given = meta.get("feat_dim")
+    meta = RunMeta.from_dict({
+        **dict(meta), "format_version": FORMAT_VERSION, "package_version": __version__,
+        "feat_dim": int(given if given is not None else getattr(plain, "feat_dim", 0)),
+        "attribute_conditioned": bool(getattr(plain, "attribute_conditioned", False)), "save_id": uuid.uuid4().hex,
+    }, "meta")
+    document = meta.to_dict()
     try:
-        json.dumps(meta)
+        json.dumps(document)
     except TypeError as exc:
         raise CheckpointError(f"meta is not JSON-serialisable: {exc}") from None
     weights = run_dir / WEIGHTS_FILE
-    tmp_weights = _temporary_name(weights)
     try:
-        _save_weights(plain, tmp_weights, {"format_version": str(FORMAT_VERSION), "model": spec["name"],
-                                           "save_id": meta["save_id"]})
-        os.replace(tmp_weights, weights)
-    except BaseException as exc:
-        tmp_weights.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"{weights}: could not write the model ({exc.strerror or exc}); "
-                                  "the previous model is unchanged") from exc
-        raise
+        _save_weights(plain, weights, {"format_version": str(FORMAT_VERSION), "model": meta.model.name,
+                                       "save_id": meta.save_id})
+    except OSError as exc:
+        raise CheckpointError(f"{weights}: could not write the model ({exc.strerror or exc}); "
+                              "the previous model is unchanged") from exc
     try:
-        write_json_atomic(run_dir / META_FILE, meta)
+        atomic.write_json(run_dir / META_FILE, document)
     except OSError as exc:
         # the new weights are in place but the meta.json beside them is the old one: their save
         # ids differ, so loading refuses the pair instead of rebuilding a mismatched model
@@ -234,8 +288,20 @@ def save_for_inference(model: nn.Module, meta: dict[str, Any], run_dir: str | Pa
     return weights
 
 
+def resolve_zoo(path: str | Path) -> Path:
+    """``zoo:NAME`` -> the verified folder of that shipped model (fashion_retrieval/zoo); other paths unchanged."""
+    from ..zoo import ZooError, is_zoo_spec, resolve
+
+    if not is_zoo_spec(path):
+        return Path(path)
+    try:
+        return resolve(path)
+    except ZooError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def _locate(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
+    path = resolve_zoo(path)
     if path.is_dir():
         weights, meta = path / WEIGHTS_FILE, path / META_FILE
     elif path.suffix == ".safetensors":
@@ -252,26 +318,14 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     return weights, meta
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_meta(path: str | Path) -> RunMeta:
     """meta.json of a run directory / weights file, checked for format version and model spec."""
     _, meta_path = _locate(path)
-    meta = read_json(meta_path, CheckpointError, max_bytes=MAX_META_BYTES)
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: checkpoint format version {version!r} is not supported "
-                              f"(this is fashion-retrieval {__version__}, format {FORMAT_VERSION})")
-    spec = meta.get("model")
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
-        raise CheckpointError(f"{meta_path}: 'model' must be {{'name': str, 'kwargs': {{...}}}}")
-    size = meta.get("image_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2
-                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise CheckpointError(f"{meta_path}: 'image_size' must be [height, width] in pixels, got {quote(size, 60)}")
-    return meta
+    return RunMeta.from_dict(read_json(meta_path, CheckpointError, max_bytes=MAX_META_BYTES), meta_path)
 
 
 def load_for_inference(path: str | Path, expected_model: str | None = None,
-                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, RunMeta]:
     """Rebuild the model named in meta.json and load its weights strictly; returns ``(model.eval(), meta)``.
 
     ``path`` is a run directory, its ``model.safetensors`` or its ``meta.json``. With
@@ -282,7 +336,7 @@ def load_for_inference(path: str | Path, expected_model: str | None = None,
 
     weights, meta_path = _locate(path)
     meta = read_meta(meta_path)
-    name = meta["model"]["name"]
+    name = meta.model.name
     if expected_model is not None and name != expected_model:
         raise CheckpointError(f"{meta_path}: checkpoint is a '{name}' model, expected '{expected_model}'")
     header = _weights_metadata(weights)
@@ -292,10 +346,10 @@ def load_for_inference(path: str | Path, expected_model: str | None = None,
     if "model" in header and header["model"] != name:
         raise CheckpointError(f"{weights}: weights are of model '{header['model']}' but {meta_path.name} "
                               f"describes '{name}'")
-    if "save_id" in header and "save_id" in meta and header["save_id"] != meta["save_id"]:
+    if "save_id" in header and meta.save_id is not None and header["save_id"] != meta.save_id:
         raise CheckpointError(f"{weights}: weights and {meta_path.name} come from different saves "
                               "(an interrupted save?); re-export the checkpoint")
-    kwargs = dict(meta["model"]["kwargs"])
+    kwargs = dict(meta.model.kwargs)
     # The weights replace any pretrained initialisation: never download or read it again.
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False
@@ -320,10 +374,13 @@ class TrainingState:
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] | None = None
     objective: dict[str, Any] | None = None
-    grad_scaler: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)
-    sampler: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # counters, best metric, config digest...
+
+
+# Written by checkpoints before issue 17 and never read: bf16 autocast needs no grad scaler, and
+# the sampler's position is (epoch, step_in_epoch) above. Dropped when such a checkpoint loads.
+RETIRED_TRAINING_STATE_KEYS = ("grad_scaler", "sampler")
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -364,35 +421,22 @@ def save_training_state(run_dir: str | Path, model: nn.Module, state: TrainingSt
     run_dir = Path(run_dir)
     final = run_dir / TRAINING_DIR
     previous = run_dir / PREVIOUS_TRAINING_DIR
-    tmp = _temporary_name(final)
     writing = final  # what the error names: the file as it will be called, not its temporary name
-    for each in (final, previous, tmp):  # a planted symlink must not make rmtree/rename leave the run
+    for each in (final, previous):  # a planted symlink must not make rmtree/rename leave the run
         _inside_run(each, run_dir)
     try:
-        tmp.mkdir(parents=True)
-        writing = final / WEIGHTS_FILE
-        _save_weights(model, tmp / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
-        payload = {"format_version": FORMAT_VERSION, **state.__dict__}
-        writing = final / TRAINING_STATE_FILE
-        with open(tmp / TRAINING_STATE_FILE, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        writing = final
-        _fsync_dir(tmp)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"{writing}: could not write the training checkpoint ({exc.strerror or exc}); "
-                                  "the previous checkpoint is unchanged") from exc
-        raise
-    if final.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(final, previous)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    shutil.rmtree(previous, ignore_errors=True)
-    return final
+        with atomic.new_dir(final) as tmp:
+            _inside_run(tmp, run_dir)
+            writing = final / WEIGHTS_FILE
+            _save_weights(model, tmp / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)})
+            writing = final / TRAINING_STATE_FILE
+            with atomic.replacing(tmp / TRAINING_STATE_FILE, "wb") as handle:
+                torch.save({"format_version": FORMAT_VERSION, **state.__dict__}, handle)
+            writing = final
+    except OSError as exc:
+        raise CheckpointError(f"{writing}: could not write the training checkpoint ({exc.strerror or exc}); "
+                              "the previous checkpoint is unchanged") from exc
+    return atomic.swap_dir(tmp, final, previous)
 
 
 def training_checkpoint_dir(run_dir: str | Path) -> Path | None:
@@ -429,6 +473,8 @@ def load_training_state(run_dir: str | Path, model: nn.Module) -> TrainingState:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{state_path}: training state format version {version!r} is not supported "
                               f"(expected {FORMAT_VERSION})")
+    for retired in RETIRED_TRAINING_STATE_KEYS:
+        payload.pop(retired, None)
     try:
         return TrainingState(**payload)
     except TypeError as exc:

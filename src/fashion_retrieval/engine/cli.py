@@ -52,7 +52,8 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML recipe, e.g. configs/viton_mmfl_net.yaml"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML recipe, e.g. configs/viton_mmfl_net.yaml, or a "
+                                "shipped recipe's name (viton_mmfl_net; `fashion-retrieval recipes` lists them)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"folder holding the datasets "
                                              f"(default: ${DATA_ROOT_ENV} or ../shared/data)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
@@ -63,9 +64,10 @@ def train(
     """Train a model from a YAML recipe; checkpoints, metrics.csv, TensorBoard logs and eval.json go to --out."""
     with _one_line_errors():
         from ..config import load_config
+        from ..recipes import resolve_recipe
 
         # the recipe first: a bad one is refused before torch is imported (seconds)
-        recipe = load_config(config, list(overrides or []))
+        recipe = load_config(resolve_recipe(config), list(overrides or []))
         from .train import train as run_training
 
         run_dir = out or Path("runs") / recipe.name
@@ -85,23 +87,54 @@ def _is_main_process() -> bool:
 
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="run directory or its model.safetensors"),
-    benchmark: str = typer.Option(..., "--benchmark", help="viton_c2s, fashion_product_attributes, "
-                                  "clothing_to_shop_category"),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="viton_c2s, fashion_product_attributes, "
+                                            "clothing_to_shop_category, ... or catalog (your own; the default "
+                                            "with --catalog)"),
     split: str = typer.Option("test", "--split", help="test | val | train"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help=f"default: ${DATA_ROOT_ENV} or ../shared/data"),
     json_out: Path = typer.Option(..., "--json", help="where to write the results JSON (embeddings go beside it, .npz)"),
     plots: Optional[Path] = typer.Option(None, "--plots", help="folder for the top-k curve and top-5 grids"),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="--benchmark catalog: your catalog, a CSV "
+                                           "table, a folder of images or a dataset folder (with --format)"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="--catalog's own column names: ROLE=COLUMN,"
+                                          "...,ATTRIBUTE_COLUMN,... or a .yaml mapping (docs/datasets.md)"),
+    catalog_format: Optional[str] = typer.Option(None, "--format", help="--catalog's dataset format (default: "
+                                                 "csv for a file, images for a folder)"),
+    queries: str = typer.Option("auto", "--queries", help="--benchmark catalog: auto, all, domain=D or split=S "
+                                "(the rest is the gallery)"),
+    level: str = typer.Option("instance", "--level", help="--benchmark catalog: instance (same item id), "
+                              "category or attribute (same value)"),
+    attributes: Optional[str] = typer.Option(None, "--attributes", help="--level attribute: comma-separated "
+                                             "attributes (default: all of the catalog's)"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     num_workers: int = typer.Option(2, "--num-workers", min=0),
 ) -> None:
     """Evaluate a checkpoint on a benchmark with the papers' metrics; prints a table, writes JSON."""
     with _one_line_errors():
+        from ..registry import ConfigError
         from .evaluate import evaluate as run_evaluation
 
+        benchmark = benchmark or ("catalog" if catalog is not None else None)
+        if benchmark is None:
+            raise ConfigError("--benchmark is required (or --catalog FILE to evaluate on your own catalog)")
+        catalog_given = {"--catalog": catalog, "--columns": columns, "--format": catalog_format,
+                         "--attributes": attributes, "--queries": None if queries == "auto" else queries,
+                         "--level": None if level == "instance" else level}
+        options = None
+        if benchmark == "catalog":
+            # a relative --catalog is relative to the working directory, like every other path option
+            from ..data.readers.catalog import parse_columns
+
+            options = {"catalog": catalog.absolute() if catalog is not None else None, "format": catalog_format,
+                       "columns": parse_columns(columns, "--columns"), "queries": queries,
+                       "level": level, "attributes": attributes}
+        elif any(value is not None for value in catalog_given.values()):
+            used = next(name for name, value in catalog_given.items() if value is not None)
+            raise ConfigError(f"{used} is for --benchmark catalog, not {benchmark}")
         evaluation = run_evaluation(checkpoint, benchmark, split, data_root or default_data_root(), json_out, plots,
                                     batch_size=batch_size, device=device, num_workers=num_workers,
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), benchmark_options=options)
         _report_skipped(evaluation.results)
         typer.echo(f"results: {json_out}")
 
@@ -215,7 +248,8 @@ def run_demo(data_root: Path, out: Path, quick: bool = False) -> list[dict]:
         if evaluation is None:
             evaluation = run_evaluation(run_dir, config.eval.benchmark, config.eval.final_split, data_root,
                                         run_dir / "eval.json", print_results=False, num_workers=2,
-                                        progress=sys.stderr.isatty()).results
+                                        progress=sys.stderr.isatty(),
+                                        benchmark_options=config.benchmark_options()).results
         print_table(evaluation)
         results.append(evaluation)
     typer.echo(f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} min; runs and eval.json files in {out}")

@@ -12,9 +12,6 @@ numbers can be recomputed without the model (:func:`recompute_from_npz`).
 """
 from __future__ import annotations
 
-import json
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import atomic
 from ..names import path_component
+from ..provenance import provenance
 from ..registry import ConfigError
-from .checkpoint import CheckpointError, write_json_atomic
+from .checkpoint import CheckpointError, RunMeta
 from .embed import embed_table_attributes
 
 TOPK = (1, 5, 10, 20, 50)
@@ -89,10 +88,10 @@ def compute_metrics(kind: str, query: dict[str, np.ndarray], gallery: dict[str, 
 
 
 # ---- embedding a benchmark -------------------------------------------------------------------
-def _attribute_indices(model: nn.Module, meta: dict[str, Any], benchmark: Any) -> dict[str, int | None]:
+def _attribute_indices(model: nn.Module, meta: RunMeta, benchmark: Any) -> dict[str, int | None]:
     if not getattr(model, "attribute_conditioned", False):
         return {attribute: None for attribute in benchmark.attributes}
-    known = list(meta.get("attributes") or [])
+    known = list(meta.attributes)
     missing = [a for a in benchmark.attributes if a not in known]
     if missing:
         raise ConfigError(f"benchmark '{benchmark.name}' evaluates {', '.join(missing)}, which this "
@@ -116,15 +115,18 @@ def _keep_rows(embeddings: dict[str, np.ndarray], kept: np.ndarray, good: np.nda
     return {a: e[mask] for a, e in embeddings.items()}
 
 
-def evaluate_model(model: nn.Module, meta: dict[str, Any], benchmark_name: str, split: str,
+def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: str,
                    data_root: str | Path, batch_size: int = 64, device: str | torch.device = "cpu",
-                   num_workers: int = 0, progress: bool = True) -> Evaluation:
+                   num_workers: int = 0, progress: bool = True,
+                   benchmark_options: dict[str, Any] | None = None) -> Evaluation:
+    """``benchmark_options``: keyword arguments of the benchmark's builder (the ``catalog``
+    benchmark's catalog, columns, queries, level, attributes)."""
     from ..data.benchmarks import BENCHMARKS
 
     started = time.perf_counter()
     device = torch.device(device)
-    benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split)
-    image_size = meta["image_size"]
+    benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split, **(benchmark_options or {}))
+    image_size = meta.image_size
     indices = _attribute_indices(model, meta, benchmark)
     conditioned = any(i is not None for i in indices.values())
     query_emb, query_kept, skipped = _embed_side(model, benchmark.queries, image_size, indices, batch_size, device,
@@ -168,11 +170,12 @@ def evaluate_model(model: nn.Module, meta: dict[str, Any], benchmark_name: str, 
         "split": split,
         "metric_names": metric_names(kind),
         "metrics": computed,
+        **({"protocol": benchmark.protocol} if benchmark.protocol else {}),
         "counts": {"queries": len(benchmark.queries), "gallery": len(benchmark.gallery),
                    "skipped_images": len(skipped)},
         "skipped": skipped[:50],
-        "model": {"name": meta["model"]["name"], "feat_dim": meta.get("feat_dim"),
-                  "attribute_conditioned": conditioned, "experiment": meta.get("experiment")},
+        "model": {"name": meta.model.name, "feat_dim": meta.feat_dim,
+                  "attribute_conditioned": conditioned, "experiment": meta.experiment},
         "image_size": list(image_size),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -180,47 +183,6 @@ def evaluate_model(model: nn.Module, meta: dict[str, Any], benchmark_name: str, 
 
 
 # ---- files -----------------------------------------------------------------------------------
-def hardware_description(device: str | torch.device = "cpu") -> dict[str, Any]:
-    device = torch.device(device)
-    info: dict[str, Any] = {"device": str(device), "platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
-    cpu = _cpu_model()
-    if cpu:
-        info["cpu"] = cpu
-    if device.type == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def invoking_command() -> str:
-    """The command line that is running, as a user would type it."""
-    program = Path(sys.argv[0]).name
-    if program in ("fashion-retrieval", "__main__.py"):
-        return " ".join(["fashion-retrieval", *sys.argv[1:]])
-    return " ".join(sys.argv)
-
-
-def provenance(device: str | torch.device, meta: dict[str, Any]) -> dict[str, Any]:
-    """How a result was made: command, hardware, code version and time."""
-    return {
-        "command": invoking_command(),
-        "hardware": hardware_description(device),
-        "package_version": meta.get("package_version"),
-        "git_commit": meta.get("git_commit"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def write_results(evaluation: Evaluation, json_path: str | Path, save_embeddings: bool = True) -> Path:
     """Write the JSON (atomically) and, with ``save_embeddings``, ``<json stem>.npz`` beside it."""
     json_path = Path(json_path)
@@ -228,11 +190,10 @@ def write_results(evaluation: Evaluation, json_path: str | Path, save_embeddings
     results = dict(evaluation.results)
     if save_embeddings and evaluation.arrays:
         npz_path = json_path.with_suffix(".npz")
-        tmp = npz_path.with_name(f".{npz_path.name}.tmp.npz")
-        np.savez(tmp, **evaluation.arrays)
-        tmp.replace(npz_path)
+        with atomic.replacing(npz_path, "wb") as handle:
+            np.savez(handle, **evaluation.arrays)
         results["embeddings_file"] = npz_path.name
-    write_json_atomic(json_path, results)
+    atomic.write_json(json_path, results)
     return json_path
 
 
@@ -320,7 +281,8 @@ def print_table(results: dict[str, Any], console: Any = None) -> None:
 
 def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root: str | Path, json_out: str | Path,
              plots_dir: str | Path | None = None, batch_size: int = 64, device: str = "auto", num_workers: int = 2,
-             progress: bool = True, print_results: bool = True) -> Evaluation:
+             progress: bool = True, print_results: bool = True,
+             benchmark_options: dict[str, Any] | None = None) -> Evaluation:
     """Load a checkpoint, evaluate it, write JSON + npz (+ plots), print the table."""
     from .checkpoint import load_for_inference
     from .distributed import resolve_device
@@ -328,7 +290,8 @@ def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root:
     torch_device = resolve_device(device)
     model, meta = load_for_inference(checkpoint, device=torch_device)
     evaluation = evaluate_model(model, meta, benchmark_name, split, data_root, batch_size=batch_size,
-                                device=torch_device, num_workers=num_workers, progress=progress)
+                                device=torch_device, num_workers=num_workers, progress=progress,
+                                benchmark_options=benchmark_options)
     evaluation.results.update({"checkpoint": str(checkpoint), **provenance(torch_device, meta)})
     if plots_dir is not None:
         evaluation.results["plots"] = [str(p) for p in save_plots(evaluation, plots_dir)]

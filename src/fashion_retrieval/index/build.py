@@ -7,7 +7,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..data.table import AnnotationError, Sample, SampleTable
 from ..files import quote, refuse_other_artefact
@@ -15,7 +15,8 @@ from .catalog import (DEFAULT_SPACE, META_FILE, WEIGHTS_FILE, CatalogIndex, chec
                       refuse_foreign_directory, space_dirs_for)
 from .store import StoreError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+if TYPE_CHECKING:  # engine/checkpoint.py imports torch; build imports it only when it runs
+    from ..engine.checkpoint import RunMeta
 
 
 @dataclass
@@ -28,24 +29,12 @@ class BuildReport:
 
 
 def load_catalog_table(images: str | Path, format: str | None = None, split: str | Sequence[str] | None = None,
-                       domain: str | None = None) -> SampleTable:
-    """A folder of images, a folder in a known dataset format, or a CSV sample table."""
-    from ..data.readers import READERS
-    from ..data.readers.catalog import check_unique_items, image_files
+                       domain: str | None = None, columns: Any = None) -> SampleTable:
+    """One image, a folder of images, a folder in a known dataset format, or a CSV table (with
+    an optional column mapping): ``data.readers.catalog.read_catalog``."""
+    from ..data.readers.catalog import read_catalog
 
-    images = Path(images)
-    if not images.exists():
-        raise AnnotationError(images, None, "no such file or folder")
-    if images.is_file():
-        table = SampleTable.from_csv(images)
-    elif format is not None:
-        table = READERS.build(format, root=images)
-    elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir() if p.is_file()):
-        samples = [Sample(path=p.name, item_id=p.stem, domain="shop") for p in image_files(images)]
-        check_unique_items(samples, images)  # x.jpg and x.png would be one item, as in the folder reader
-        table = SampleTable(samples, images, images.name)
-    else:
-        table = READERS.build("folder", root=images)
+    table = read_catalog(images, format, columns)
     if split or domain:
         table = table.filter(split=split, domain=domain)
     if not len(table):
@@ -96,14 +85,14 @@ def _catalog_roots(existing: Sequence[str], base: Path, paths: Sequence[str]) ->
     return sorted(r for r in roots if not {str(p) for p in Path(r).parents} & roots)
 
 
-def _embed_into(catalog: CatalogIndex, model, meta: dict, table: SampleTable, batch_size: int,
+def _embed_into(catalog: CatalogIndex, model, meta: "RunMeta", table: SampleTable, batch_size: int,
                 progress: bool, device: str) -> tuple[int, list[str]]:
     """Embed every image once per space (decoding it once) and add the vectors."""
     from ..engine.embed import embed_table_attributes
 
-    model_attributes = list(meta.get("attributes") or [])
+    model_attributes = list(meta.attributes)
     indices = [model_attributes.index(s) for s in catalog.spaces] if catalog.attribute_conditioned else [None]
-    result = embed_table_attributes(model, table, meta["image_size"], indices, batch_size=batch_size,
+    result = embed_table_attributes(model, table, meta.image_size, indices, batch_size=batch_size,
                                     device=device, progress=progress)
     if not len(result):
         shown = "; ".join(result.skipped[:3])
@@ -135,7 +124,8 @@ def _spaces_for(model, model_attributes: list[str], attributes: Sequence[str] | 
 def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kind: str = "flat",
                 attributes: Sequence[str] | None = None, format: str | None = None,
                 split: str | Sequence[str] | None = None, domain: str | None = None, batch_size: int = 64,
-                store: str = "faiss", device: str = "cpu", progress: bool = True) -> BuildReport:
+                store: str = "faiss", device: str = "cpu", progress: bool = True,
+                columns: Any = None) -> BuildReport:
     """Write ``out`` from scratch; an index already there is replaced only once the new one is complete."""
     from ..engine.checkpoint import CheckpointError, load_for_inference
 
@@ -146,7 +136,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
     for required in (weights, meta_file):
         if not required.is_file():
             raise CheckpointError(f"{required}: checkpoint file not found")
-    table = load_catalog_table(images, format, split, domain)
+    table = load_catalog_table(images, format, split, domain, columns)
     # Copy the checkpoint first and embed with the copy: a training run that overwrites its
     # checkpoint meanwhile cannot pair new weights with vectors from the old ones.
     with tempfile.TemporaryDirectory(prefix="fashion-retrieval-model-") as staging:
@@ -157,13 +147,14 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
             model, meta = load_for_inference(staging)
         except CheckpointError as exc:  # it read the copies: name the files the user gave
             raise CheckpointError(str(exc).replace(str(Path(staging)), str(weights.parent))) from None
-        model_attributes = list(meta.get("attributes") or [])
+        model_attributes = list(meta.attributes)
         spaces = _spaces_for(model, model_attributes, attributes)
         # attribute names come from whoever wrote meta.json (a catalog CSV's keys): checked and
         # mapped to folder names before anything is written
         space_dirs = space_dirs_for(spaces, str(meta_file), "attribute")
-        model_info = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(staged[WEIGHTS_FILE]),
-                      "name": meta.get("model", {}).get("name"), "image_size": list(meta["image_size"]),
+        origin = str(checkpoint) if str(checkpoint).startswith("zoo:") else str(Path(checkpoint).resolve())
+        model_info = {"checkpoint": origin, "sha256": file_sha256(staged[WEIGHTS_FILE]),
+                      "name": meta.model.name, "image_size": list(meta.image_size),
                       "attributes": model_attributes}
         catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged,
                                space_dirs=space_dirs)
@@ -175,12 +166,12 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
 
 def add_to_index(index_dir: str | Path, images: str | Path, format: str | None = None,
                  split: str | Sequence[str] | None = None, domain: str | None = None, batch_size: int = 64,
-                 device: str = "cpu", progress: bool = True) -> BuildReport:
+                 device: str = "cpu", progress: bool = True, columns: Any = None) -> BuildReport:
     """Embed more images with the index's own model and add them; existing ids are replaced."""
     from ..engine.checkpoint import load_for_inference
 
     catalog = CatalogIndex.open(index_dir)
-    table = load_catalog_table(images, format, split, domain)
+    table = load_catalog_table(images, format, split, domain, columns)
     model, meta = load_for_inference(catalog.model_dir)
     added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
     catalog.save()

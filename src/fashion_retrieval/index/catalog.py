@@ -30,9 +30,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..files import quote, read_json, require_keys
 from ..names import check_name, is_component, milvus_identifier, path_component
 from .faiss_store import FaissStore
+from .filters import SearchFilter, facets, known_fields
 from .store import (StoreError, VectorStore, file_sha256, guard, recover, swap_in, verify_file, verify_size,
                     write_file_synced)
 
@@ -53,8 +55,10 @@ class UnknownSpaceError(KeyError):
 
 
 def checkpoint_files(checkpoint: str | Path) -> tuple[Path, Path]:
-    """(weights, meta.json) of a run directory, its weights file, its meta.json or an index."""
-    checkpoint = Path(checkpoint)
+    """(weights, meta.json) of a run directory, its weights file, its meta.json, an index or ``zoo:NAME``."""
+    from ..engine.checkpoint import resolve_zoo
+
+    checkpoint = resolve_zoo(checkpoint)
     if (checkpoint / "index.json").is_file():
         checkpoint = checkpoint / MODEL_DIR
     if checkpoint.is_dir():
@@ -91,8 +95,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-        with open(target, "rb") as f:
-            os.fsync(f.fileno())
+        atomic.fsync_file(target)
 
 
 class CatalogIndex:
@@ -118,6 +121,7 @@ class CatalogIndex:
         self.catalog_roots: list[str] | None = None
         # size and sha256 of each model file, as index.json records them (known once verified or written)
         self.model_records: dict[str, dict[str, Any]] | None = None
+        self._facets: dict[str, Any] | None = None  # filter fields and values, until the next change
 
     def space_path(self, space: str, root: Path | None = None) -> Path:
         """Where ``space``'s store lives under ``root`` (default: the index), checked to be inside."""
@@ -158,12 +162,35 @@ class CatalogIndex:
 
     def add(self, space: str, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict] | None = None) -> None:
         self.stores[space].add(ids, vectors, metadata)
+        self._facets = None
 
     def remove(self, ids: Sequence[str]) -> int:
+        self._facets = None
         return max((store.remove(ids) for store in self.stores.values()), default=0)
 
-    def search(self, vectors: np.ndarray, k: int, space: str | None = None):
-        return self.store(space).search(vectors, k)
+    def search(self, vectors: np.ndarray, k: int, space: str | None = None, where: SearchFilter | None = None):
+        """Top-k of ``space`` among the items ``where`` accepts (a field the catalog's metadata
+        never holds is refused with :class:`FilterError`, naming it)."""
+        store = self.store(space)
+        if where is None:
+            return store.search(vectors, k)
+        where.check_fields(self.filter_fields())
+        return store.search(vectors, k, where=where)
+
+    def facets(self) -> dict[str, dict[str, int]]:
+        """Items per value of each filter field (category, domain, every attribute), from the
+        metadata; computed once per state of the catalog."""
+        if self._facets is None:
+            store = next(iter(self.stores.values()), None)
+            metadata = store.items() if store is not None and hasattr(store, "items") else []
+            self._facets = {"fields": known_fields(metadata),
+                            "values": {name: dict(sorted(counts.items())) for name, counts in facets(metadata).items()}}
+        return self._facets["values"]
+
+    def filter_fields(self) -> list[str]:
+        """The field names a search filter may use on this catalog."""
+        self.facets()
+        return self._facets["fields"]
 
     def get_metadata(self, item_id: str) -> dict[str, Any] | None:
         return next(iter(self.stores.values())).get_metadata(item_id) if self.stores else None
@@ -243,9 +270,7 @@ class CatalogIndex:
         self.generation = self._next_generation()
         for store in self.stores.values():
             store.save()
-        tmp = self.path / "index.json.tmp"
-        write_file_synced(tmp, json.dumps(self._manifest(), indent=2).encode("utf-8"))
-        tmp.replace(self.path / "index.json")
+        atomic.write_bytes(self.path / "index.json", json.dumps(self._manifest(), indent=2).encode("utf-8"))
         self.model_files = {name: self.model_dir / name for name in self.model_files}
 
     @classmethod

@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from ..files import one_line, quote, read_json, read_jsonl, require_keys
+from .filters import MetadataPostings, SearchFilter
 from .store import (StoreError, VectorStore, check_vectors, file_record, guard, recover, swap_in, verify_file,
                     verify_size, write_file_synced)
 
@@ -52,6 +53,7 @@ class FaissStore(VectorStore):
         self._meta: dict[str, dict[str, Any]] = {}  # id → metadata (with "iid")
         self._by_iid: dict[int, str] = {}
         self._tombstones: set[int] = set()  # HNSW cannot delete: removed ids are filtered at search
+        self._postings: MetadataPostings | None = None  # filter postings, built at the first filtered search
         self._next_iid = 0
         self.ef_search = 64
         self.nprobe = 16
@@ -98,6 +100,7 @@ class FaissStore(VectorStore):
         iids = np.arange(self._next_iid, self._next_iid + len(ids), dtype=np.int64)
         self._next_iid += len(ids)
         self._index.add_with_ids(vectors, iids)
+        self._postings = None
         for item_id, iid, meta in zip(ids, iids.tolist(), metadata):
             self._meta[item_id] = {**meta, "id": item_id, "iid": iid}
             self._by_iid[iid] = item_id
@@ -112,6 +115,7 @@ class FaissStore(VectorStore):
             self._index.remove_ids(np.asarray(iids, dtype=np.int64))
         for iid in iids:
             del self._meta[self._by_iid.pop(iid)]
+        self._postings = None
         return len(iids)
 
     @property
@@ -119,29 +123,61 @@ class FaissStore(VectorStore):
         return isinstance(faiss.downcast_index(self._index.index), faiss.IndexHNSW)
 
     # ---- querying -----------------------------------------------------------------------
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+    def search(self, vectors: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, list[list[str]]]:
         vectors = check_vectors(vectors, self.dim, "query vectors")
         if k < 1:
             raise ValueError("k must be at least 1")
-        k = min(k, len(self))
+        allowed = None if where is None else self._allowed(where)
+        k = min(k, len(self) if allowed is None else len(allowed))
         if k == 0:
             return np.zeros((len(vectors), 0), np.float32), [[] for _ in vectors]
+        scores, iids = self._search(vectors, k, allowed)
+        if allowed is not None and (iids[:, -1] < 0).any():
+            # IVF and HNSW only visit part of the catalog: with a selective filter they can find
+            # fewer than the k matches there are. Search the matches exhaustively instead.
+            scores, iids = self._search(vectors, k, allowed, exhaustive=True)
+        ids = [[self._by_iid[i] for i in row if i >= 0] for row in iids.tolist()]
+        return scores, ids
+
+    def _search(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
+                exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
         inner = faiss.downcast_index(self._index.index)
+        if exhaustive and isinstance(inner, faiss.IndexHNSW):
+            # a graph walk may never reach a match: score the matches' own vectors instead
+            matches = np.stack([self._index.reconstruct(int(i)) for i in allowed])
+            scores = vectors @ matches.T
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(scores, order, 1).astype(np.float32), allowed[order]
+        excluded = self._tombstones if allowed is None else ()  # allowed ids are never tombstoned
+        selector = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+        elif excluded:
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(excluded, np.int64)))
         params = None
         if isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = max(self.ef_search, k)
-            if self._tombstones:
-                selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64)))
+            if selector is not None:
                 params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
-                self._selector_keepalive = selector
         elif isinstance(inner, faiss.IndexIVF):
+            nprobe = inner.nlist if exhaustive else min(self.nprobe, inner.nlist)
             inner.nprobe = min(self.nprobe, inner.nlist)
+            if selector is not None:
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        elif selector is not None:
+            params = faiss.SearchParameters(sel=selector)
         # faiss.contrib.torch_utils (imported by pytorch-metric-learning) swaps `search` for a
         # wrapper without `params`; `search_numpy`, when present, is faiss's own numpy method.
         search = getattr(self._index, "search_numpy", self._index.search)
         scores, iids = search(vectors, k, params=params) if params else search(vectors, k)
-        ids = [[self._by_iid[i] for i in row if i >= 0] for row in iids.tolist()]
-        return scores, ids
+        del selector  # the parameters point at it: it must outlive the search, not more
+        return scores, iids
+
+    def _allowed(self, where: SearchFilter) -> np.ndarray:
+        """Internal ids of the items ``where`` accepts, from postings kept until the next change."""
+        if self._postings is None:
+            self._postings = MetadataPostings((meta["iid"], item_id, meta) for item_id, meta in self._meta.items())
+        return self._postings.allowed(where)
 
     def get_metadata(self, item_id: str) -> dict[str, Any] | None:
         meta = self._meta.get(str(item_id))

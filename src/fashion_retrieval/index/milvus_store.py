@@ -14,8 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..files import quote, read_json, require_keys
-from ..names import MILVUS_IDENTIFIER
+from ..names import MILVUS_IDENTIFIER, milvus_identifier
+from .filters import ATTRIBUTE_PREFIX, TOP_LEVEL_FIELDS, SearchFilter, field_values
 from .store import StoreError, VectorStore, check_vectors, guard
 
 FORMAT_VERSION = 1
@@ -70,7 +72,7 @@ class MilvusStore(VectorStore):
             text = json.dumps({**meta, "id": item_id}, ensure_ascii=False)
             if len(text.encode()) > MAX_METADATA_BYTES:
                 raise ValueError(f"metadata of {item_id} exceeds {MAX_METADATA_BYTES} bytes")
-            rows.append({"id": item_id, "vector": vector.tolist(), "meta": text})
+            rows.append({"id": item_id, "vector": vector.tolist(), "meta": text, **filter_columns(meta)})
         for start in range(0, len(rows), 1000):
             self._client.upsert(self.collection, rows[start:start + 1000])
 
@@ -81,21 +83,34 @@ class MilvusStore(VectorStore):
             self._client.delete(self.collection, ids=present)
         return len(present)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+    def search(self, vectors: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, list[list[str]]]:
         vectors = check_vectors(vectors, self.dim, "query vectors")
         if k < 1:
             raise ValueError("k must be at least 1")
         k = min(k, len(self))
         if k == 0:
             return np.zeros((len(vectors), 0), np.float32), [[] for _ in vectors]
-        hits = self._client.search(self.collection, data=vectors.tolist(), limit=k, output_fields=[])
+        expression = "" if where is None else filter_expression(where)
+        hits = self._client.search(self.collection, data=vectors.tolist(), limit=k, filter=expression, output_fields=[])
         ids = [[hit["id"] for hit in row] for row in hits]
-        scores = np.array([[hit["distance"] for hit in row] for row in hits], dtype=np.float32)
-        return scores, ids
+        width = min(map(len, ids), default=0)  # a filter can leave fewer than k: one width for the score array
+        scores = np.array([[hit["distance"] for hit in row[:width]] for row in hits], dtype=np.float32)
+        return scores.reshape(len(hits), width), [row[:width] for row in ids]
 
     def get_metadata(self, item_id: str) -> dict[str, Any] | None:
         rows = self._client.get(self.collection, ids=[str(item_id)], output_fields=["meta"])
         return json.loads(rows[0]["meta"]) if rows else None
+
+    def items(self, batch_size: int = 1000) -> list[dict[str, Any]]:
+        """Every item's metadata (a full scan: for the filter fields and their values)."""
+        iterator = self._client.query_iterator(self.collection, batch_size=batch_size, filter="", output_fields=["meta"])
+        rows: list[dict[str, Any]] = []
+        try:
+            while batch := iterator.next():
+                rows += [json.loads(row["meta"]) for row in batch]
+        finally:
+            iterator.close()
+        return rows
 
     def __len__(self) -> int:
         result = self._client.query(self.collection, filter="", output_fields=["count(*)"])
@@ -109,9 +124,7 @@ class MilvusStore(VectorStore):
                     "collection": self.collection, "count": len(self), "info": self.info}
         target = Path(self.path) / "manifest.json"
         guard(target, self.owner)
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        os.replace(tmp, target)
+        atomic.write_text(target, json.dumps(manifest, indent=2))
 
     def close(self) -> None:
         self._client.close()
@@ -136,3 +149,34 @@ class MilvusStore(VectorStore):
             raise StoreError(f"{manifest_path}: not a Milvus index (store={quote(manifest.get('store'), 40)})")
         require_keys(manifest, {"dim": int}, manifest_path, StoreError)
         return cls(path, manifest["dim"], manifest.get("info"), manifest.get("collection", collection), owner=owner)
+
+
+# ---- filters: each filter field is a dynamic field holding the item's values as a JSON list ----
+def filter_column(key: str) -> str:
+    """The dynamic field of a canonical filter key: names from data pass through
+    :func:`names.milvus_identifier`, top-level and attribute fields under distinct prefixes."""
+    if key.startswith(ATTRIBUTE_PREFIX):
+        return milvus_identifier(key[len(ATTRIBUTE_PREFIX):], prefix="a_")
+    return milvus_identifier(key, prefix="f_")
+
+
+def filter_columns(meta: dict[str, Any]) -> dict[str, list[str]]:
+    keys = list(TOP_LEVEL_FIELDS) + [ATTRIBUTE_PREFIX + str(a) for a in (meta.get("attributes") or {})]
+    columns = {filter_column(key): field_values(meta, key) for key in keys}
+    return {column: values for column, values in columns.items() if values}
+
+
+def string_list(values) -> str:
+    """A Milvus list literal of strings. JSON's string escapes (quote, backslash, control
+    characters) are the ones Milvus' expression grammar reads, so a value can never end its
+    literal and become part of the expression."""
+    return "[" + ", ".join(json.dumps(str(v), ensure_ascii=False) for v in sorted(values)) + "]"
+
+
+def filter_expression(where: SearchFilter) -> str:
+    """The Milvus boolean expression that accepts exactly the items ``where.matches`` accepts."""
+    terms = [f"json_contains_any({filter_column(key)}, {string_list(values)})" for key, values in where.fields]
+    if where.ids is not None:
+        ids = string_list(where.ids)
+        terms.append(f"(id in {ids} or json_contains_any({filter_column('item_id')}, {ids}))")
+    return " and ".join(terms)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import glob
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from ..files import require_keys
 
 HASH_BLOCK = 8 << 20  # large reads: hashing runs at sha256's speed, not at the syscall rate
+from ..atomic import fsync_dir, write_file_synced  # noqa: F401  (the stores import them from here)
 from ..files import OutsideDirectoryError, ensure_inside
 
 
@@ -39,8 +39,9 @@ class VectorStore(abc.ABC):
         """Remove ids; returns how many were present."""
 
     @abc.abstractmethod
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self)))."""
+    def search(self, vectors: np.ndarray, k: int, where=None) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k by inner product: scores [Q, k'] and ids (k' = min(k, len(self))); ``where``
+        (an ``index.filters.SearchFilter``): only among the items it accepts, k' = min(k, matches)."""
 
     @abc.abstractmethod
     def get_metadata(self, item_id: str) -> dict[str, Any] | None: ...
@@ -115,19 +116,7 @@ def verify_file(path: Path, record: Any, manifest: Path) -> None:
 
 
 # ---- atomic directory writes, shared by every store that lives in a directory ------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+# fsync_dir and write_file_synced are atomic.py's (imported above), re-exported for the stores.
 
 
 def guard(path: str | Path, owner: str | Path, what: str = "index directory") -> Path:

@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import ConfigError
+from ..registry import ConfigError, Registry
+
+# A model's ``pooling=`` argument names one of these; a new pooling is one registered class here.
+POOLINGS: Registry = Registry("pooling")
 
 
+@POOLINGS.register("gem")
 class GeM(nn.Module):
     def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True):
         super().__init__()
@@ -31,20 +35,17 @@ class GeM(nn.Module):
         return f"p={self.p.item():.3f}, eps={self.eps}"
 
 
+@POOLINGS.register("avg")
 class AvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
 
 
+@POOLINGS.register("max")
 class MaxPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.amax(dim=(2, 3))
 
 
-POOLINGS: dict[str, type[nn.Module]] = {"gem": GeM, "avg": AvgPool, "max": MaxPool}
-
-
 def build_pooling(name: str) -> nn.Module:
-    if name not in POOLINGS:
-        raise ConfigError(f"unknown pooling '{name}'; known: {', '.join(POOLINGS)}")
-    return POOLINGS[name]()
+    return POOLINGS.build(name)

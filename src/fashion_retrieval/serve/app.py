@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import io
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from typing import Annotated, Any, BinaryIO, Iterator, Sequence
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,9 +39,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import atomic
 from ..data.images import ImageLoadError, decode_bytes, load_rgb
 from ..files import quote as files_quote
 from ..index.catalog import CatalogIndex, UnknownSpaceError
+from ..index.filters import FilterError, SearchFilter
 from ..index.store import StoreError
 from ..names import name_problem
 from .embedders import Embedder
@@ -56,6 +60,8 @@ RGB_BYTES_PER_PIXEL = 4  # PIL's RGB layout
 # who may reach the server by name (Host header) when nothing else is configured
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+SEARCH_PARAMETERS = ("k", "attribute", "ids")  # every other query parameter of /search is a filter field
+MAX_FACET_VALUES = 200  # a field with more distinct values (item ids, free text) gets no value list
 
 
 class Limits:
@@ -335,6 +341,31 @@ class SameOriginWrites:
         await self.app(scope, receive, send)
 
 
+def human_label(name: str) -> str:
+    """What the page calls an attribute or field: ``baseColour`` → "Base colour",
+    ``sleeve_length`` → "Sleeve length", ``item_id`` → "Item id" (acronyms such as SKU kept)."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name)
+    words = re.sub(r"[_\-.]+", " ", spaced).split()
+    text = " ".join(w if len(w) > 1 and w.isupper() else w.lower() for w in words)
+    return text[:1].upper() + text[1:] if text else name
+
+
+def unknown_parameter(name: str, value: str, known: Sequence[str]) -> RequestValidationError:
+    """The 422 FastAPI gives a malformed parameter, for one it does not know at all."""
+    return RequestValidationError([{
+        "type": "unknown_parameter", "loc": ("query", name), "input": value,
+        "msg": f"unknown query parameter {files_quote(name, 80)}; this endpoint takes {', '.join(known) or 'none'}",
+    }])
+
+
+def declared_query_parameters(dependant) -> set[str]:
+    """Query parameter names a route declares, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= declared_query_parameters(sub)
+    return names
+
+
 def image_url(item_id: str) -> str:
     return f"/items/{quote(item_id, safe='')}/image"
 
@@ -363,8 +394,25 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     uploads_dir = Path(index_dir).resolve().parent / (Path(index_dir).name + "-uploads")
     image_roots = catalog_roots(catalog, uploads_dir)
 
+    declared: dict[int, set[str]] = {}  # id(route) → its query parameters (routes are not hashable)
+
+    def reject_unknown_query_parameters(request: Request) -> None:
+        """A parameter no endpoint reads is a mistake to report (a misspelt filter would
+        otherwise widen the search silently). /search checks its own: its filter fields."""
+        route = request.scope.get("route")
+        if route is None or getattr(route, "path", None) == "/search":
+            return
+        known = declared.get(id(route))
+        if known is None:
+            known = declared[id(route)] = declared_query_parameters(route.dependant)
+        for name, value in request.query_params.multi_items():
+            if name not in known:
+                raise unknown_parameter(name, value, sorted(known))
+
     app = FastAPI(title="fashion-retrieval", version="1",
-                  description="Search a fashion catalog by photo, optionally within one attribute.")
+                  description="Search a fashion catalog by photo, optionally within one attribute and "
+                              "restricted by metadata filters.",
+                  dependencies=[Depends(reject_unknown_query_parameters)])
     # the last added runs first: a foreign Host is refused before anything else looks at the request
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(SameOriginWrites)
@@ -423,14 +471,51 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
 
     @app.get("/attributes")
     def attributes() -> dict[str, Any]:
-        return {"attribute_conditioned": catalog.attribute_conditioned,
-                "attributes": catalog.spaces if catalog.attribute_conditioned else []}
+        names = catalog.spaces if catalog.attribute_conditioned else []
+        return {"attribute_conditioned": catalog.attribute_conditioned, "attributes": names,
+                "labels": {name: human_label(name) for name in names}}
+
+    @app.get("/filters")
+    def filters() -> dict[str, Any]:
+        """The filter fields of this catalog and, for each with at most MAX_FACET_VALUES
+        distinct values, how many items hold each value."""
+        with lock:
+            fields = catalog.filter_fields()
+            counts = catalog.facets()
+        return {"fields": fields, "labels": {name: human_label(name) for name in fields},
+                "values": {name: values for name, values in counts.items() if len(values) <= MAX_FACET_VALUES}}
+
+    def search_filter(request: Request, ids: list[str] | None) -> SearchFilter | None:
+        """Filter fields from the query string (FIELD=VALUE, repeated for either value) and the
+        allowed ids; an unknown field is a 422 naming it."""
+        fields: dict[str, list[str]] = {}
+        for name, value in request.query_params.multi_items():
+            if name not in SEARCH_PARAMETERS:
+                fields.setdefault(name, []).append(value)
+        try:
+            where = SearchFilter.build(fields, ids)
+            if where is not None:
+                with lock:
+                    where.check_fields(catalog.filter_fields())
+        except FilterError as exc:
+            # the user's spelling of the field: "attributes.x" is reported as given, not as "x"
+            name = next((n for n in fields if exc.field in (n, n.removeprefix("attributes."))), exc.field)
+            raise RequestValidationError([{"type": "unknown_parameter", "loc": ("query", name),
+                                           "msg": f"{exc} (or one of {', '.join(SEARCH_PARAMETERS)})",
+                                           "input": fields.get(name)}]) from None
+        return where
 
     @app.post("/search")
-    async def search(image: Annotated[UploadFile, File(description="the query photo")],
+    async def search(request: Request, image: Annotated[UploadFile, File(description="the query photo")],
                      k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
-                     attribute: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
+                     attribute: Annotated[str | None, Query(max_length=200)] = None,
+                     ids: Annotated[list[str] | None, Query(description="allowed item ids (repeat the parameter)")] = None,
+                     ids_form: Annotated[str | None, Form(alias="ids", description="allowed item ids, one per line "
+                                                          "(for lists too long for a URL)")] = None) -> dict[str, Any]:
         started = time.perf_counter()
+        if ids_form is not None:
+            ids = (ids or []) + [line.strip() for line in ids_form.splitlines() if line.strip()]
+        where = search_filter(request, ids)
         try:
             catalog.store(attribute)  # refuse an unknown attribute before decoding anything
         except UnknownSpaceError as exc:
@@ -438,10 +523,10 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         pixels, _ = await read_upload(image)
         vector = await embed(pixels, attribute)
         with lock:
-            scores, ids = catalog.search(vector, k, attribute)
-            rows = result_rows(scores[0], ids[0])
-        return {"attribute": attribute, "k": k, "results": rows,
-                "took_ms": round(1e3 * (time.perf_counter() - started), 2)}
+            scores, found = catalog.search(vector, k, attribute, where)
+            rows = result_rows(scores[0], found[0])
+        return {"attribute": attribute, "k": k, "filters": where.to_dict() if where is not None else None,
+                "results": rows, "took_ms": round(1e3 * (time.perf_counter() - started), 2)}
 
     # ``:path`` so that ids containing "/" (quoted as %2F in image_url) still reach the lookup;
     # the id is only ever a key into the metadata, never part of a file path
@@ -460,9 +545,7 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     def store_upload(shown: bytes, item_id: str) -> Path:
         uploads_dir.mkdir(parents=True, exist_ok=True)
         stored = uploads_dir / (hashlib.sha256(item_id.encode()).hexdigest()[:32] + ".jpg")
-        tmp = stored.with_suffix(".tmp")
-        tmp.write_bytes(shown)
-        tmp.replace(stored)
+        atomic.write_bytes(stored, shown)
         return stored
 
     def serve_what_is_on_disk() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import read_json, require_keys
+from ..index.store import file_sha256
 
 
 class EmbedderError(RuntimeError):
@@ -108,6 +109,10 @@ class OnnxEmbedder(Embedder):
             raise EmbedderError(f"{sidecar}: missing sidecar written by `fashion-retrieval export onnx`")
         meta = read_json(sidecar, EmbedderError, max_bytes=1 << 20)
         require_keys(meta, {"image_size": list, "feat_dim": int}, sidecar, EmbedderError)
+        recorded = meta.get("onnx_sha256")  # the export writes its sidecar last (export.py)
+        if recorded is not None and file_sha256(onnx_path) != recorded:
+            raise EmbedderError(f"{onnx_path}: is not the model {sidecar.name} describes (sha256 differs: an "
+                                "interrupted export?); export it again")
         super().__init__(meta)
         try:
             self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -121,14 +126,15 @@ class OnnxEmbedder(Embedder):
         return self.session.run(["embedding"], feeds)[0]
 
 
-def _inference_meta(model, meta: dict[str, Any]) -> dict[str, Any]:
-    """The facts an embedder needs, whatever else the checkpoint's meta holds."""
+def _inference_meta(model, meta) -> dict[str, Any]:
+    """The facts an embedder needs (a dict, as an ONNX sidecar gives them), whatever else the
+    checkpoint's meta (a ``RunMeta``) holds."""
     return {
-        **meta,
-        "image_size": list(meta["image_size"]),
-        "attributes": list(meta.get("attributes") or []),
+        **meta.to_dict(),
+        "image_size": list(meta.image_size),
+        "attributes": list(meta.attributes),
         "attribute_conditioned": bool(getattr(model, "attribute_conditioned", False)),
-        "feat_dim": int(getattr(model, "feat_dim", meta.get("feat_dim", 0))),
+        "feat_dim": int(getattr(model, "feat_dim", meta.feat_dim)),
     }
 
 
