@@ -24,11 +24,7 @@ import os
 import pickle
 import random
 import re
-<<<<<<< HEAD
-=======
-import shutil
 import stat
->>>>>>> wt/catalog
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -91,13 +87,10 @@ def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
         # A failed write (a full disk) arrives as safetensors' own error, "... (os error 28)":
         # as an OSError it reaches the handlers that keep the previous checkpoint and say so.
         raise _as_os_error(exc, path) from exc
-<<<<<<< HEAD
-=======
     # safetensors creates its file 0600; the run's other files follow the umask (0644 usually),
     # and a weights file only its writer can read breaks serving it from another account
     os.chmod(path, _new_file_mode(path.parent))
-    _fsync_file(path)
->>>>>>> wt/catalog
+    atomic.fsync_file(path)
 
 
 def _new_file_mode(folder: Path) -> int:
