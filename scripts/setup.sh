@@ -4,14 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ ! -f "$stamp" ]; then
   echo "Installing fashion-retrieval and its dependencies into .venv (torch is large: a few minutes)..."
   .venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,milvus]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,milvus,milvus-server]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import fashion_retrieval, torch, torchvision, faiss" || { echo "install failed" >&2; exit 1; }
   rm -f .venv/.installed-* && touch "$stamp"
 fi

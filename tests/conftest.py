@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pytest
 from PIL import Image
@@ -126,3 +126,20 @@ def tiny_data_root(tmp_path: Path) -> Path:
     write_clothing(tmp_path / "clothing")
     write_viton(tmp_path / "viton")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory) -> Iterator[str]:
+    """URI of a real Milvus server process for the whole session (see milvus_server.py); skipped
+    where none can be started."""
+    from milvus_server import milvus_server
+
+    try:
+        context = milvus_server(tmp_path_factory.mktemp("milvus-server"))
+        uri, _ = context.__enter__()
+    except (ModuleNotFoundError, RuntimeError) as exc:
+        pytest.skip(f"no Milvus server: {exc}")
+    try:
+        yield uri
+    finally:
+        context.__exit__(None, None, None)

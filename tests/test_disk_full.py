@@ -167,7 +167,7 @@ def test_an_index_that_cannot_be_written_keeps_answering_from_the_previous_one(t
     # 12 kB: the model copy and the vectors fit, the metadata of 120 images does not
     limit = 12_000
     assert (checkpoint / "model.safetensors").stat().st_size < limit
-    assert (index / "spaces" / "default" / "metadata.jsonl").stat().st_size > limit
+    assert (index / "spaces" / "default" / "base-000001.jsonl").stat().st_size > limit
 
     rebuild = run_with_file_size_limit(limit, "index", "build", "--checkpoint", checkpoint,
                                        "--images", tmp_path / "catalog", "--out", index)

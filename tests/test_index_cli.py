@@ -206,33 +206,38 @@ def edit_json(file: Path, **changes) -> None:
 
 
 def replace_metadata_line(space: Path, number: int, line: str) -> None:
-    """An index written before checksums (or edited by hand with them updated): the bad line is
-    what open reaches."""
-    edit_json(space / "manifest.json", files=None)
-    lines = (space / "metadata.jsonl").read_text().splitlines(keepends=True)
+    """An index edited by hand with its checksums updated: the bad line is what open reaches."""
+    import hashlib
+
+    lines = (space / "base-000001.jsonl").read_text().splitlines(keepends=True)
     lines[number - 1] = line + "\n"
-    rewrite(space / "metadata.jsonl", "".join(lines).encode())
+    data = "".join(lines).encode()
+    rewrite(space / "base-000001.jsonl", data)
+    manifest = json.loads((space / "manifest-000001.json").read_text())
+    manifest["files"]["base-000001.jsonl"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    rewrite(space / "manifest-000001.json", json.dumps(manifest).encode())
 
 
 SPACE = Path("spaces") / "default"
+BASE, ROWS, MANIFEST = SPACE / "base-000001.faiss", SPACE / "base-000001.jsonl", SPACE / "manifest-000001.json"
 DAMAGE = {
-    "faiss_byte_flipped": (lambda i: flip_byte(i / SPACE / "index.faiss"),
-                           ("index.faiss: sha256 differs from the one manifest.json records",)),
+    "faiss_byte_flipped": (lambda i: flip_byte(i / BASE),
+                           ("base-000001.faiss: sha256 differs from the one manifest-000001.json records",)),
     "model_byte_flipped": (lambda i: flip_byte(i / "model" / "model.safetensors"),
                            ("model.safetensors: sha256 differs from the one index.json records",)),
-    "metadata_truncated": (lambda i: rewrite(i / SPACE / "metadata.jsonl", (i / SPACE / "metadata.jsonl").read_bytes()[:900]),
-                           ("metadata.jsonl: 900 bytes, but manifest.json records", "truncated")),
-    "manifest_count": (lambda i: edit_json(i / SPACE / "manifest.json", count=13),
-                       ("metadata.jsonl: 12 rows, but manifest.json records count 13",)),
-    "index_json_not_json": (lambda i: rewrite(i / "index.json", b'{"format_version": 1, "model": '),
+    "metadata_truncated": (lambda i: rewrite(i / ROWS, (i / ROWS).read_bytes()[:900]),
+                           ("base-000001.jsonl: 900 bytes, but manifest-000001.json records", "truncated")),
+    "manifest_count": (lambda i: edit_json(i / MANIFEST, count=13),
+                       ("12 items after replaying the segments, but manifest-000001.json records count 13",)),
+    "index_json_not_json": (lambda i: rewrite(i / "index.json", b'{"format_version": 2, "model": '),
                             ("index.json:1: corrupt JSON",)),
     "index_json_key_missing": (lambda i: edit_json(i / "index.json", spaces=None), ("index.json: missing 'spaces'",)),
-    "manifest_not_an_object": (lambda i: rewrite(i / SPACE / "manifest.json", b"[]"),
-                               ("manifest.json: expected a JSON object, got array",)),
+    "manifest_not_an_object": (lambda i: rewrite(i / MANIFEST, b"[]"),
+                               ("manifest-000001.json: expected a JSON object, got array",)),
     "metadata_line_key_missing": (lambda i: replace_metadata_line(i / SPACE, 2, '{"id": "x"}'),
-                                  ("metadata.jsonl:2: missing 'iid'",)),
+                                  ("base-000001.jsonl:2: missing 'iid'",)),
     "metadata_line_corrupt": (lambda i: replace_metadata_line(i / SPACE, 5, '{"id": "item004", "iid": 4, "pa'),
-                              ("metadata.jsonl:5: corrupt JSON line",)),
+                              ("base-000001.jsonl:5: corrupt JSON line",)),
 }
 COMMANDS = {
     "search": lambda index, root, photos: ("search", "--index", index, photos[0]),
@@ -264,17 +269,53 @@ def test_a_damaged_index_fails_in_one_line_and_is_left_as_it_is(plain, tmp_path,
     assert len(CatalogIndex.open(built)) == 12  # the fixture's files were not reached through the links
 
 
+def as_format_1(index: Path) -> None:
+    """Lay a fresh build's store out as format 1 did (the code before segments): index.faiss,
+    metadata.jsonl and manifest.json, under an index.json of format 1."""
+    space = index / SPACE
+    manifest = json.loads((space / "manifest-000001.json").read_text())
+    os.replace(space / "base-000001.faiss", space / "index.faiss")
+    os.replace(space / "base-000001.jsonl", space / "metadata.jsonl")
+    legacy = {key: manifest[key] for key in ("store", "kind", "dim", "count", "next_iid", "nlist", "pq_m", "hnsw_m",
+                                             "info")}
+    legacy.update(format_version=1, files={"index.faiss": manifest["files"]["base-000001.faiss"],
+                                           "metadata.jsonl": manifest["files"]["base-000001.jsonl"]})
+    (space / "manifest.json").write_text(json.dumps(legacy))
+    (space / "manifest-000001.json").unlink()
+    edit_json(index / "index.json", format_version=1)
+
+
+def test_an_index_of_format_1_is_migrated_by_index_add_without_a_rewrite(plain, tmp_path):
+    root, _, photos, built, _ = plain
+    index = tmp_path / "index"
+    shutil.copytree(built, index, copy_function=os.link)
+    as_format_1(index)
+    vectors = (index / SPACE / "index.faiss").stat().st_ino
+    assert search_json(index, photos[3])[0]["id"] == photos[3].stem
+    new = write_catalog(tmp_path / "new", 2, first_seed=100, prefix="new")
+    assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
+    assert json.loads((index / "index.json").read_text())["format_version"] == 2
+    assert sorted(p.name for p in (index / SPACE).iterdir()) == [
+        "index.faiss", "manifest-000002.json", "metadata.jsonl", "seg-000002.jsonl", "seg-000002.vec"]
+    assert (index / SPACE / "index.faiss").stat().st_ino == vectors  # named by the new manifest, not rewritten
+    assert len(CatalogIndex.open(index)) == 14
+    assert search_json(index, new[1])[0]["id"] == new[1].stem
+    assert search_json(index, photos[3])[0]["id"] == photos[3].stem
+
+
 def test_an_index_written_before_checksums_opens_and_gains_them_at_its_next_save(plain, tmp_path):
     root, _, photos, built, _ = plain
     index = tmp_path / "index"
     shutil.copytree(built, index, copy_function=os.link)
+    as_format_1(index)
     edit_json(index / "index.json", files=None)
     edit_json(index / SPACE / "manifest.json", files=None)
     assert search_json(index, photos[3])[0]["id"] == photos[3].stem
     write_catalog(tmp_path / "new", 1, first_seed=100, prefix="new")
     assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
     assert set(json.loads((index / "index.json").read_text())["files"]) == {"model/model.safetensors", "model/meta.json"}
-    assert set(json.loads((index / SPACE / "manifest.json").read_text())["files"]) == {"index.faiss", "metadata.jsonl"}
+    assert set(json.loads((index / SPACE / "manifest-000002.json").read_text())["files"]) == {
+        "index.faiss", "metadata.jsonl", "seg-000002.vec", "seg-000002.jsonl"}
     # the weights' sha256 that index.json always recorded still guards an old index's model copy
     edit_json(index / "index.json", files=None)
     flip_byte(index / "model" / "model.safetensors")
@@ -414,6 +455,81 @@ def test_sigkill_during_build_keeps_the_previous_index(plain, tmp_path, phase):
         assert len(CatalogIndex.open(index)) == 20
 
 
+# ---- crash safety: SIGKILL an incremental `index add` at each step of its commit -------------------
+PAUSING_ADD = """
+import sys, time
+from pathlib import Path
+import fashion_retrieval.index.catalog as catalog
+import fashion_retrieval.index.faiss_store as faiss_store
+
+phase = sys.argv[1]
+marker = Path(sys.argv[2])
+real_write, real_adopt = faiss_store.write_file_synced, faiss_store.FaissStore.adopt
+real_catalog_write = catalog.write_file_synced
+
+def pause():
+    marker.write_text(phase)
+    time.sleep(120)  # the test kills us here
+
+def write_segment_halfway(path, data):  # the segment's vectors half on disk, its metadata not yet
+    if path.name.startswith("seg-") and path.name.endswith(".vec"):
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        pause()
+    real_write(path, data)
+
+def before_commit(path, data):  # every space's next manifest written; index.json not yet replaced
+    if path.name == "index.json.tmp":
+        pause()
+    real_catalog_write(path, data)
+
+def after_commit(self, manifest):  # index.json replaced; the old generation's files not yet deleted
+    pause()
+
+if phase == "segment":
+    faiss_store.write_file_synced = write_segment_halfway
+elif phase == "commit":
+    catalog.write_file_synced = before_commit
+elif phase == "cleanup":
+    faiss_store.FaissStore.adopt = after_commit
+from fashion_retrieval.cli import app
+sys.argv = ["fashion-retrieval", *sys.argv[3:]]
+app()
+"""
+
+
+@pytest.mark.parametrize("phase", ["segment", "commit", "cleanup"])
+def test_sigkill_during_an_incremental_add_loses_nothing(plain, tmp_path, phase):
+    root, checkpoint, photos, built, _ = plain
+    index = tmp_path / "index"
+    shutil.copytree(built, index, copy_function=os.link)
+    new = write_catalog(tmp_path / "new", 3, first_seed=300, prefix="new")
+    marker, script = tmp_path / "marker", tmp_path / "pausing_add.py"
+    script.write_text(PAUSING_ADD)
+    process = subprocess.Popen([sys.executable, str(script), phase, str(marker), "index", "add", "--index", str(index),
+                                "--images", str(tmp_path / "new")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(marker.exists, process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    catalog = CatalogIndex.open(index)
+    committed = phase == "cleanup"  # killed after index.json was replaced: the add is complete
+    assert len(catalog) == 12 + 3 * committed
+    assert {item["id"] for item in catalog.stores["default"].items()} >= {p.stem for p in photos}  # nothing lost
+    assert search_json(index, photos[7])[0]["id"] == photos[7].stem
+    assert (search_json(index, new[1])[0]["id"] == new[1].stem) == committed
+    # the next add completes over whatever the killed one left, and leaves only its own files
+    assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
+    assert len(CatalogIndex.open(index)) == 15
+    assert search_json(index, new[2])[0]["id"] == new[2].stem
+    generation = json.loads((index / "index.json").read_text())["generation"]
+    names = sorted(p.name for p in (index / SPACE).iterdir())
+    assert names == ["base-000001.faiss", "base-000001.jsonl", f"manifest-{generation:06d}.json",
+                     *[f"seg-{g:06d}.{suffix}" for g in range(2, generation + 1) for suffix in ("jsonl", "vec")]]
+    assert not (index / "index.json.tmp").exists()
+
+
 def test_milvus_store_builds_searches_and_removes(plain, tmp_path):
     pytest.importorskip("milvus_lite")
     root, _, photos, _, _ = plain
@@ -426,6 +542,29 @@ def test_milvus_store_builds_searches_and_removes(plain, tmp_path):
     assert search_json(index, photos[9])[0]["id"] == photos[9].stem
     assert run_cli("index", "remove", "--index", index, photos[9].stem).exit_code == 0
     assert photos[9].stem not in [r["id"] for r in search_json(index, photos[9], "--top-k", "12")]
+
+
+def test_milvus_server_store_builds_adds_searches_and_removes(plain, tmp_path, milvus_server_uri, monkeypatch):
+    """--store milvus --milvus-uri: vectors on a real server process; the index folder keeps the
+    model copy and index.json (with the URI, never the token)."""
+    root, _, photos, _, _ = plain
+    monkeypatch.setenv("MILVUS_TOKEN", "root:Milvus")
+    index = tmp_path / "served"
+    result = run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog", "--out", index,
+                     "--store", "milvus", "--milvus-uri", milvus_server_uri)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((index / "index.json").read_text())
+    assert manifest["milvus_uri"] == milvus_server_uri and "root:Milvus" not in (index / "index.json").read_text()
+    assert not (index / "milvus").exists()
+    assert search_json(index, photos[9])[0]["id"] == photos[9].stem
+    new = write_catalog(tmp_path / "new", 1, first_seed=900, prefix="new")
+    assert run_cli("index", "add", "--index", index, "--images", tmp_path / "new").exit_code == 0
+    assert search_json(index, new[0])[0]["id"] == new[0].stem
+    assert run_cli("index", "remove", "--index", index, photos[9].stem).exit_code == 0
+    assert photos[9].stem not in [r["id"] for r in search_json(index, photos[9], "--top-k", "13")]
+    assert len(CatalogIndex.open(index)) == 12
+    assert_one_line_error(run_cli("index", "build", "--checkpoint", root / "run", "--images", root / "catalog",
+                                  "--out", tmp_path / "x", "--milvus-uri", milvus_server_uri), "needs --store milvus")
 
 
 @pytest.mark.shared_data

@@ -228,7 +228,10 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
 
     index = tmp_path / "index"
     shutil.copytree(root / "index", index)
-    client = TestClient(create_app(index, embedder, allow_writes_without_key=True), base_url=LOCAL)
+    # reload_interval=None: the server has not picked up the other writer's generation yet (the
+    # test below covers that it does)
+    client = TestClient(create_app(index, embedder, allow_writes_without_key=True, reload_interval=None),
+                        base_url=LOCAL)
     other = CatalogIndex.open(index)  # e.g. an `index remove` run while the server is up
     other.remove(["item000"])
     other.save()
@@ -239,6 +242,31 @@ def test_a_conflicting_writer_is_reported_not_overwritten(plain, tmp_path):
     found = [r["id"] for r in client.post("/search", params={"k": 20}, files=upload(jpeg_bytes(photo_like(600))))
              .json()["results"]]
     assert len(found) == 9 and "x" not in found and "item000" not in found
+
+
+def test_the_server_picks_up_index_add_and_remove_without_a_restart(plain, tmp_path):
+    from fashion_retrieval.index.build import add_to_index, remove_from_index
+
+    root, _, photos, embedder = plain
+    index = writable_copy(plain, tmp_path)
+    client = TestClient(create_app(index, embedder, reload_interval=0), base_url=LOCAL)
+
+    def items_once_reloaded(expected: int) -> int:
+        deadline = time.monotonic() + 60
+        while (count := client.get("/health").json()["items"]) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)  # each request checks; the reopen runs in the background
+        return count
+
+    assert client.get("/health").json()["items"] == 10
+    assert remove_from_index(index, [photos[0].stem]) == 1  # `index remove` from the command line
+    assert items_once_reloaded(9) == 9
+    query = upload(jpeg_bytes(photo_like(0)))
+    assert photos[0].stem not in [r["id"] for r in client.post("/search", params={"k": 20}, files=query).json()["results"]]
+    new = write_catalog(tmp_path / "new", 2, first_seed=700, prefix="new")
+    add_to_index(index, tmp_path / "new", progress=False)  # `index add`
+    assert items_once_reloaded(11) == 11
+    found = client.post("/search", params={"k": 1}, files=upload(new[1].read_bytes())).json()["results"]
+    assert found[0]["id"] == new[1].stem and client.get(found[0]["image_url"]).status_code == 200
 
 
 def listening_addresses(port: int) -> set[str]:

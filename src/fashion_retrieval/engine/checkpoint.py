@@ -81,16 +81,17 @@ def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
 
     try:
         # save_model drops tied duplicates and makes channels_last tensors contiguous.
-        atomic.write_with(path, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata,
-                                                       force_contiguous=True))
+        def write(tmp: Path) -> None:
+            save_model(unwrap_model(model), str(tmp), metadata=metadata, force_contiguous=True)
+            # safetensors creates its file 0600; the run's other files follow the umask (0644 usually),
+            # and a weights file only its writer can read breaks serving it from another account
+            os.chmod(tmp, _new_file_mode(path.parent))
+
+        atomic.write_with(path, write)
     except SafetensorError as exc:
         # A failed write (a full disk) arrives as safetensors' own error, "... (os error 28)":
         # as an OSError it reaches the handlers that keep the previous checkpoint and say so.
         raise _as_os_error(exc, path) from exc
-    # safetensors creates its file 0600; the run's other files follow the umask (0644 usually),
-    # and a weights file only its writer can read breaks serving it from another account
-    os.chmod(path, _new_file_mode(path.parent))
-    atomic.fsync_file(path)
 
 
 def _new_file_mode(folder: Path) -> int:

@@ -125,8 +125,13 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
                 attributes: Sequence[str] | None = None, format: str | None = None,
                 split: str | Sequence[str] | None = None, domain: str | None = None, batch_size: int = 64,
                 store: str = "faiss", device: str = "cpu", progress: bool = True,
-                columns: Any = None) -> BuildReport:
-    """Write ``out`` from scratch; an index already there is replaced only once the new one is complete."""
+                columns: Any = None, milvus_uri: str | None = None) -> BuildReport:
+    """Write ``out`` from scratch; an index already there is replaced only once the new one is complete.
+    ``milvus_uri``: with ``store="milvus"``, a Milvus server (``http://host:19530``) to hold the
+    vectors instead of milvus-lite files under ``out`` (token: ``MILVUS_TOKEN``)."""
+    if milvus_uri is not None and (store != "milvus" or not milvus_uri.startswith(("http://", "https://"))):
+        raise StoreError(f"--milvus-uri {quote(milvus_uri, 80)}: needs --store milvus and an http(s):// URI "
+                         "such as http://localhost:19530")
     from ..engine.checkpoint import CheckpointError, load_for_inference
 
     out = Path(out)
@@ -157,7 +162,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
                       "name": meta.model.name, "image_size": list(meta.image_size),
                       "attributes": model_attributes}
         catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged,
-                               space_dirs=space_dirs)
+                               space_dirs=space_dirs, milvus_uri=milvus_uri)
         catalog.catalog_roots = []
         added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
         catalog.save()

@@ -13,10 +13,15 @@ Layout of ``INDEX_DIR``::
                            ``<space dir>`` is :func:`names.path_component` of the space name
                            (the name itself when plain), recorded in index.json ``space_dirs``
 
-The whole directory is replaced atomically on save, so a crash during a build or an incremental
-add leaves the previous catalog loadable and answering. Writers and openers of one index take an
-exclusive lock on the sibling file ``.INDEX_DIR.lock`` for the few moments of a swap or a crash
-recovery, so an ``open`` never rolls back a swap that another process is in the middle of.
+A build writes a new directory and swaps it in atomically. A later save (``index add`` /
+``remove``, the server's writes) changes the directory in place and costs what changed: each
+space writes a segment and a manifest for the next generation, then ``index.json``, naming that
+generation, replaces the old one by a rename. That rename is the one commit of all the spaces:
+until it, readers load every space at the previous generation, whose files are only deleted
+after it. So a crash at any moment leaves the previous catalog or the new one. Writers and
+openers of one index take an exclusive lock on the sibling file ``.INDEX_DIR.lock`` for the few
+moments of a commit, a swap or a crash recovery, so an ``open`` never reads half of a commit
+nor rolls back a swap that another process is in the middle of.
 """
 from __future__ import annotations
 
@@ -35,10 +40,11 @@ from ..files import quote, read_json, require_keys
 from ..names import check_name, is_component, milvus_identifier, path_component
 from .faiss_store import FaissStore
 from .filters import SearchFilter, facets, known_fields
-from .store import (StoreError, VectorStore, file_sha256, guard, recover, swap_in, verify_file, verify_size,
-                    write_file_synced)
+from .store import (StoreError, VectorStore, file_sha256, fsync_dir, guard, recover, swap_in, verify_file,
+                    verify_size, write_file_synced)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # spaces in segments (faiss_store format 2); 1: each save rewrote the directory
+READABLE_FORMATS = (1, 2)  # format 1 opens as it is and is migrated by its first save
 DEFAULT_SPACE = "default"
 MODEL_DIR = "model"
 WEIGHTS_FILE = "model.safetensors"  # the names engine/checkpoint.py gives a run directory's files
@@ -102,13 +108,16 @@ class CatalogIndex:
     def __init__(self, path: str | Path, model_info: dict[str, Any], spaces: Sequence[str], dim: int,
                  kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None,
                  model_files: dict[str, Path] | None = None, generation: int | None = None,
-                 space_dirs: dict[str, str] | None = None):
+                 space_dirs: dict[str, str] | None = None, milvus_uri: str | None = None):
         self.path = Path(path)
         self.model_info = model_info
         self.spaces = list(spaces)
         self.dim = dim
         self.kind = kind
         self.store_name = store
+        # a Milvus server (http://host:19530) instead of milvus-lite files under the index; its
+        # token is read from MILVUS_TOKEN when a store connects, never recorded
+        self.milvus_uri = milvus_uri
         # space name → its folder under spaces/ (or milvus/): names come from data (a catalog
         # CSV's attribute keys, a checkpoint's meta.json) and are never joined to a path as they are
         self.space_dirs = dict(space_dirs) if space_dirs is not None else space_dirs_for(self.spaces)
@@ -130,10 +139,15 @@ class CatalogIndex:
         guard(path, owner, f"store of space {quote(space, 80)}")
         return path
 
+    def collection(self, space: str) -> str:
+        return milvus_collection(self.path, space, self.milvus_uri)
+
     def _new_store(self, space: str) -> VectorStore:
         if self.store_name == "milvus":
             from .milvus_store import MilvusStore
 
+            if self.milvus_uri is not None:
+                return MilvusStore(self.milvus_uri, self.dim, collection=self.collection(space), replace=True)
             return MilvusStore(self.space_path(space), self.dim, collection=milvus_identifier(space),
                                owner=self.path / SPACES_DIR["milvus"])
         store = FaissStore(self.space_path(space), self.dim, self.kind)
@@ -199,9 +213,10 @@ class CatalogIndex:
         return len(next(iter(self.stores.values()))) if self.stores else 0
 
     def _manifest(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "model": self.model_info, "spaces": self.spaces,
+        return {"format_version": FORMAT_VERSION if self.store_name == "faiss" else 1, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
                 "generation": self.generation, "files": self._model_records(), "space_dirs": self.space_dirs,
+                **({"milvus_uri": self.milvus_uri} if self.milvus_uri is not None else {}),
                 **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
 
     def _model_records(self) -> dict[str, dict[str, Any]]:
@@ -232,28 +247,56 @@ class CatalogIndex:
         with index_lock(self.path):
             recover(self.path, marker=MANIFEST)
             refuse_foreign_directory(self.path)
-            previous, self.generation = self.generation, self._next_generation()
-            tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
-            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
-            try:
-                self._write_model(tmp / MODEL_DIR)
-                for space, store in self.stores.items():
-                    store.path = self.space_path(space, tmp)
-                    store.owner = tmp / SPACES_DIR["faiss"]
-                    store.save()
-                # index.json is written last: a directory without one is never a complete index
-                write_file_synced(tmp / "index.json", json.dumps(self._manifest(), indent=2).encode("utf-8"))
-                swap_in(tmp, self.path, marker=MANIFEST)
-            except BaseException:
-                self.generation = previous
-                shutil.rmtree(tmp, ignore_errors=True)
-                recover(self.path, marker=MANIFEST)
-                raise
-            finally:
-                for space, store in self.stores.items():
-                    store.path = self.space_path(space)
-                    store.owner = self.path / SPACES_DIR["faiss"]
+            if self.generation is not None and all(getattr(s, "generation", None) is not None
+                                                   for s in self.stores.values()):
+                self._save_in_place()
+            else:
+                self._save_whole()
         self.model_files = {name: self.model_dir / name for name in self.model_files}
+
+    def _save_in_place(self) -> None:
+        """Each space writes its changes as the next generation; the new index.json commits them all."""
+        generation = self._next_generation()
+        stores: dict[str, FaissStore] = self.stores  # type: ignore[assignment]
+        for store in stores.values():
+            store.collect_garbage()  # what a save that crashed before its commit left
+        manifests = {space: store.write_generation(generation) for space, store in stores.items()}
+        previous, self.generation = self.generation, generation
+        try:
+            tmp = self.path / (MANIFEST + ".tmp")
+            guard(tmp, self.path, "index manifest")
+            write_file_synced(tmp, json.dumps(self._manifest(), indent=2).encode("utf-8"))
+            os.replace(tmp, self.path / MANIFEST)  # the commit
+            fsync_dir(self.path)
+        except BaseException:
+            self.generation = previous
+            raise
+        for space, store in stores.items():
+            store.adopt(manifests[space])
+            store.collect_garbage()
+
+    def _save_whole(self) -> None:
+        """A new build: the complete directory is written beside the old one and swapped in."""
+        previous, self.generation = self.generation, self._next_generation()
+        tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a server run as another user
+        manifests = {}
+        try:
+            self._write_model(tmp / MODEL_DIR)
+            for space, store in self.stores.items():
+                directory = self.space_path(space, tmp)
+                directory.mkdir(parents=True)
+                manifests[space] = store.write_generation(self.generation, directory)
+            # index.json is written last: a directory without one is never a complete index
+            write_file_synced(tmp / MANIFEST, json.dumps(self._manifest(), indent=2).encode("utf-8"))
+            swap_in(tmp, self.path, marker=MANIFEST)
+        except BaseException:
+            self.generation = previous
+            shutil.rmtree(tmp, ignore_errors=True)
+            recover(self.path, marker=MANIFEST)
+            raise
+        for space, store in self.stores.items():
+            store.adopt(manifests[space])
 
     def _save_milvus(self) -> None:
         """Milvus persists vectors by itself; the model copy and the manifest are ours."""
@@ -291,9 +334,9 @@ class CatalogIndex:
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not an index built by fashion-retrieval (no index.json)")
         manifest = read_json(manifest_path, StoreError)
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_FORMATS:
             raise StoreError(f"{manifest_path}: index format {quote(manifest.get('format_version'), 40)}, "
-                             f"this version reads {FORMAT_VERSION}; rebuild the index")
+                             f"this version reads {' and '.join(map(str, READABLE_FORMATS))}; rebuild the index")
         require_keys(manifest, {"model": dict, "spaces": list, "dim": int}, manifest_path, StoreError)
         if not manifest["spaces"] or not all(isinstance(space, str) and space for space in manifest["spaces"]):
             raise StoreError(f"{manifest_path}: 'spaces' must be a list of names, got {quote(manifest['spaces'], 60)}")
@@ -306,20 +349,29 @@ class CatalogIndex:
         space_dirs = _recorded_space_dirs(manifest, manifest_path)
         stores: dict[str, VectorStore] = {}
         owner = path / SPACES_DIR.get(store_name, "spaces")
+        milvus_uri = manifest.get("milvus_uri")
+        if milvus_uri is not None and (not isinstance(milvus_uri, str) or not milvus_uri.startswith(("http://", "https://"))):
+            raise StoreError(f"{manifest_path}: 'milvus_uri' must be an http(s) URI, got {quote(milvus_uri, 80)}")
         for space, directory in space_dirs.items():
             space_dir = owner / directory
             guard(space_dir, owner, f"store of space {quote(space, 80)}")
             if store_name == "milvus":
                 from .milvus_store import MilvusStore
 
-                stores[space] = MilvusStore.open(space_dir, collection=milvus_identifier(space), owner=owner)
+                if milvus_uri is not None:
+                    stores[space] = MilvusStore.open(milvus_uri, collection=milvus_collection(path, space, milvus_uri))
+                else:
+                    stores[space] = MilvusStore.open(space_dir, collection=milvus_identifier(space), owner=owner)
             else:
-                stores[space] = FaissStore.open(space_dir, verify, owner=owner)
+                # the generation index.json names: a space's later manifest is an uncommitted save
+                stores[space] = FaissStore.open(space_dir, verify, owner=owner,
+                                                generation=int(manifest.get("generation") or 0))
                 if stores[space].dim != manifest["dim"]:
                     raise StoreError(f"{space_dir / 'manifest.json'}: dim {stores[space].dim}, but "
                                      f"{manifest_path} records dim {manifest['dim']}; rebuild the index")
         catalog = cls(path, manifest["model"], list(space_dirs), manifest["dim"], manifest.get("kind", "flat"),
-                      store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs)
+                      store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs,
+                      milvus_uri=milvus_uri)
         roots = manifest.get("catalog_roots")
         if roots is not None:
             if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
@@ -330,6 +382,14 @@ class CatalogIndex:
         if manifest.get("store", "faiss") == "faiss" and len(set(counts.values())) > 1:
             raise StoreError(f"{path}: the spaces hold different numbers of items ({counts}); rebuild the index")
         return catalog
+
+
+def milvus_collection(index: Path, space: str, milvus_uri: str | None) -> str:
+    """A space's Milvus collection. On a server, which several indexes may share, the index's
+    folder name is part of it (``fr_<index>_space_<space>``)."""
+    if milvus_uri is None:
+        return milvus_identifier(space)
+    return milvus_identifier(space, prefix=milvus_identifier(Path(index).resolve().name, prefix="fr_") + "_space_")
 
 
 def _verify_model(path: Path, manifest: dict[str, Any], manifest_path: Path,

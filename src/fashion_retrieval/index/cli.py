@@ -80,6 +80,9 @@ def build(
     domain: Annotated[Optional[str], typer.Option(help="keep only this domain (shop, consumer)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     store: Annotated[Store, typer.Option(help="vector store: faiss (embedded) or milvus")] = Store.faiss,
+    milvus_uri: Annotated[Optional[str], typer.Option(
+        help="with --store milvus: a Milvus server, e.g. http://localhost:19530 (token from MILVUS_TOKEN); "
+             "default: milvus-lite files inside --out")] = None,
     device: str = "cpu",
 ) -> None:
     """Embed a catalog and write a persistent index (atomically)."""
@@ -88,7 +91,8 @@ def build(
 
     try:
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
-                             batch_size, store.value, device, columns=parse_columns(columns, "--columns"))
+                             batch_size, store.value, device, columns=parse_columns(columns, "--columns"),
+                             milvus_uri=milvus_uri)
     except _known_errors() as exc:
         _fail_writing(exc, out)
     _report(report, "indexed")

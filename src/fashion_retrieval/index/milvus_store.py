@@ -1,8 +1,10 @@
 """Milvus vector store: the same interface as FAISS, for catalogs larger than one machine.
 
 ``path`` is either a local directory (embedded milvus-lite: ``DIR/milvus.db`` plus a manifest;
-what the tests and a laptop use) or a server URI (``http://host:19530``) of a Milvus cluster,
-where sharding, replication and durability are the server's job. Metadata travels as a JSON
+what the tests and a laptop use) or a server URI (``http://host:19530``, ``https://…`` for
+Zilliz Cloud) of a Milvus server or cluster, where sharding, replication and durability are the
+server's job. The token (``user:password`` or an API key) comes from the caller or the
+environment variable ``MILVUS_TOKEN``; it is never written to disk. Metadata travels as a JSON
 string field beside each vector.
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ def _is_server(uri: str) -> bool:
 
 class MilvusStore(VectorStore):
     def __init__(self, path: str | Path, dim: int, info: dict[str, Any] | None = None,
-                 collection: str = "fashion_retrieval", token: str | None = None, owner: str | Path | None = None):
+                 collection: str = "fashion_retrieval", token: str | None = None, owner: str | Path | None = None,
+                 replace: bool = False):
         from pymilvus import MilvusClient
 
         self.path = str(path)
@@ -50,9 +53,13 @@ class MilvusStore(VectorStore):
             guard(self.path, self.owner)
             Path(self.path).mkdir(parents=True, exist_ok=True)
             self._client = MilvusClient(str(Path(self.path) / "milvus.db"))
+        if replace and self._client.has_collection(collection):
+            self._client.drop_collection(collection)  # a new build replaces what an earlier one left
         if not self._client.has_collection(collection):
+            # Strong: a search sees every write acknowledged before it (a server's default,
+            # Bounded, may answer from a few seconds back); milvus-lite is strong anyway
             self._client.create_collection(collection, dimension=dim, metric_type="IP", auto_id=False,
-                                           id_type="string", max_length=MAX_ID_LENGTH)
+                                           id_type="string", max_length=MAX_ID_LENGTH, consistency_level="Strong")
         else:
             # a collection persisted by another process starts released: searching it needs a load
             self._client.load_collection(collection)
@@ -131,16 +138,19 @@ class MilvusStore(VectorStore):
 
     @classmethod
     def open(cls, path: str | Path, collection: str = "fashion_retrieval",
-             owner: str | Path | None = None) -> "MilvusStore":
+             owner: str | Path | None = None, token: str | None = None) -> "MilvusStore":
         if _is_server(str(path)):
             from pymilvus import MilvusClient
 
-            client = MilvusClient(uri=str(path), token=os.environ.get("MILVUS_TOKEN", ""))
-            if not client.has_collection(collection):
-                raise StoreError(f"{path}: no collection '{collection}'")
-            dim = next(f for f in client.describe_collection(collection)["fields"]
-                       if f["name"] == "vector")["params"]["dim"]
-            return cls(path, int(dim), collection=collection)
+            client = MilvusClient(uri=str(path), token=token or os.environ.get("MILVUS_TOKEN", ""))
+            try:
+                if not client.has_collection(collection):
+                    raise StoreError(f"{path}: no collection '{collection}' on this Milvus server; rebuild the index")
+                dim = next(f for f in client.describe_collection(collection)["fields"]
+                           if f["name"] == "vector")["params"]["dim"]
+            finally:
+                client.close()
+            return cls(path, int(dim), collection=collection, token=token)
         manifest_path = Path(path) / "manifest.json"
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not a Milvus index directory (no manifest.json)")

@@ -129,14 +129,15 @@ def guard(path: str | Path, owner: str | Path, what: str = "index directory") ->
 
 def _foreign(path: Path, marker: str | None) -> bool:
     """``path`` exists and is not a directory this project wrote: a symlink, a file, or a
-    non-empty folder without ``marker``."""
+    non-empty folder without a file matching ``marker``."""
     if path.is_symlink():
         return True
     if not path.exists():
         return False
     if not path.is_dir():
         return True
-    return marker is not None and not (path / marker).is_file() and any(path.iterdir())
+    # ``marker`` may be a pattern ("manifest*.json"): a store names its manifest by generation
+    return marker is not None and not any(p.is_file() for p in path.glob(marker)) and any(path.iterdir())
 
 
 def swap_in(tmp: Path, path: Path, owner: Path | None = None, marker: str | None = None) -> None:

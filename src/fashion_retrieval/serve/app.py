@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import logging
 import os
 import re
 import stat
@@ -48,6 +49,7 @@ from ..index.store import StoreError
 from ..names import name_problem
 from .embedders import Embedder
 
+_log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 ALLOWED_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SERVED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}  # what PIL must recognise before we serve it
@@ -370,13 +372,25 @@ def image_url(item_id: str) -> str:
     return f"/items/{quote(item_id, safe='')}/image"
 
 
+def index_signature(index_dir: str | Path) -> tuple[int, int, int] | None:
+    """What changes when a writer commits: index.json is replaced by a rename (a new inode)."""
+    try:
+        info = os.stat(Path(index_dir) / "index.json")
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
 def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = None,
                limits: Limits | None = None, allowed_hosts: Sequence[str] | None = None,
-               allow_writes_without_key: bool = False) -> FastAPI:
+               allow_writes_without_key: bool = False, reload_interval: float | None = 2.0) -> FastAPI:
     """``allowed_hosts``: the names clients reach the server by (Host header), DEFAULT_ALLOWED_HOSTS
     if None; ``"*"`` turns the check off. Writes (POST/DELETE /items) need ``api_key``, or
-    ``allow_writes_without_key`` (still refused from another site's page)."""
+    ``allow_writes_without_key`` (still refused from another site's page). ``reload_interval``:
+    at most this often (seconds) a request checks whether another process committed a newer
+    generation of the index, which is then opened in the background and swapped in; None: never."""
     limits = limits or Limits()
+    seen_signature = index_signature(index_dir)
     catalog = CatalogIndex.open(index_dir)
     if catalog.dim != embedder.feat_dim:
         raise ValueError(f"{index_dir}: index vectors have {catalog.dim} dimensions, the model gives "
@@ -393,6 +407,40 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
 
     uploads_dir = Path(index_dir).resolve().parent / (Path(index_dir).name + "-uploads")
     image_roots = catalog_roots(catalog, uploads_dir)
+
+    # ---- picking up what `index add` / `index remove` (or a second server) commit ----------
+    next_check = 0.0
+    reloading = threading.Lock()  # one background open at a time
+
+    def swap_in_newer() -> None:
+        nonlocal catalog, image_roots, seen_signature
+        try:
+            signature = index_signature(index_dir)
+            fresh = CatalogIndex.open(index_dir)  # verified like any open, under the index lock
+        except (StoreError, OSError) as exc:  # half-deleted, unreadable: keep serving what we have
+            _log.warning("%s: newer index not loaded (%s); serving generation %s", index_dir, exc, catalog.generation)
+            return
+        finally:
+            reloading.release()
+        if fresh.dim != catalog.dim or fresh.model_records != catalog.model_records:
+            _log.error("%s: rebuilt with another model; restart the server to serve it", index_dir)
+            with lock:
+                seen_signature = signature
+            return
+        with lock:
+            if (fresh.generation or 0) > (catalog.generation or 0):
+                catalog, image_roots = fresh, catalog_roots(fresh, uploads_dir)
+                _log.info("%s: serving generation %s (%d items)", index_dir, fresh.generation, len(fresh))
+            seen_signature = signature
+
+    def notice_newer_index() -> None:
+        """Costs one stat() per ``reload_interval``; the reopen runs on its own thread."""
+        nonlocal next_check
+        if reload_interval is None or time.monotonic() < next_check:
+            return
+        next_check = time.monotonic() + reload_interval
+        if index_signature(index_dir) != seen_signature and reloading.acquire(blocking=False):
+            threading.Thread(target=swap_in_newer, name="index-reload", daemon=True).start()
 
     declared: dict[int, set[str]] = {}  # id(route) → its query parameters (routes are not hashable)
 
@@ -412,7 +460,7 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     app = FastAPI(title="fashion-retrieval", version="1",
                   description="Search a fashion catalog by photo, optionally within one attribute and "
                               "restricted by metadata filters.",
-                  dependencies=[Depends(reject_unknown_query_parameters)])
+                  dependencies=[Depends(notice_newer_index), Depends(reject_unknown_query_parameters)])
     # the last added runs first: a foreign Host is refused before anything else looks at the request
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(SameOriginWrites)
@@ -551,15 +599,19 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
     def serve_what_is_on_disk() -> None:
         """After a failed save: a change the client is told failed must not stay searchable, nor
         be saved later with someone else's request; another writer's changes are picked up."""
-        nonlocal catalog
+        nonlocal catalog, image_roots, seen_signature
         try:
+            seen_signature = index_signature(index_dir)
             catalog = CatalogIndex.open(index_dir)
+            image_roots = catalog_roots(catalog, uploads_dir)
         except (StoreError, OSError):
             pass  # nothing better to serve than what is in memory
 
     def save_or_conflict() -> None:
+        nonlocal seen_signature
         try:
             catalog.save()
+            seen_signature = index_signature(index_dir)  # our own commit: nothing to reload
         except StoreError as exc:  # another writer (an `index add`) changed the index meanwhile
             serve_what_is_on_disk()
             raise HTTPException(409, str(exc)) from None

@@ -50,6 +50,8 @@ def serve(
                                                             "once its headers arrived")] = 60.0,
     limit_concurrency: Annotated[int, typer.Option(min=1, help="open connections (and requests) beyond which new "
                                                              "requests are answered 503")] = 128,
+    reload_interval: Annotated[float, typer.Option(min=0, help="seconds between checks for a newer index generation "
+                                                         "(written by `index add`/`remove`); 0: every request")] = 2.0,
     device: str = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level (info logs every request)")] = "info",
 ) -> None:
@@ -75,7 +77,8 @@ def serve(
         embedder = embedder_for_index(catalog, onnx, device)
         limits = Limits(int(max_upload_mb * 2**20), max_k, max_pixels, max_concurrent, max_decode_mb * 2**20)
         hosts = allowed_hosts_for(host, allowed_host or [])
-        app = create_app(index, embedder, api_key, limits, hosts, allow_writes_without_key)
+        app = create_app(index, embedder, api_key, limits, hosts, allow_writes_without_key,
+                         reload_interval=reload_interval)
     except (StoreError, CheckpointError, EmbedderError, ImageLoadError, ValueError, OSError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2)
