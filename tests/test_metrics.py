@@ -1,5 +1,6 @@
-"""Retrieval metrics: hand-computed cases, an independent naive reference, chunking invariance
-and agreement with pytorch-metric-learning where the definitions coincide."""
+"""Retrieval metrics: hand-computed cases, the one-query oracle (tests/metric_oracle.py), chunking
+invariance, the scan paths against each other and agreement with pytorch-metric-learning where the
+definitions coincide."""
 from __future__ import annotations
 
 import math
@@ -10,18 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metric_oracle import average_precision, average_precision_from_ranks, hit_at_k, map_at_k, ranking, recall_at_k
+
+from fashion_retrieval import scan as scan_module
 from fashion_retrieval.metrics import (
+    MetricSpec,
     RetrievalResult,
-    average_precision,
-    average_precision_from_ranks,
     chunked_topk,
     evaluate_attribute_retrieval,
     evaluate_retrieval,
     evaluate_retrieval_from_scores,
-    hit_at_k,
-    map_at_k,
-    ranking,
-    recall_at_k,
     relevant_ranks,
     retrieve,
     retrieve_from_scores,
@@ -74,7 +73,7 @@ def test_ties_are_broken_by_gallery_order():
     assert result.topk_relevant.tolist() == [[False, True, True, True, False]]
     assert result.ranks_of(0).tolist() == [2, 3, 4]
     metrics = evaluate_retrieval(TIE_QUERY, TIE_GALLERY, TIE_QUERY_LABELS, TIE_GALLERY_LABELS,
-                                 ks=(1, 2, 5), map_at=(2, 3), recall_at=(2,))
+                                 spec=MetricSpec((1, 2, 5), (2, 3), (2,)))
     assert metrics["top1"] == 0.0  # the irrelevant index 0 wins the 0.9 tie
     assert metrics["top2"] == 1.0
     assert metrics["MAP@2"] == pytest.approx(0.25)  # (1/2) / min(2, 3)
@@ -94,7 +93,7 @@ def test_tie_rule_holds_with_one_item_per_gallery_chunk():
 def test_distance_matrix_gives_the_same_ranking():
     distances = 1.0 - TIE_GALLERY.T  # smaller = more similar; ties stay ties
     metrics = evaluate_retrieval_from_scores(distances, TIE_QUERY_LABELS, TIE_GALLERY_LABELS,
-                                             higher_is_better=False, ks=(1, 2), map_at=(2,), recall_at=())
+                                             higher_is_better=False, spec=MetricSpec((1, 2), (2,), ()))
     assert metrics["top1"] == 0.0 and metrics["top2"] == 1.0
     assert metrics["MAP@2"] == pytest.approx(0.25)
     assert metrics["MAP@all"] == pytest.approx(TIE_AP)
@@ -109,8 +108,8 @@ def test_unlabelled_queries_queries_without_relevant_and_distractor_gallery_labe
     #    relevant at ranks 3 and 4 → AP = (1/3 + 2/4) / 2 = 5/12; top1 = 0, top5 = 1
     # q3 (label 4): scores [-.2, -.8, -.6, -.4] → order [0, 3, 2, 1] → labels [3, 3, 4, -1]
     #    relevant at rank 3 → AP = 1/3; top1 = 0
-    metrics = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=(1, 3, 5),
-                                 map_at=(3,), recall_at=(3,))
+    metrics = evaluate_retrieval(queries, gallery, query_labels, gallery_labels,
+                                 spec=MetricSpec((1, 3, 5), (3,), (3,)))
     assert metrics["queries_evaluated"] == 2
     assert metrics["queries_without_relevant"] == 1
     assert metrics["queries_unlabelled"] == 1
@@ -134,7 +133,7 @@ def test_self_exclusion_when_queries_are_in_the_gallery():
     # q1: scores [.8, .64, .24, .64] minus itself → order [0, 3, 2] → labels [0, 1, 1] → AP 1
     # q2: scores [.3, .24, .09, .24] minus itself → order [0, 1, 3] → labels [0, 0, 1] → AP 1/3
     # q3: scores [.8, .64, .24, .64] minus itself → order [0, 1, 2] → labels [0, 0, 1] → AP 1/3
-    metrics = evaluate_retrieval(items, items, labels, labels, ks=(1,), map_at=(), recall_at=(),
+    metrics = evaluate_retrieval(items, items, labels, labels, spec=MetricSpec((1,), (), ()),
                                  query_gallery_index=own)
     assert metrics["MAP@all"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 3) / 4)
     assert metrics["top1"] == 0.5
@@ -146,13 +145,13 @@ def test_self_exclusion_when_queries_are_in_the_gallery():
     # q0 order [0, 1, 3, 2] → labels [0, 0, 1, 1] → AP 1;  q1 order [0, 1, 3, 2] → AP 1
     # q2 order [0, 1, 3, 2] → labels [0, 0, 1, 1] → relevant at 3, 4 → AP (1/3 + 2/4) / 2 = 5/12
     # q3 order [0, 1, 3, 2] → AP 5/12
-    kept = evaluate_retrieval(items, items, labels, labels, ks=(1,), map_at=(), recall_at=())
+    kept = evaluate_retrieval(items, items, labels, labels, spec=MetricSpec((1,), (), ()))
     assert kept["MAP@all"] == pytest.approx((2 + 2 * 5 / 12) / 4)
 
 
 def test_a_query_whose_only_relevant_item_is_itself_is_counted_not_evaluated():
     items = np.array([[1.0], [0.5]], dtype=np.float32)
-    metrics = evaluate_retrieval(items, items, [0, 1], [0, 1], ks=(1,), map_at=(), recall_at=(),
+    metrics = evaluate_retrieval(items, items, [0, 1], [0, 1], spec=MetricSpec((1,), (), ()),
                                  query_gallery_index=[0, 1])
     assert metrics["queries_evaluated"] == 0
     assert metrics["queries_without_relevant"] == 2
@@ -167,8 +166,8 @@ def test_attribute_retrieval_overall_is_query_weighted():
     query_labels = {"color": [0], "sleeve": [0, 1, 7]}
     # color: q0 relevant at rank 1 → AP 1, top1 1
     # sleeve: q0 AP 1, top1 1; q1 relevant at rank 2 → AP 1/2, top1 0; q2 has no label-7 item
-    out = evaluate_attribute_retrieval(queries, gallery, query_labels, gallery_labels, ks=(1,),
-                                       map_at=(), recall_at=())
+    out = evaluate_attribute_retrieval(queries, gallery, query_labels, gallery_labels,
+                                       spec=MetricSpec((1,), (), ()))
     assert out["per_attribute"]["color"]["MAP@all"] == pytest.approx(1.0)
     assert out["per_attribute"]["sleeve"]["MAP@all"] == pytest.approx(0.75)
     assert out["per_attribute"]["sleeve"]["queries_without_relevant"] == 1
@@ -206,7 +205,7 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         evaluate_retrieval(query, gallery, [0, 0], [0, 0, 0], query_chunk=0)
     with pytest.raises(ValueError, match="retrieve with k"):
         top1_only = retrieve(query, gallery, [0, 0], [0, 0, 0], k=1, full_ranks=False)
-        top1_only.metrics(ks=(2,), map_at=(), recall_at=(), full_map=False)
+        top1_only.metrics(spec=MetricSpec((2,), (), (), full_map=False))
 
 
 def _result(**changes) -> RetrievalResult:
@@ -220,7 +219,7 @@ def _result(**changes) -> RetrievalResult:
 
 
 def test_retrieval_result_validation():
-    assert _result().metrics(ks=(1,), map_at=(), recall_at=())["MAP@all"] == pytest.approx((1 + 2 / 3) / 2)
+    assert _result().metrics(spec=MetricSpec((1,), (), ()))["MAP@all"] == pytest.approx((1 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="topk_scores has shape"):
         _result(topk_scores=np.zeros((1, 3)))
     with pytest.raises(ValueError, match="NaN"):
@@ -243,28 +242,25 @@ def test_retrieval_result_validation():
 # ---------------------------------------------------------------------------------------------
 
 def _naive_metrics(scores: np.ndarray, query_labels, gallery_labels, own, ks, map_at, recall_at):
+    """The metrics query by query from the one-query oracle over a full lexsort ranking."""
     per_metric: dict[str, list[float]] = {}
     without, unlabelled = 0, 0
     for q in range(scores.shape[0]):
         if query_labels[q] < 0:
             unlabelled += 1
             continue
-        order = np.lexsort((np.arange(scores.shape[1]), -scores[q]))
-        order = order[order != own[q]]
+        order = ranking(scores[q], ignore=own[q])
         relevant = (gallery_labels[order] == query_labels[q]) & (gallery_labels[order] >= 0)
-        n = int(relevant.sum())
-        if n == 0:
+        if not relevant.any():
             without += 1
             continue
-        hits = np.cumsum(relevant)
-        precision = hits / np.arange(1, relevant.size + 1)
-        values = {"MAP@all": float((precision * relevant).sum() / n)}
+        values = {"MAP@all": average_precision(relevant)}
         for k in ks:
-            values[f"top{k}"] = float(relevant[:k].any())
+            values[f"top{k}"] = hit_at_k(relevant, k)
         for k in map_at:
-            values[f"MAP@{k}"] = float((precision[:k] * relevant[:k]).sum() / min(k, n))
+            values[f"MAP@{k}"] = map_at_k(relevant, k)
         for k in recall_at:
-            values[f"Recall@{k}"] = float(relevant[:k].sum() / n)
+            values[f"Recall@{k}"] = recall_at_k(relevant, k)
         for key, value in values.items():
             per_metric.setdefault(key, []).append(value)
     out: dict[str, float | int] = {key: float(np.mean(v)) for key, v in per_metric.items()}
@@ -289,8 +285,8 @@ def test_matches_naive_full_sort_reference_with_heavy_ties(seed):
     queries, gallery, query_labels, gallery_labels = _tied_problem(rng, n_queries, n_gallery, 3, 6)
     own = np.where(rng.random(n_queries) < 0.5, rng.integers(0, n_gallery, n_queries), -1)
     ks, map_at, recall_at = (1, 5, 10, 20), (10, 100), (5, 100)
-    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=ks, map_at=map_at,
-                              recall_at=recall_at, query_gallery_index=own, query_chunk=7, gallery_chunk=13)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, spec=MetricSpec(ks, map_at, recall_at),
+                              query_gallery_index=own, query_chunk=7, gallery_chunk=13)
     scores = queries.astype(np.float64) @ gallery.T.astype(np.float64)
     expected = _naive_metrics(scores, query_labels, gallery_labels, own, ks, map_at, recall_at)
     assert ours.keys() == expected.keys()
@@ -342,9 +338,9 @@ def test_metrics_from_ranks_agree_with_metrics_from_topk():
     queries, gallery, query_labels, gallery_labels = _tied_problem(rng, 40, 200, 3, 5)
     wide = retrieve(queries, gallery, query_labels, gallery_labels, k=60)
     narrow = retrieve(queries, gallery, query_labels, gallery_labels, k=1)  # k > 1 comes from the ranks
-    request = dict(ks=(1, 5, 50), map_at=(7, 60), recall_at=(3, 60))
-    wide_values = wide.per_query(**request)
-    narrow_values = narrow.per_query(**request)
+    request = MetricSpec((1, 5, 50), (7, 60), (3, 60))
+    wide_values = wide.per_query(request)
+    narrow_values = narrow.per_query(request)
     for key in wide_values:
         np.testing.assert_allclose(narrow_values[key], wide_values[key], rtol=0, atol=1e-12, err_msg=key)
 
@@ -395,8 +391,8 @@ def test_agrees_with_pytorch_metric_learning_when_relevant_fit_in_k():
     # 10 relevant per query ≤ k = 100: PML's MAP@k denominator (all relevant) = ours (min(k, n))
     rng = np.random.default_rng(0)
     queries, gallery, query_labels, gallery_labels = _clustered(rng, 300, 1500, per_label=10)
-    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=(1,), map_at=(100,),
-                              recall_at=(), full_map=False, gallery_chunk=256)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels,
+                              spec=MetricSpec((1,), (100,), (), full_map=False), gallery_chunk=256)
     pml = _pml_accuracy(queries, gallery, query_labels, gallery_labels, k=100)
     assert 0.05 < ours["MAP@100"] < 0.95  # neither trivial nor hopeless
     # the tolerance only absorbs a score difference in the last float bit between FAISS and torch
@@ -408,8 +404,8 @@ def test_pml_divides_map_at_k_by_all_relevant_items():
     # 30 relevant per query, k = 10: PML divides by 30, we divide by min(10, 30) = 10
     rng = np.random.default_rng(1)
     queries, gallery, query_labels, gallery_labels = _clustered(rng, 200, 1500, per_label=30)
-    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, ks=(), map_at=(10,),
-                              recall_at=(), full_map=False)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels,
+                              spec=MetricSpec((), (10,), (), full_map=False))
     pml = _pml_accuracy(queries, gallery, query_labels, gallery_labels, k=10)
     assert ours["MAP@10"] == pytest.approx(3 * pml["mean_average_precision"], abs=1e-4)
 
@@ -418,8 +414,6 @@ def test_a_relevant_item_never_outranks_itself_when_pass_two_scores_differ_in_th
     # Another BLAS kernel may round the second pass over the gallery differently; scaling every
     # pass-2 score by (1 + 1e-6) keeps their order but lifts each relevant item above the score
     # recorded for it in pass 1. Continuous data: no two scores closer than that.
-    import fashion_retrieval.metrics as metrics_module
-
     rng = np.random.default_rng(8)
     queries, gallery, query_labels, gallery_labels = _clustered(rng, 20, 200, per_label=10)
     expected = retrieve(queries, gallery, query_labels, gallery_labels, k=0).relevant_ranks
@@ -434,21 +428,19 @@ def test_a_relevant_item_never_outranks_itself_when_pass_two_scores_differ_in_th
         def scores(self, block, start, stop, out):
             return self.source.scores(block, start, stop, out).mul_(1 + 1e-6)
 
-    original = metrics_module._count_ranks
-    monkeypatch.setattr(metrics_module, "_count_ranks", lambda source, *rest: original(Rescaled(source), *rest))
+    original = scan_module._count_ranks
+    monkeypatch.setattr(scan_module, "_count_ranks", lambda source, *rest: original(Rescaled(source), *rest))
     perturbed = retrieve(queries, gallery, query_labels, gallery_labels, k=0, gallery_chunk=64).relevant_ranks
     np.testing.assert_array_equal(perturbed, expected)
 
 
 def test_rank_pass_splits_query_chunks_with_many_relevant_items(monkeypatch):
-    import fashion_retrieval.metrics as metrics_module
-
     rng = np.random.default_rng(4)
     queries, gallery, query_labels, gallery_labels = _tied_problem(rng, 30, 120, 2, 2)
     expected = retrieve(queries, gallery, query_labels, gallery_labels, k=5)
     # ~40 relevant items per query: a budget of 50 table entries forces one query per chunk
-    monkeypatch.setattr(metrics_module, "RANK_WORKSPACE_ENTRIES", 50)
-    assert metrics_module._rank_chunk_bounds(expected.n_relevant, 16) == list(range(expected.num_evaluated))
+    monkeypatch.setattr(scan_module, "RANK_WORKSPACE_ENTRIES", 50)
+    assert scan_module._rank_chunk_bounds(expected.n_relevant, 16) == list(range(expected.num_evaluated))
     split = retrieve(queries, gallery, query_labels, gallery_labels, k=5, query_chunk=16)
     np.testing.assert_array_equal(split.relevant_ranks, expected.relevant_ranks)
     np.testing.assert_array_equal(split.topk_indices, expected.topk_indices)
@@ -458,8 +450,6 @@ def test_rank_pass_splits_query_chunks_with_many_relevant_items(monkeypatch):
 def test_faiss_scan_equals_the_torch_scan(monkeypatch, duplicates):
     """The top-k-only scan runs on FAISS's k-NN kernel on the CPU: same top-k, same tie rule
     (equal scores by gallery index), own item excluded, as the torch scan."""
-    from fashion_retrieval import metrics as metrics_module
-
     rng = np.random.default_rng(3)
     gallery = rng.standard_normal((700, 16)).astype(np.float32)
     if duplicates:  # exact ties everywhere, across the k-th place too
@@ -468,16 +458,100 @@ def test_faiss_scan_equals_the_torch_scan(monkeypatch, duplicates):
     query_labels = rng.integers(0, 30, 100)
     gallery_labels = rng.integers(0, 30, 700)
     own = np.concatenate([np.arange(40), -np.ones(60, dtype=np.int64)])
-    used, original = [], metrics_module._faiss_topk
-    monkeypatch.setattr(metrics_module, "_faiss_topk", lambda *a: used.append(original(*a)) or used[-1])
+    used, original = [], scan_module._faiss_topk
+    monkeypatch.setattr(scan_module, "_faiss_topk", lambda *a: used.append(original(*a)) or used[-1])
     results = {}
     for use_faiss in (True, False):
-        monkeypatch.setattr(metrics_module, "FAISS_SCAN", use_faiss)
-        results[use_faiss] = metrics_module.retrieve(queries, gallery, query_labels, gallery_labels, k=25,
-                                                     full_ranks=False, query_gallery_index=own, query_chunk=32)
+        monkeypatch.setattr(scan_module, "FAISS_SCAN", use_faiss)
+        results[use_faiss] = retrieve(queries, gallery, query_labels, gallery_labels, k=25,
+                                      full_ranks=False, query_gallery_index=own, query_chunk=32)
     fast, exact = results[True], results[False]
     assert np.array_equal(fast.topk_indices, exact.topk_indices)
     np.testing.assert_allclose(fast.topk_scores, exact.topk_scores, rtol=1e-5, atol=1e-5)
     assert not np.any(fast.topk_indices == own[fast.query_indices][:, None])
     taken = [r for r in used if r is not None]
     assert taken and (sum(r[2].size for r in taken) > 0) is duplicates  # ties went to the exact scan
+
+
+# ---------------------------------------------------------------------------------------------
+# The int8 first pass (scan_int8): candidates by a rigorous bound, float32 re-scoring
+# ---------------------------------------------------------------------------------------------
+
+def _small_int8_pass(monkeypatch):
+    """Make the int8 pass apply to test-sized galleries, with several ragged blocks."""
+    from fashion_retrieval import scan_int8
+
+    if not scan_int8.available():
+        pytest.skip("oneDNN's int8 product is missing or not exact on this CPU: the exact scans run")
+    monkeypatch.setattr(scan_int8, "MIN_GALLERY", 64)
+    monkeypatch.setattr(scan_int8, "MIN_QUERIES", 1)
+    monkeypatch.setattr(scan_int8, "GALLERY_BLOCK", 100)  # not a multiple of 8: padded blocks
+    monkeypatch.setattr(scan_int8, "SAMPLE_MIN", 64)
+    calls = []
+    original = scan_int8.Int8Gallery.topk
+    monkeypatch.setattr(scan_int8.Int8Gallery, "topk",
+                        lambda self, *args: calls.append(original(self, *args)) or calls[-1])
+    return scan_int8, calls
+
+
+def _int8_against_exact(monkeypatch, scan_int8, queries, gallery, query_labels, gallery_labels, own, k):
+    results = {}
+    for use_int8 in (True, False):
+        monkeypatch.setattr(scan_int8, "INT8_SCAN", use_int8)
+        results[use_int8] = retrieve(queries, gallery, query_labels, gallery_labels, k=k, full_ranks=False,
+                                     query_gallery_index=own, query_chunk=37)
+    fast, exact = results[True], results[False]
+    np.testing.assert_array_equal(fast.topk_indices, exact.topk_indices)
+    np.testing.assert_allclose(fast.topk_scores, exact.topk_scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(fast.topk_relevant, exact.topk_relevant)
+    return fast
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_int8_pass_equals_the_exact_scans(monkeypatch, duplicates):
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    rng = np.random.default_rng(12)
+    gallery = rng.standard_normal((450, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    if duplicates:  # exact ties everywhere, across the k-th place too
+        gallery[225:] = gallery[:225]
+    queries = np.concatenate([gallery[:30], rng.standard_normal((50, 16)).astype(np.float32) / 4])
+    own = np.concatenate([np.arange(30), -np.ones(50, dtype=np.int64)])
+    labels = rng.integers(0, 20, 450)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, rng.integers(0, 20, 80), labels, own, k=12)
+    assert any(found is not None for found in calls)  # the int8 pass ran
+
+
+def test_int8_pass_on_heavily_tied_scores(monkeypatch):
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(np.random.default_rng(2), 70, 400, 6, 5)
+    own = np.where(np.arange(70) % 3 == 0, np.arange(70) * 5, -1)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, query_labels, gallery_labels, own, k=25)
+    assert any(found is not None for found in calls)
+
+
+def test_int8_pass_redoes_the_queries_it_cannot_prove(monkeypatch):
+    # aiming the threshold at the best sampled score makes it too high for most queries: their
+    # proof (k kept items 2B above the threshold) fails and the exact scan answers them
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    monkeypatch.setattr(scan_int8, "TARGET_RANK", 1e-3)
+    rng = np.random.default_rng(5)
+    gallery = rng.standard_normal((500, 8)).astype(np.float32)
+    queries = rng.standard_normal((40, 8)).astype(np.float32)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, rng.integers(0, 9, 40), rng.integers(0, 9, 500),
+                        None, k=30)
+    redone = sum(found[2].size for found in calls if found is not None)
+    assert redone > 0
+
+
+def test_int8_pass_gives_up_on_dense_scores(monkeypatch):
+    # more kept pairs than the budget: the chunk goes to the exact scan, memory stays bounded
+    scan_int8, calls = _small_int8_pass(monkeypatch)
+    monkeypatch.setattr(scan_int8, "PAIR_BUDGET", 0)
+    monkeypatch.setattr(scan_int8, "PAIR_FLOOR", 1)
+    rng = np.random.default_rng(6)
+    gallery = rng.standard_normal((300, 8)).astype(np.float32)
+    queries = rng.standard_normal((20, 8)).astype(np.float32)
+    _int8_against_exact(monkeypatch, scan_int8, queries, gallery, rng.integers(0, 5, 20), rng.integers(0, 5, 300),
+                        None, k=10)
+    assert calls and all(found is None for found in calls)

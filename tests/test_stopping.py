@@ -18,3 +18,18 @@ def test_metric_paths() -> None:
     assert metric_value(metrics, "per_attribute/colour/MAP@all") == 0.25
     assert metric_value(metrics, "overall/top5") is None and metric_value(metrics, "overall") is None
     assert available_metrics(metrics) == ["overall/top1", "overall/queries", "per_attribute/colour/MAP@all"]
+
+
+def test_an_evaluation_that_measured_nothing_neither_stops_nor_extends_the_run() -> None:
+    from types import SimpleNamespace
+
+    from fashion_retrieval.engine.train import _stopping_decision
+
+    rule = SimpleNamespace(metric="overall/mAP", patience=2, min_delta=0.5)
+    entry = lambda value: {"split": "val", "metrics": {"overall": {"mAP": value}}}  # noqa: E731
+    nan = float("nan")
+    # counted as an evaluation, the NaN would make this a plateau; it is not one of the last two
+    decision = _stopping_decision([entry(0.30), entry(0.302), entry(nan)], "val", rule)
+    assert not decision.stop and "2 of 3 evaluations needed" in decision.reason
+    assert _stopping_decision([entry(0.30), entry(0.302), entry(nan), entry(0.301)], "val", rule).stop
+    assert not _stopping_decision([entry(nan), entry(0.30), entry(0.31), entry(0.40)], "val", rule).stop

@@ -177,6 +177,11 @@ def parse_yaml(text: str, source: str | Path, error: type[Exception] = FileForma
         raise error(f"{source}{where}: invalid YAML ({one_line(problem)})") from None
     except RecursionError:
         raise error(f"{source}: invalid YAML (nested too deeply)") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # a scalar PyYAML recognises but cannot build: a 5,000-digit integer, a 13th month
+        if text_if_invalid:
+            return text
+        raise error(f"{source}: invalid YAML (a value cannot be read: {one_line(str(exc), 120)})") from None
     finally:
         loader.dispose()
 

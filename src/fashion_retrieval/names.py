@@ -66,6 +66,18 @@ def name_problem(name: object, component: bool = False) -> str | None:
     return None
 
 
+def control_character(text: str) -> str | None:
+    """The first control character in ``text`` (terminal escapes, NUL, newline), or None."""
+    found = _CONTROL.search(text)
+    return found.group() if found else None
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print to a terminal: control characters (an ESC starting a terminal
+    escape sequence, a newline) shown as ``\\x1b``-style escapes instead of acting."""
+    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def check_name(name: object, what: str, where: str, error: type[Exception] = UnsafeNameError,
                component: bool = False) -> str:
     """``name`` if acceptable; else ``error("<where>: <what> <quoted name> <why>")``.

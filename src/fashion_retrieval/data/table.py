@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .. import atomic
 from ..files import quote
-from ..names import name_problem
+from ..names import control_character, name_problem
 
 DOMAINS = ("consumer", "shop", "unknown")
 SPLITS = ("train", "val", "test", "query", "gallery", "unknown")
@@ -222,6 +222,11 @@ class SampleTable:
                 image, item_id = row["path"], row["item_id"]
                 if not image.strip() or not item_id.strip():
                     raise AnnotationError(path, line, f"empty {'path' if not image.strip() else 'item_id'}")
+                for column in ("item_id", "category"):  # printed by `search`, shown by the page
+                    bad = control_character(row.get(column) or "")
+                    if bad is not None:
+                        raise AnnotationError(path, line, f"{column} {quote(row[column], 80)} contains a control "
+                                                          f"character ({bad!r})")
                 if image in first_line:
                     raise AnnotationError(path, line, f"{image} is listed again (first on line {first_line[image]}); "
                                           "the table has one row per image")
@@ -270,6 +275,9 @@ def _attributes(cell: str | None) -> dict[str, AttributeValue]:
             raise ValueError(f"attribute '{name}' must be a value or a list of values, got {json.dumps(value)[:60]}")
         if value is None:
             continue
+        bad = next((c for c in (control_character(str(v)) for v in values if v is not None) if c), None)
+        if bad is not None:
+            raise ValueError(f"attribute '{name}' has a value with a control character ({bad!r})")
         attributes[name] = tuple(str(v) for v in value if v is not None) if isinstance(value, list) else str(value)
     return attributes
 

@@ -46,6 +46,10 @@ PREVIOUS_TRAINING_DIR = "checkpoint-previous"
 TRAINING_STATE_FILE = "training_state.pt"
 # meta.json holds the label vocabularies (tens of thousands of item ids): megabytes, not gigabytes
 MAX_META_BYTES = 256 << 20
+# a side of the model's input: papers use 224-512; a meta.json asking [20000, 20000] made every
+# image of `index build` a 1.6 GB tensor (17 GB, then the kernel killed it)
+MAX_IMAGE_SIDE = 2048
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the floating-point dtypes
 
 
 class CheckpointError(Exception):
@@ -130,6 +134,11 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read weights ({_first_line(exc)})") from None
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:  # a diverged run: every embedding would be NaN
+        raise CheckpointError(f"{path}: weights contain NaN or infinite values (first in {broken!r}); "
+                              "a diverged training run? use an earlier checkpoint")
     if missing or unexpected:
         parts = []
         if missing:
@@ -147,6 +156,46 @@ def _weights_metadata(path: Path) -> dict[str, str]:
             return dict(handle.metadata() or {})
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _check_weights_fit(build, weights: Path) -> None:
+    """Refuse a model whose tensors the weights file does not hold, before it is built for real.
+
+    meta.json's model arguments decide how much the model allocates (``num_items`` 1e11 is a 400 GB
+    classifier); the file's tensors are bounded by its size. So the model is first built on the
+    ``meta`` device (shapes, no memory) and its tensor shapes compared with the file's header.
+    A model that cannot be built that way is left to the ordinary build and load.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            stored = {key: (tuple(part.get_shape()), part.get_dtype()) for key, part in slices.items()}
+    except Exception:  # noqa: BLE001 - _load_weights names what is wrong with the file
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+        wanted = {key: (tuple(value.shape), value.is_floating_point())
+                  for key, value in unwrap_model(skeleton).state_dict().items()}
+    except Exception:  # noqa: BLE001 - the real build reports its own error
+        return
+    for key, (shape, floating) in wanted.items():
+        if key not in stored:
+            continue
+        stored_shape, stored_dtype = stored[key]
+        if stored_shape != shape:
+            raise CheckpointError(f"{weights}: weights do not fit the model: {key!r} is {list(stored_shape)} in the "
+                                  f"file, the model described in {META_FILE} needs {list(shape)}")
+        if floating and stored_dtype not in FLOAT_DTYPES:
+            # loading would cast the integers silently: a model of garbage, NaN embeddings later
+            raise CheckpointError(f"{weights}: weights do not fit the model: {key!r} is {stored_dtype} in the "
+                                  "file, the model needs floating point numbers")
+    missing = [key for key in wanted if key not in stored]
+    if missing:
+        raise CheckpointError(f"{weights}: weights are from another model: missing {len(missing)} tensor(s), "
+                              f"e.g. {missing[0]!r}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -207,8 +256,10 @@ class RunMeta(Mapping):
             raise CheckpointError(f"{source}: 'model' must be {{'name': str, 'kwargs': {{...}}}}")
         size = data.get("image_size")
         if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
-                                     and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-            raise CheckpointError(f"{source}: 'image_size' must be [height, width] in pixels, got {quote(size, 60)}")
+                                     and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIDE
+                                             for v in size)):
+            raise CheckpointError(f"{source}: 'image_size' must be [height, width] in pixels, at most "
+                                  f"{MAX_IMAGE_SIDE} each, got {quote(size, 60)}")
         known = {f.name for f in fields(cls)} - {"model", "extra"}
         values = {key: data[key] for key in known if data.get(key) is not None}
         if size is not None:
@@ -343,9 +394,13 @@ def load_for_inference(path: str | Path, expected_model: str | None = None,
     if "save_id" in header and meta.save_id is not None and header["save_id"] != meta.save_id:
         raise CheckpointError(f"{weights}: weights and {meta_path.name} come from different saves "
                               "(an interrupted save?); re-export the checkpoint")
+    # The weights replace any pretrained initialisation: never download or read it again.
+    def rebuild() -> nn.Module:
+        return build_model(name, meta.model.kwargs, attribute_names=meta.attributes, initialise_backbone=False)
+
+    _check_weights_fit(rebuild, weights)
     try:
-        # The weights replace any pretrained initialisation: never download or read it again.
-        model = build_model(name, meta.model.kwargs, attribute_names=meta.attributes, initialise_backbone=False)
+        model = rebuild()
     except ConfigError as exc:
         raise CheckpointError(f"{meta_path}: cannot rebuild the model: {exc}") from None
     _load_weights(model, weights)

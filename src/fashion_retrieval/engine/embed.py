@@ -71,7 +71,8 @@ def _plain_jpeg_bytes(path: Path, max_pixels: int) -> torch.Tensor | None:
     any file that fails here: the PIL path then decodes it or names the error."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:  # parses the header only
+        # JPEG only: other formats go to load_rgb (an ICO decodes its hidden PNG while opening)
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:  # parses the header only
             if image.format != "JPEG" or image.mode not in ("RGB", "L"):
                 return None
             if image.width * image.height > max_pixels or image.getexif().get(EXIF_ORIENTATION, 1) != 1:

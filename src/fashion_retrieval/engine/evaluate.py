@@ -31,14 +31,15 @@ from .embed import embed_table_attributes
 
 TOPK = (1, 5, 10, 20, 50)
 ATTRIBUTE_CUTOFF = 100
-PLOT_K = 50
+PLOT_K = 50  # top-k curve and grid, from the top-k the metrics keep
 
 
 @dataclass
 class Evaluation:
     results: dict[str, Any]  # what goes into the JSON
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # what goes into the .npz
-    neighbours: dict[str, np.ndarray] = field(default_factory=dict)  # attribute -> [Q, PLOT_K] gallery rows
+    # attribute -> the retrieval behind the metrics (top-k of the evaluated queries), reused by the plots
+    retrievals: dict[str, Any] = field(default_factory=dict)
     benchmark: Any = None
 
 
@@ -56,17 +57,28 @@ def _named(kind: str, raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def metric_spec():
+    """What every evaluation computes: top-1…50, MAP@100, Recall@100 and MAP@all."""
+    from ..metrics import MetricSpec
+
+    return MetricSpec(top_k=TOPK, map_at=(ATTRIBUTE_CUTOFF,), recall_at=(ATTRIBUTE_CUTOFF,), full_map=True)
+
+
 def compute_metrics(kind: str, query: dict[str, np.ndarray], gallery: dict[str, np.ndarray],
                     query_labels: dict[str, np.ndarray], gallery_labels: dict[str, np.ndarray],
-                    exclude_self: bool) -> dict[str, Any]:
+                    exclude_self: bool, retrievals: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{"per_attribute": {attribute: metrics}, "overall": metrics}``; overall is the mean over
-    all evaluated (query, attribute) pairs. ``exclude_self``: query i is gallery item i."""
+    all evaluated (query, attribute) pairs. ``exclude_self``: query i is gallery item i. Pass a
+    dict as ``retrievals`` to keep each attribute's ``RetrievalResult`` (its top-k serves the plots)."""
     from .. import metrics
 
     self_index = {a: np.arange(len(q)) for a, q in query.items()} if exclude_self else None
-    raw = metrics.evaluate_attribute_retrieval(query, gallery, query_labels, gallery_labels, ks=TOPK,
-                                               map_at=(ATTRIBUTE_CUTOFF,), recall_at=(ATTRIBUTE_CUTOFF,),
-                                               full_map=True, query_gallery_index=self_index)
+    spec = metric_spec()
+    found = metrics.retrieve_attributes(query, gallery, query_labels, gallery_labels, spec=spec, k=PLOT_K,
+                                        query_gallery_index=self_index)
+    if retrievals is not None:
+        retrievals.update(found)
+    raw = metrics.attribute_metrics(found, spec)
     per_attribute = {a: _named(kind, values) for a, values in raw["per_attribute"].items()}
     computed = {"overall": _named(kind, raw["overall"]), "per_attribute": per_attribute}
     if len(per_attribute) > 1:
@@ -74,15 +86,6 @@ def compute_metrics(kind: str, query: dict[str, np.ndarray], gallery: dict[str, 
         computed["mean_over_attributes"] = {name: float(np.mean([m[name] for m in per_attribute.values()]))
                                             for name in metric_names(kind)}
     return computed
-
-
-def top_neighbours(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
-    """[Q, k] gallery rows by decreasing similarity (-1 pads short galleries), for the plots."""
-    from .. import metrics
-
-    _, indices = metrics.chunked_topk(query, gallery, k,
-                                      query_gallery_index=np.arange(len(query)) if exclude_self else None)
-    return indices
 
 
 # ---- embedding a benchmark -------------------------------------------------------------------
@@ -147,13 +150,12 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
 
     kind = benchmark.kind
     attributes = list(benchmark.attributes)
+    retrievals: dict[str, Any] = {}
     computed = compute_metrics(kind, {a: query_emb[a] for a in attributes}, {a: gallery_emb[a] for a in attributes},
-                               benchmark.query_labels, benchmark.gallery_labels, benchmark.exclude_self)
+                               benchmark.query_labels, benchmark.gallery_labels, benchmark.exclude_self, retrievals)
     arrays: dict[str, np.ndarray] = {}
-    neighbours: dict[str, np.ndarray] = {}
     for attribute in attributes:
         q, g = query_emb[attribute], gallery_emb[attribute]
-        neighbours[attribute] = top_neighbours(q, g, PLOT_K, benchmark.exclude_self)
         if conditioned or not arrays:  # one shared embedding is stored once
             arrays[f"query_embeddings__{attribute}"] = q
             if not benchmark.exclude_self:
@@ -178,7 +180,7 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
         "image_size": list(image_size),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return Evaluation(results, arrays, neighbours, benchmark)
+    return Evaluation(results, arrays, retrievals, benchmark)
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -221,31 +223,33 @@ def recompute_from_npz(npz_path: str | Path) -> dict[str, Any]:
 
 
 def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int = 8, seed: int = 0) -> list[Path]:
-    """Top-k accuracy curves and, per attribute, a grid of random queries with their top-5."""
+    """Top-k accuracy curves and, per attribute, a grid of random queries with their top-5.
+
+    Drawn from the top-k the metrics kept (``evaluation.retrievals``): no further gallery scan.
+    """
     from . import plots
 
     benchmark = evaluation.benchmark
     plots_dir = Path(plots_dir)
     curves, written = {}, []
     rng = np.random.default_rng(seed)
-    for attribute, neighbours in evaluation.neighbours.items():
-        q_labels, g_labels = benchmark.query_labels[attribute], benchmark.gallery_labels[attribute]
-        evaluable = benchmark.evaluable(attribute)
-        if not evaluable.any() or neighbours.shape[1] == 0:
+    for attribute, retrieval in evaluation.retrievals.items():
+        q_labels = benchmark.query_labels[attribute]
+        if retrieval.num_evaluated == 0 or retrieval.k == 0:
             continue
-        found = neighbours >= 0
-        labels_found = np.where(found, g_labels[np.maximum(neighbours, 0)], -1)
-        relevant = (labels_found == q_labels[:, None]) & (labels_found >= 0)
-        curves[attribute] = plots.topk_curve(relevant[evaluable])
-        chosen = np.sort(rng.choice(np.flatnonzero(evaluable), size=min(queries_shown, int(evaluable.sum())),
-                                    replace=False))
+        neighbours = retrieval.topk_indices[:, :PLOT_K]  # one row per evaluated query
+        relevant = retrieval.topk_relevant[:, :PLOT_K]
+        curves[attribute] = plots.topk_curve(relevant)
+        shown = np.sort(rng.choice(retrieval.num_evaluated, size=min(queries_shown, retrieval.num_evaluated),
+                                   replace=False))
+        chosen = retrieval.query_indices[shown]
         values = benchmark.values.get(attribute, [])
         captions = [values[q_labels[i]] if 0 <= q_labels[i] < len(values) and benchmark.kind != "instance"
                     else "query" for i in chosen]
         written.append(plots.plot_retrieval_grid(
             [benchmark.queries.resolve(benchmark.queries[i]) for i in chosen],
-            [[benchmark.gallery.resolve(benchmark.gallery[j]) for j in neighbours[i, :5] if j >= 0] for i in chosen],
-            relevant[chosen, :5], plots_dir / f"top5_{path_component(attribute)}.png",
+            [[benchmark.gallery.resolve(benchmark.gallery[j]) for j in neighbours[row, :5] if j >= 0] for row in shown],
+            relevant[shown, :5], plots_dir / f"top5_{path_component(attribute)}.png",
             f"{benchmark.name} ({evaluation.results['split']}), {attribute}: top-5 (green = relevant)", captions))
     if curves:
         written.insert(0, plots.plot_topk_curves(curves, plots_dir / "topk_accuracy.png",

@@ -88,6 +88,8 @@ def _catalog_roots(existing: Sequence[str], base: Path, paths: Sequence[str]) ->
 def _embed_into(catalog: CatalogIndex, model, meta: "RunMeta", table: SampleTable, batch_size: int,
                 progress: bool, device: str) -> tuple[int, list[str]]:
     """Embed every image once per space (decoding it once) and add the vectors."""
+    import numpy as np
+
     from ..engine.embed import embed_table_attributes
 
     indices = ([model.attribute_names.index(s) for s in catalog.spaces] if catalog.attribute_conditioned
@@ -104,6 +106,9 @@ def _embed_into(catalog: CatalogIndex, model, meta: "RunMeta", table: SampleTabl
         catalog.catalog_roots = _catalog_roots(catalog.catalog_roots, table.root, [m["path"] for m in metadata])
     for space, index in zip(catalog.spaces, indices):
         vectors = result.embeddings if index is None else result.by_attribute[index]
+        if not np.isfinite(vectors).all():  # finite weights can still overflow
+            raise StoreError(f"the model gives NaN or infinite embeddings for some images (space {space!r}); "
+                             "its weights are broken: nothing was written")
         catalog.add(space, ids, vectors, metadata)
     return len(rows), list(result.skipped)
 

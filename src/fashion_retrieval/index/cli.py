@@ -293,10 +293,18 @@ def _write_results(out: Path, answers, attribute: Optional[str], filters) -> Non
 def _print_table(query: Path, hits, attribute: Optional[str]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{query.name}" + (f" · same {attribute}" if attribute else ""))
+    from ..names import printable
+
+    # ids and categories are a catalog author's text: plain Text (never rich markup, where
+    # "[/x]" was a MarkupError traceback) with control characters shown, not sent to the terminal
+    def cell(value: object) -> Text:
+        return Text(printable("" if value is None else value))
+
+    table = Table(title=Text(printable(query.name) + (f" · same {printable(attribute)}" if attribute else "")))
     for column in ("rank", "id", "score", "category", "path"):
         table.add_column(column, justify="right" if column in ("rank", "score") else "left")
     for hit in hits:
-        table.add_row(str(hit.rank), hit.id, f"{hit.score:.4f}", str(hit.category or ""), str(hit.path))
+        table.add_row(str(hit.rank), cell(hit.id), f"{hit.score:.4f}", cell(hit.category), cell(hit.path))
     Console().print(table)

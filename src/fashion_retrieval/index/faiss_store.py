@@ -441,6 +441,9 @@ class FaissStore(VectorStore):
         require_keys(manifest, {"dim": int, "kind": str, "count": int, "next_iid": int}, manifest_path, StoreError)
         if manifest["kind"] not in KINDS:
             raise StoreError(f"{manifest_path}: unknown index kind {quote(manifest['kind'], 40)}")
+        if not 0 <= manifest["next_iid"] < 2**62:  # FAISS ids are int64: 2**70 was an OverflowError at the next add
+            raise StoreError(f"{manifest_path}: next_iid {quote(manifest['next_iid'], 40)} is not a vector id; "
+                             "rebuild the index")
         for key, kinds in (("info", (dict, type(None))), ("nlist", (int, type(None))), ("pq_m", int), ("hnsw_m", int)):
             if key in manifest:
                 require_keys(manifest, {key: kinds}, manifest_path, StoreError)

@@ -41,7 +41,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import atomic
-from ..data.images import ImageLoadError, decode_bytes, load_rgb
+from ..data.images import ImageLoadError, decode_bytes, load_rgb, open_image
 from ..files import quote as files_quote
 from ..index.catalog import CatalogIndex, UnknownSpaceError
 from ..index.filters import FilterError, SearchFilter
@@ -158,7 +158,7 @@ def upload_cost(path: str | Path, limits: Limits) -> int:
     """Bytes a decode of this upload and the model's preprocessing of it hold at their peak,
     from the file's header (the size and mode PIL reads before decoding anything)."""
     try:
-        with Image.open(path) as image:
+        with open(path, "rb") as file, open_image(file) as image:
             width, height = image.size
             pixels = width * height
             if pixels > limits.max_pixels:
@@ -248,7 +248,7 @@ def open_image_file(recorded: str, roots: Sequence[str]) -> tuple[BinaryIO, str,
         return None
     file = os.fdopen(fd, "rb")
     try:
-        with Image.open(file) as image:  # reads the header only; the file stays ours
+        with open_image(file, tuple(SERVED_FORMATS)) as image:  # the header only; the file stays ours
             kind = image.format
         if kind not in SERVED_FORMATS:
             file.close()

@@ -69,15 +69,23 @@ def _sha256(path: Path) -> str:
 
 
 def registry(folder: Path | None = None) -> dict[str, ZooModel]:
-    from ..files import read_json
+    from ..files import quote, read_json
 
     folder = folder or zoo_dir()
     path = folder / REGISTRY_NAME
     if not path.is_file():
         return {}
+    from ..names import is_component
+
     data = read_json(path, ZooError)
     models = {}
     for name, entry in data.get("models", {}).items():
+        # a private zoo's registry is a file someone hands you: its names become folders
+        if not is_component(name):
+            raise ZooError(f"{path}: model name {quote(name, 80)} is not a plain folder name")
+        pinned = entry.get("files") if isinstance(entry, dict) else None
+        if isinstance(pinned, dict) and not set(pinned) <= {WEIGHTS_FILE, META_FILE}:
+            raise ZooError(f"{path}: entry {quote(name, 80)} pins files other than {WEIGHTS_FILE} and {META_FILE}")
         try:
             models[name] = ZooModel(name=name, **entry, zoo_dir=folder)
         except TypeError as exc:
