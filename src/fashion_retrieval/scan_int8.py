@@ -30,7 +30,8 @@ import warnings
 import numpy as np
 import torch
 
-from .scan import _chunk_candidates, _ordered_topk
+from .topk import chunk_candidates as _chunk_candidates
+from .topk import ordered_topk as _ordered_topk
 
 INT8_SCAN = True  # False: never use the int8 pass (tests compare with the exact scans)
 MIN_GALLERY = 32768  # below this, or with fewer queries, FAISS's exact k-NN was as fast or faster
