@@ -378,7 +378,10 @@ def _stopping_decision(history: list[dict[str, Any]], split: str, rule: Any) -> 
     if evaluations and values[-1] is None:
         raise ConfigError(f"train.early_stop.metric: {quote(rule.metric, 80)} is not among the {split} "
                           f"evaluation's metrics ({', '.join(available_metrics(evaluations[-1])[:12])})")
-    return should_stop([value for value in values if value is not None], rule.patience, rule.min_delta)
+    # NaN: an evaluation that measured nothing (every query image unreadable, e.g. a data folder
+    # that vanished for a moment) says nothing about the model, so it neither stops nor extends the run
+    return should_stop([value for value in values if value is not None and not math.isnan(value)],
+                       rule.patience, rule.min_delta)
 
 
 # ---- the loop --------------------------------------------------------------------------------
