@@ -5,6 +5,7 @@ checkpoint loading uses, because publishing reads the run with the engine's meta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,11 @@ def add_to_zoo(run_dir: str | Path, name: str, description: str, task: str, metr
     # Local paths of the machine it was trained on say nothing to a user and may say too much.
     meta = {**meta, "zoo": {"name": name, "weights_dtype": "float16"}}
     meta["dataset"] = {key: value for key, value in meta.get("dataset", {}).items() if key != "root"}
-    write_with(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; a shipped file is for every user of the package
+
+    write_with(folder / WEIGHTS_FILE, write_weights)
     write_json(folder / META_FILE, meta)
     files = {file_name: {"sha256": _sha256(folder / file_name), "size": (folder / file_name).stat().st_size}
              for file_name in (WEIGHTS_FILE, META_FILE)}
