@@ -20,7 +20,7 @@ from catalog_fixtures import save_tiny_checkpoint, write_catalog
 from fashion_retrieval.data.images import ImageLoadError, load_rgb
 from fashion_retrieval.index.build import build_index
 from fashion_retrieval.serve.app import Limits, create_app
-from fashion_retrieval.serve.embedders import TorchEmbedder
+from fashion_retrieval.index.embedders import TorchEmbedder
 
 LOCAL = "http://127.0.0.1"
 
