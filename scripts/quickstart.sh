@@ -50,7 +50,7 @@ $FR index build --checkpoint "$CHECKPOINT" --images "$DATA/fashion-product" --fo
 # Consumer photos no model here trained on (clothing's validation split): the first of six categories.
 rm -rf "$OUT/queries" && mkdir -p "$OUT/queries"
 for category in dress outwear pants shirt shoes t-shirt; do
-  photo=$(find "$DATA/clothing/validation/$category" -name '*.jpg' | sort | head -1)
+  photo=$(find "$DATA/clothing/validation/$category" -name '*.jpg' | sort | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
   [[ -n $photo ]] && cp "$photo" "$OUT/queries/$category.jpg"
 done
 echo "== search: $(ls "$OUT/queries" | wc -l) consumer photos"
