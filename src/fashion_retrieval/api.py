@@ -29,7 +29,6 @@ import numpy as np
 from .index.filters import FilterError, SearchFilter
 
 ZOO_PREFIX = "zoo:"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 ImageLike = Union[str, os.PathLike, "Image.Image"]  # noqa: F821 - PIL is imported where images are decoded
 Filters = Union[Mapping[str, Union[str, Sequence[str]]], SearchFilter, None]
@@ -227,6 +226,7 @@ def query_files(source: str | os.PathLike) -> list[Path]:
     import csv
     import io
 
+    from .data.readers.catalog import IMAGE_SUFFIXES
     from .data.table import AnnotationError, read_utf8_text
 
     source = Path(source)
@@ -234,7 +234,7 @@ def query_files(source: str | os.PathLike) -> list[Path]:
         photos = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                         and not any(part.startswith(".") for part in p.relative_to(source).parts))
         if not photos:
-            raise AnnotationError(source, None, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise AnnotationError(source, None, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
         return photos
     if source.suffix.lower() != ".csv":
         return [source]  # one photo: the image loader names what is wrong with it, missing included

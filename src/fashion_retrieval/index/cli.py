@@ -260,8 +260,8 @@ def _write_results(out: Path, answers, attribute: Optional[str], filters) -> Non
     with its error), written to a temporary file and renamed: a reader never sees half a file."""
     import csv
     import io
-    import os
-    import tempfile
+
+    from ..atomic import replacing
 
     if out.suffix.lower() == ".json":
         text = json.dumps(_results_document(answers, attribute, filters, batch=True), indent=2, ensure_ascii=False)
@@ -277,17 +277,8 @@ def _write_results(out: Path, answers, attribute: Optional[str], filters) -> Non
                                  hit.path or "", json.dumps(hit.attributes, ensure_ascii=False), ""])
         text = buffer.getvalue()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text + ("\n" if out.suffix.lower() == ".json" else ""))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from the user's other tools
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(out, "w", encoding="utf-8", newline="") as handle:  # open(): the umask's mode, not 0600
+        handle.write(text + ("\n" if out.suffix.lower() == ".json" else ""))
 
 
 def _print_table(query: Path, hits, attribute: Optional[str]) -> None:

@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import atomic
 from ..data.images import ImageLoadError, decode_bytes, load_rgb, open_image
+from ..data.readers.catalog import IMAGE_SUFFIXES
 from ..files import quote as files_quote
 from ..index.catalog import CatalogIndex, UnknownSpaceError
 from ..index.filters import FilterError, SearchFilter
@@ -51,7 +52,6 @@ from ..index.embedders import Embedder
 
 _log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
-ALLOWED_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SERVED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}  # what PIL must recognise before we serve it
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small form fields around the file
 STORED_UPLOAD_SIDE = 1024  # images added over HTTP are kept for display, not at full resolution
@@ -226,7 +226,7 @@ def open_image_file(recorded: str, roots: Sequence[str]) -> tuple[BinaryIO, str,
     /proc, must be the resolved one), a FIFO or device (fstat), or a file PIL does not recognise
     as an image (a password file) is refused. What is sent is read from that descriptor.
     """
-    if Path(recorded).suffix.lower() not in ALLOWED_IMAGE_SUFFIXES:
+    if Path(recorded).suffix.lower() not in IMAGE_SUFFIXES:
         return None
     real = os.path.realpath(recorded)
     if not _inside(real, roots):
