@@ -121,3 +121,33 @@ def test_decoded_cache_off_as_yaml_writes_it():
     assert config_from_dict(recipe).data.decoded_cache == "off"
     recipe["data"]["decoded_cache"] = yaml.safe_load("on")
     assert config_from_dict(recipe).data.decoded_cache == "run"
+
+
+def test_embedding_runs_channels_last_on_the_cpu_and_gives_the_weights_their_format_back(tmp_path):
+    from PIL import Image
+
+    from fashion_retrieval.data.table import Sample, SampleTable
+    from fashion_retrieval.engine.embed import embed_table
+
+    torch.manual_seed(0)
+    model = GlobalNet(num_items=5, backbone="resnet18", embedding_dim=16).eval()
+    for i in range(6):
+        Image.new("RGB", (40, 56), (40 * i, 255 - 30 * i, 90)).save(tmp_path / f"{i}.jpg")
+    table = SampleTable([Sample(path=f"{i}.jpg", item_id=str(i)) for i in range(6)], tmp_path)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last) and model.backbone_weights_channels_last()))
+    model.backbone_weights_channels_last = lambda: all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+
+    fast = embed_table(model, table, (32, 24), batch_size=4, progress=False)
+    assert seen and all(seen)  # weights and inputs channels_last during the forward
+    assert all(p.is_contiguous() for p in model.parameters())  # ... and contiguous again after
+    seen.clear()
+    plain = embed_table(model, table, (32, 24), batch_size=4, progress=False, channels_last=False)
+    assert seen and not any(seen)
+    assert torch.allclose(torch.from_numpy(fast.embeddings), torch.from_numpy(plain.embeddings), atol=1e-5)
+
+    model.to(memory_format=torch.channels_last)  # a channels_last training model stays as it is
+    embed_table(model, table, (32, 24), batch_size=4, progress=False)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)

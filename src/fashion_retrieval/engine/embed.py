@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import ImageDataset, Transform, collate_skipping, default_transform
 from ..data.table import SampleTable
 from ..models.base import RetrievalModel
+from .execution import channels_last_inference
 
 
 @dataclass
@@ -158,8 +159,11 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                            attributes: Sequence[int | None], batch_size: int = 64,
                            device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
                            crop_bbox: bool = False, amp: bool = False, desc: str = "embedding",
-                           decode: str = "pil") -> EmbedResult:
+                           decode: str = "pil", channels_last: bool = True) -> EmbedResult:
     """Embed every row once per attribute index in ``attributes``, decoding each image only once.
+
+    ``channels_last``: on the CPU, run the model with channels_last weights and inputs (faster
+    there; the weights get their format back afterwards). CUDA inputs are channels_last anyway.
 
     ``decode``: ``"pil"`` decodes and resizes in the DataLoader workers; ``"device"`` has the
     workers only read JPEG bytes and decodes and resizes them on ``device`` (other files still
@@ -186,7 +190,8 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
     kept: list[np.ndarray] = []
     skipped: list[str] = []
     try:
-        with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
+                channels_last_inference(model, enabled=device.type == "cpu" and channels_last):
             for batch in loader:
                 batch_skipped = list(batch["skipped"])
                 if on_device:
@@ -197,7 +202,7 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                     rows = batch.get("index")
                 skipped += batch_skipped
                 if images is not None:
-                    if device.type == "cuda":
+                    if device.type == "cuda" or channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
                     for slot, embedding in enumerate(_forward_embeddings(model, images, attributes, amp)):
                         chunks[slot].append(embedding.cpu().numpy())
@@ -214,12 +219,13 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
 
 def embed_table(model: RetrievalModel, table: SampleTable, image_size: Sequence[int], batch_size: int = 64,
                 attribute: int | None = None, device: str | torch.device = "cpu", num_workers: int = 0,
-                progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil") -> EmbedResult:
+                progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil",
+                channels_last: bool = True) -> EmbedResult:
     """L2-normalised embeddings of every readable row of ``table`` (for ``attribute`` when the
-    model is attribute-conditioned); ``decode`` as in :func:`embed_table_attributes`."""
+    model is attribute-conditioned); ``decode`` and ``channels_last`` as in :func:`embed_table_attributes`."""
     return embed_table_attributes(model, table, image_size, [attribute], batch_size=batch_size, device=device,
                                   num_workers=num_workers, progress=progress, crop_bbox=crop_bbox, amp=amp,
-                                  decode=decode)
+                                  decode=decode, channels_last=channels_last)
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -92,6 +93,30 @@ def plan_execution(config: ExperimentConfig, device: torch.device, world_size: i
     return ExecutionPlan(device=device, channels_last=_auto(train.channels_last, True),
                          amp=_auto(train.amp, on_gpu), compile=compile_mode, threads=int(threads),
                          num_workers=int(workers), pin_memory=on_gpu, frozen_stages=train.freeze_backbone_stages)
+
+
+# ---- inference (evaluate, index build, search, serve) ----------------------------------------
+def _has_channels_last_weights(model: nn.Module) -> bool:
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+@contextmanager
+def channels_last_inference(model: nn.Module, enabled: bool = True):
+    """Run ``model`` with channels_last weights for the duration (inputs are the caller's to
+    convert), then give the weights back their memory format: the model may be a training model
+    in the middle of a run whose recipe turned channels_last off. Yields whether it is on.
+
+    On the CPU this is the embedding's main lever (global_net Lite0's eval forward: see
+    docs/performance.md, "Embedding"); on CUDA cuDNN converts the weights itself, as before."""
+    if not enabled or _has_channels_last_weights(model) or not any(p.dim() == 4 for p in model.parameters()):
+        yield enabled
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield True
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 # ---- partial fine-tuning ----------------------------------------------------------------------
