@@ -20,8 +20,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..registry import ConfigError, Registry
-from ..scan import labelled_rows
-from ..scan import relevant_counts as _relevant_counts
 from .category_map import load_category_map
 from .readers import READERS
 from .table import SampleTable
@@ -60,8 +58,10 @@ class Benchmark:
         """How many gallery images are relevant to each query (0 for unknown query labels)."""
         q, g = self.query_labels[attribute], self.gallery_labels[attribute]
         if q.ndim == 2:
+            from ..scan import relevant_counts  # imported here: scan brings torch, benchmarks stay light
+
             own = np.arange(len(q)) if self.exclude_self else np.full(len(q), -1)
-            return _relevant_counts(q, g, own)
+            return relevant_counts(q, g, own)
         size = int(max(q.max(initial=-1), g.max(initial=-1))) + 1
         per_value = np.bincount(g[g >= 0], minlength=size)
         counts = np.where(q >= 0, per_value[np.maximum(q, 0)], 0)
@@ -71,7 +71,9 @@ class Benchmark:
 
     def evaluable(self, attribute: str) -> np.ndarray:
         """Queries that count for ``attribute``: a known label and at least one relevant image."""
-        return labelled_rows(self.query_labels[attribute]) & (self.relevant_counts(attribute) > 0)
+        labels = self.query_labels[attribute]
+        labelled = labels >= 0 if labels.ndim == 1 else (labels >= 0).any(axis=1)
+        return labelled & (self.relevant_counts(attribute) > 0)
 
     def drop(self, queries: Iterable[int] = (), gallery: Iterable[int] = ()) -> "Benchmark":
         """A copy without some rows, e.g. images that turned out unreadable.
