@@ -253,6 +253,29 @@ def write_asen_lists(root: Path, files: dict[str, list[str]] | None = None) -> d
     return {"root": root, "files": written, "rows": 10}
 
 
+# ASEN's DeepFashion lists with multi-valued attribute types: an image listed with two textures
+# on one line (train image 0), on two lines (train image 1, query 0, candidate 0) and with a
+# repeated pair; shape stays single-valued everywhere.
+DEEPFASHION_ASEN_MULTIVALUED = {
+    "filenames_train.txt": ["img/Floral_Striped_Blouse/img_00000001.jpg", "img/Floral_Striped_Blouse/img_00000002.jpg",
+                            "img/Denim_Shorts/img_00000001.jpg"],
+    "label_train.txt": ["0 0 3 0 7 4 1", "1 0 7", "1 0 12", "1 2 5", "2 0 3", "0 0 3"],
+    "filenames_test.txt": ["img/Q/img_00000001.jpg", "img/A/img_00000001.jpg", "img/B/img_00000001.jpg",
+                           "img/C/img_00000001.jpg", "img/D/img_00000001.jpg"],
+    # query 0: texture {3, 7}; query 1: style {2}
+    "query_test.txt": ["0 0 3", "0 0 7", "1 4 2"],
+    # B: texture {7, 12}; C: texture {3}, style {2}; D: texture {9}, style {2, 6}
+    "candidate_test.txt": ["2 0 7", "2 0 12", "3 0 3", "4 0 9", "3 4 2", "4 4 2 4 6"],
+}
+
+
+def write_deepfashion_asen_multivalued(root: Path) -> dict[str, Any]:
+    """:data:`DEEPFASHION_ASEN_MULTIVALUED` in ``root/split``: 3 train, 2 query and 3 gallery rows;
+    texture and style are multi-valued, shape is not."""
+    written = write_asen_lists(Path(root) / "split", DEEPFASHION_ASEN_MULTIVALUED)["files"]
+    return {"root": Path(root), "files": written, "rows": 8}
+
+
 FASHIONAI_META = {
     "ATTRIBUTES": ["skirt_length", "collar_design"],
     "ATTRIBUTES_NUM": {"skirt_length": 6, "collar_design": 5},

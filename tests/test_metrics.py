@@ -242,15 +242,20 @@ def test_retrieval_result_validation():
 # ---------------------------------------------------------------------------------------------
 
 def _naive_metrics(scores: np.ndarray, query_labels, gallery_labels, own, ks, map_at, recall_at):
-    """The metrics query by query from the one-query oracle over a full lexsort ranking."""
+    """The metrics query by query from the one-query oracle over a full lexsort ranking; labels
+    are [N] ids or value sets [N, W] (-1 padded)."""
     per_metric: dict[str, list[float]] = {}
     without, unlabelled = 0, 0
     for q in range(scores.shape[0]):
-        if query_labels[q] < 0:
+        if not np.any(np.asarray(query_labels[q]) >= 0):
             unlabelled += 1
             continue
         order = ranking(scores[q], ignore=own[q])
-        relevant = (gallery_labels[order] == query_labels[q]) & (gallery_labels[order] >= 0)
+        if query_labels.ndim == 2:  # value sets: relevant = shares a value, by Python sets
+            wanted = {int(v) for v in query_labels[q] if v >= 0}
+            relevant = np.array([bool(wanted & {int(v) for v in gallery_labels[g] if v >= 0}) for g in order])
+        else:
+            relevant = (gallery_labels[order] == query_labels[q]) & (gallery_labels[order] >= 0)
         if not relevant.any():
             without += 1
             continue
@@ -292,6 +297,53 @@ def test_matches_naive_full_sort_reference_with_heavy_ties(seed):
     assert ours.keys() == expected.keys()
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+def _value_set_labels(rng: np.random.Generator, rows: int, width: int, n_labels: int) -> np.ndarray:
+    """[rows, width] value sets, -1 padded: every fifth row empty (unlabelled), some rows with a
+    value twice."""
+    labels = rng.integers(-1, n_labels, (rows, width))
+    labels[::5] = -1
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_value_sets_match_the_naive_shares_a_value_reference(seed, monkeypatch):
+    rng = np.random.default_rng(100 + seed)
+    n_queries, n_gallery = int(rng.integers(20, 60)), int(rng.integers(50, 300))
+    queries, gallery, _, _ = _tied_problem(rng, n_queries, n_gallery, 3, 6)
+    query_labels = _value_set_labels(rng, n_queries, 3, 7)
+    gallery_labels = _value_set_labels(rng, n_gallery, 2, 7)
+    own = np.where(rng.random(n_queries) < 0.5, rng.integers(0, n_gallery, n_queries), -1)
+    if seed % 2:  # relevant counts a few queries at a time
+        monkeypatch.setattr(scan_module, "SHARED_VALUE_PAIRS_PER_CHUNK", 40)
+    ks, map_at, recall_at = (1, 5, 10, 20), (10, 100), (5, 100)
+    spec = MetricSpec(ks, map_at, recall_at)
+    ours = evaluate_retrieval(queries, gallery, query_labels, gallery_labels, spec=spec,
+                              query_gallery_index=own, query_chunk=7, gallery_chunk=13)
+    scores = queries.astype(np.float64) @ gallery.T.astype(np.float64)
+    expected = _naive_metrics(scores, query_labels, gallery_labels, own, ks, map_at, recall_at)
+    assert expected["queries_evaluated"] > 0 and expected["queries_unlabelled"] > 0
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    # metrics past the kept top-k come from the ranks of the relevant items: the same numbers
+    narrow = retrieve(queries, gallery, query_labels, gallery_labels, k=1, query_gallery_index=own, query_chunk=5)
+    for key, value in narrow.metrics(spec).items():
+        assert value == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_value_sets_of_one_value_are_single_labels():
+    rng = np.random.default_rng(8)
+    queries, gallery, query_labels, gallery_labels = _tied_problem(rng, 30, 120, 3, 5)
+    single = retrieve(queries, gallery, query_labels, gallery_labels, k=10)
+    for q, g in ((query_labels[:, None], gallery_labels[:, None]), (query_labels, gallery_labels[:, None]),
+                 (np.stack([query_labels, np.full(30, -1)], 1), gallery_labels)):
+        sets = retrieve(queries, gallery, q, g, k=10)
+        for field in ("query_indices", "topk_indices", "topk_relevant", "n_relevant", "relevant_ranks"):
+            np.testing.assert_array_equal(getattr(sets, field), getattr(single, field), err_msg=field)
+    with pytest.raises(ValueError, match=r"1-D \[N\] or value sets \[N, W\]"):
+        retrieve(queries, gallery, query_labels[:, None, None], gallery_labels)
 
 
 def test_chunked_topk_matches_lexsort_order():

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from fixtures_official import (ASEN_FILES, FIRST_DATA_LINE, replace_line, write_asen_fashionai, write_asen_lists,
-                               write_counted_list, write_deepfashion_attributes, write_deepfashion_c2s,
-                               write_deepfashion_inshop, write_fashionai, write_street2shop, write_text)
+                               write_counted_list, write_deepfashion_asen_multivalued, write_deepfashion_attributes,
+                               write_deepfashion_c2s, write_deepfashion_inshop, write_fashionai, write_street2shop,
+                               write_text)
 from fashion_retrieval.data.readers import READERS
 from fashion_retrieval.data.readers._annotations import MissingAnnotationFile
 from fashion_retrieval.data.readers.fashionai import hash_split
@@ -648,3 +649,39 @@ def test_deepfashion_asen_names_values_from_the_official_attribute_list(tmp_path
         read("deepfashion_asen", tmp_path, split_dir="split", attribute_list="Anno/absent.txt")
     with pytest.raises(ConfigError, match="meta or attribute_list, not both"):
         read("deepfashion_asen", tmp_path, split_dir="split", meta="meta.json", attribute_list="Anno/list_attr_cloth.txt")
+
+
+def test_deepfashion_asen_reads_several_values_of_one_type_as_a_tuple(tmp_path):
+    facts = write_deepfashion_asen_multivalued(tmp_path)
+    table = read("deepfashion_asen", tmp_path, split_dir="split")
+    assert len(table) == facts["rows"] and table.multi_label == ("texture", "style")
+    assert [(s.item_id, s.split) for s in table] == [
+        ("Floral_Striped_Blouse", "train"), ("Floral_Striped_Blouse", "train"), ("Denim_Shorts", "train"),
+        ("Q", "query"), ("A", "query"), ("B", "gallery"), ("C", "gallery"), ("D", "gallery")]
+    attributes = [s.attributes for s in table]
+    # two pairs of a type on one line (and a repeated pair), or two lines: one value set, in index order
+    assert attributes[0] == {"texture": ("value_3", "value_7"), "style": ("value_1",)}
+    assert attributes[1] == {"texture": ("value_7", "value_12"), "shape": "value_5"}
+    assert attributes[2] == {"texture": ("value_3",)}  # a multi-valued type is a tuple on every row
+    assert attributes[3:5] == [{"texture": ("value_3", "value_7")}, {"style": ("value_2",)}]
+    assert attributes[5:] == [{"texture": ("value_7", "value_12")}, {"texture": ("value_3",), "style": ("value_2",)},
+                              {"texture": ("value_9",), "style": ("value_2", "value_6")}]
+
+
+def test_deepfashion_asen_multivalued_lists_still_name_malformed_lines(tmp_path):
+    facts = write_deepfashion_asen_multivalued(tmp_path)
+    replace_line(facts["files"]["candidate_test.txt"], 6, "4 4 2 4")
+    error = annotation_error("deepfashion_asen", tmp_path, split_dir="split")
+    assert (error.path, error.line) == (str(facts["files"]["candidate_test.txt"]), 6)
+    assert "got 4 columns" in error.problem
+    replace_line(facts["files"]["candidate_test.txt"], 6, "4 4 2 4 230")
+    error = annotation_error("deepfashion_asen", tmp_path, split_dir="split")
+    assert error.line == 6 and "value of 'style' must be in 0..229, got 230" in error.problem
+
+
+def test_single_label_asen_datasets_still_refuse_a_second_value(tmp_path):
+    # DARN's attributes are single-label: two values of one attribute are a mistake in the lists
+    facts = write_asen_lists(tmp_path)
+    replace_line(facts["files"]["label_train.txt"], 1, "0 0 3 0 4")
+    error = annotation_error("darn", tmp_path)
+    assert error.line == 1 and "pic/t0.jpg has 'clothes category' = 'value_4' here but 'value_3' on line 1" in error.problem

@@ -105,9 +105,16 @@ def _darn(root: Path) -> None:
 
 
 def _deepfashion_asen(root: Path) -> None:
+    """As the other ASEN lists, plus second values of a type (DeepFashion's attributes are
+    multi-label): on train images, on a query and on gallery images, so the recipes train and
+    evaluate on value sets."""
     from fashion_retrieval.data.readers.darn import DEEPFASHION_ATTRIBUTES
 
     _asen_lists(root / "split", list(DEEPFASHION_ATTRIBUTES.values()))
+    for name, lines in (("label_train.txt", [f"{n} 0 2 3 1" for n in range(0, 24, 2)]),
+                        ("query_test.txt", ["0 0 1", "1 3 0"]), ("candidate_test.txt", ["4 0 1", "5 3 0"])):
+        with (root / "split" / name).open("a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
     types = enumerate(DEEPFASHION_ATTRIBUTES.values(), 1)
     write_counted_list(root / "Anno" / "list_attr_cloth.txt", "attribute_name attribute_type",
                        [f"attribute {kind}.{n:<20} {kind}" for kind, count in types for n in range(count)])
@@ -176,6 +183,15 @@ def test_recipe_trains_and_evaluates_on_fixtures(recipe: Path, data_root: Path, 
         metrics = result.evaluation["metrics"]["overall"]
         assert result.evaluation["benchmark"] == config.eval.benchmark and metrics["queries"] > 0
         assert all(0.0 <= value <= 1.0 for name, value in metrics.items() if name != "queries")
+
+
+def test_the_deepfashion_recipes_fixture_has_multi_valued_types(tmp_path: Path) -> None:
+    _deepfashion_asen(tmp_path)
+    table = READERS.build("deepfashion_asen", root=tmp_path, split_dir="split")
+    assert table.multi_label == ("texture", "part")
+    several = {split: sum(len(s.attributes.get("texture", ())) > 1 for s in table.filter(split=split))
+               for split in ("train", "query", "gallery")}
+    assert several["train"] > 0 and several["query"] == several["gallery"] == 1
 
 
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if "attribute_triplet" in p.read_text()],

@@ -14,6 +14,10 @@ Definitions (also in docs/metrics.md):
 * a gallery item is relevant when its label equals the query's label; a gallery label < 0 is
   never relevant (the item stays in the ranking as a distractor); a query label < 0 means the
   query is not evaluated;
+* labels may instead be value sets, an int array [N, W] whose row lists an item's values padded
+  with -1 (a multi-label attribute: DeepFashion's texture, fabric, …): a gallery item is then
+  relevant when it shares at least one value with the query, and a row without a value is
+  unlabelled. 1-D labels take the single-label path, unchanged;
 * ``top{k}``: fraction of queries with at least one relevant item in the first k;
 * ``MAP@k``: sum of precision@i over relevant positions i ≤ k, divided by min(k, n_relevant);
 * ``Recall@k``: relevant items in the first k divided by n_relevant;
@@ -288,15 +292,37 @@ def _check_finite(tensor: torch.Tensor, name: str) -> None:
             raise ValueError(f"{name} contains NaN or infinite values (first at row {start + row}, column {column})")
 
 
-def _labels(x: ArrayLike | Sequence[int], length: int, name: str) -> np.ndarray:
+def _labels(x: ArrayLike | Sequence[int], length: int, name: str, sets: bool = False) -> np.ndarray:
+    """[N] integer labels; with ``sets`` also value sets [N, W] (-1 padded)."""
     labels = _to_numpy(x)
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {labels.shape}")
+    if labels.ndim != 1 and not (sets and labels.ndim == 2):
+        expected = "1-D [N] or value sets [N, W]" if sets else "1-D"
+        raise ValueError(f"{name} must be {expected}, got shape {labels.shape}")
     if labels.shape[0] != length:
         raise ValueError(f"{name} has {labels.shape[0]} entries but there are {length} embeddings/rows")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"{name} must hold integers (label < 0 = unlabelled), got {labels.dtype}")
     return labels.astype(np.int64, copy=False)
+
+
+def _label_pair(query_labels, gallery_labels, num_queries: int, num_gallery: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' labels, checked; when one side holds value sets the other becomes sets too."""
+    q = _labels(query_labels, num_queries, "query_labels", sets=True)
+    g = _labels(gallery_labels, num_gallery, "gallery_labels", sets=True)
+    if q.ndim != g.ndim:
+        q, g = (q if q.ndim == 2 else q[:, None]), (g if g.ndim == 2 else g[:, None])
+    return q, g
+
+
+def _shares_value(query_sets: np.ndarray, gallery_sets: np.ndarray, gallery_index: np.ndarray) -> np.ndarray:
+    """[E, k] bool: gallery item ``gallery_index[e, j]`` has a value of query set ``query_sets[e]``
+    (one query column at a time, so memory stays E × k × W)."""
+    candidates = gallery_sets[gallery_index]  # [E, k, W]
+    shares = np.zeros(gallery_index.shape, dtype=bool)
+    for column in range(query_sets.shape[1]):
+        value = query_sets[:, column][:, None, None]
+        shares |= ((candidates == value) & (value >= 0)).any(axis=2)
+    return shares
 
 
 def _self_index(x: ArrayLike | Sequence[int] | None, num_queries: int, num_gallery: int) -> np.ndarray:
@@ -316,9 +342,13 @@ def _self_index(x: ArrayLike | Sequence[int] | None, num_queries: int, num_galle
 def _result(output: _scan.ScanOutput, query_labels: np.ndarray, gallery_labels: np.ndarray) -> RetrievalResult:
     evaluated = output.evaluated
     n_relevant = output.n_relevant_all[evaluated]
-    labelled = query_labels >= 0
+    labelled = _scan.labelled_rows(query_labels)
     safe = np.maximum(output.topk_indices, 0)
-    topk_relevant = (output.topk_indices >= 0) & (gallery_labels[safe] == query_labels[evaluated][:, None])
+    if query_labels.ndim == 1:
+        same = gallery_labels[safe] == query_labels[evaluated][:, None]
+    else:
+        same = _shares_value(query_labels[evaluated], gallery_labels, safe)
+    topk_relevant = (output.topk_indices >= 0) & same
     rank_offsets = None
     if output.relevant_ranks is not None:
         rank_offsets = np.concatenate([[0], np.cumsum(n_relevant)]).astype(np.int64)
@@ -352,15 +382,15 @@ def retrieve(
     """Rank the gallery for every evaluated query, chunk by chunk, keeping what metrics need.
 
     Similarity = float32 dot product. ``query_gallery_index[q]`` is the gallery index of query
-    q itself (-1 = none), removed from its ranking. ``full_ranks`` also computes the rank of
+    q itself (-1 = none), removed from its ranking. Labels are [N] ids or value sets [N, W]
+    (-1 padded; relevant = shares a value, see the module docstring). ``full_ranks`` also computes the rank of
     every relevant item (for MAP@all); it costs a second pass over the gallery. Memory is
     O(query_chunk × gallery_chunk) besides the inputs, the [E, k] top-k and the relevant ranks.
     ``device`` defaults to the device of the embeddings (CPU for numpy).
     """
     queries = _embeddings(query_embeddings, "query_embeddings")
     gallery = _embeddings(gallery_embeddings, "gallery_embeddings")
-    q_labels = _labels(query_labels, queries.shape[0], "query_labels")
-    g_labels = _labels(gallery_labels, gallery.shape[0], "gallery_labels")
+    q_labels, g_labels = _label_pair(query_labels, gallery_labels, queries.shape[0], gallery.shape[0])
     self_index = _self_index(query_gallery_index, queries.shape[0], gallery.shape[0])
     source = _scan.EmbeddingScores(queries, gallery,
                                    _scan.resolve_device(device, query_embeddings, gallery_embeddings))
@@ -393,8 +423,7 @@ def retrieve_from_scores(
     if not matrix.is_floating_point():
         matrix = matrix.to(torch.float64)
     _check_finite(matrix, "scores")
-    q_labels = _labels(query_labels, matrix.shape[0], "query_labels")
-    g_labels = _labels(gallery_labels, matrix.shape[1], "gallery_labels")
+    q_labels, g_labels = _label_pair(query_labels, gallery_labels, matrix.shape[0], matrix.shape[1])
     self_index = _self_index(query_gallery_index, matrix.shape[0], matrix.shape[1])
     source = _scan.MatrixScores(matrix, higher_is_better, _scan.resolve_device(device, scores))
     with torch.inference_mode():
@@ -510,7 +539,8 @@ def retrieve_attributes(
 ) -> dict[str, RetrievalResult]:
     """One :func:`retrieve` per attribute (ASEN / M3-Net protocol), keeping what ``spec`` needs
     (``k`` keeps more top items, e.g. for plots). Each attribute has its own (attribute-conditioned)
-    query and gallery embeddings and labels = that attribute's value."""
+    query and gallery embeddings and labels = that attribute's value, or value sets [N, W] for a
+    multi-label attribute (relevant = shares a value)."""
     names = list(query_embeddings)
     for mapping, what in ((gallery_embeddings, "gallery_embeddings"), (query_labels, "query_labels"),
                           (gallery_labels, "gallery_labels")):

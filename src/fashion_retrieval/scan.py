@@ -28,8 +28,16 @@ def check_chunks(query_chunk: int, gallery_chunk: int) -> None:
         raise ValueError(f"chunk sizes must be ≥ 1, got query_chunk={query_chunk}, gallery_chunk={gallery_chunk}")
 
 
+def labelled_rows(labels: np.ndarray) -> np.ndarray:
+    """Rows with a label: a label ≥ 0, or for value sets ([N, W], -1 padded) at least one value."""
+    return labels >= 0 if labels.ndim == 1 else (labels >= 0).any(axis=1)
+
+
 def relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, self_index: np.ndarray) -> np.ndarray:
-    """Relevant gallery items per query: same label, gallery label ≥ 0, own item not counted."""
+    """Relevant gallery items per query: same label (for value sets: at least one value in
+    common), gallery label ≥ 0, own item not counted."""
+    if query_labels.ndim == 2:
+        return _shared_value_counts(query_labels, gallery_labels, self_index)
     labels, counts = np.unique(gallery_labels[gallery_labels >= 0], return_counts=True)
     if labels.size == 0:
         return np.zeros(query_labels.shape[0], dtype=np.int64)
@@ -147,6 +155,63 @@ def _positive_pairs(labels: np.ndarray, self_index: np.ndarray, gallery_order: n
     rows, gallery = rows[keep], gallery[keep]
     by_gallery = np.argsort(gallery, kind="stable")
     return _Positives(rows[by_gallery], gallery[by_gallery])
+
+
+def _gallery_by_label(gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery index, label) of every labelled gallery entry, sorted by label (stable); a gallery
+    item with a value set has one entry per value."""
+    if gallery_labels.ndim == 1:
+        labelled = np.flatnonzero(gallery_labels >= 0)
+        order = labelled[np.argsort(gallery_labels[labelled], kind="stable")]
+        return order, gallery_labels[order]
+    rows, columns = np.nonzero(gallery_labels >= 0)
+    values = gallery_labels[rows, columns]
+    by_value = np.argsort(values, kind="stable")
+    return rows[by_value], values[by_value]
+
+
+def _shared_value_pairs(label_sets: np.ndarray, self_index: np.ndarray, gallery_order: np.ndarray,
+                        sorted_gallery_labels: np.ndarray) -> _Positives:
+    """:func:`_positive_pairs` for value sets ([n, W], -1 padded): the pairs of each of a query's
+    values, a gallery item that shares several of them counted once."""
+    rows, columns = np.nonzero(label_sets >= 0)
+    per_value = _positive_pairs(label_sets[rows, columns], self_index[rows], gallery_order, sorted_gallery_labels)
+    query_rows = rows[per_value.rows]
+    n_rows = max(label_sets.shape[0], 1)
+    # one key per (gallery, query row): unique drops the repeats and sorts by gallery index
+    keys = np.unique(per_value.gallery * n_rows + query_rows)
+    return _Positives(keys % n_rows, keys // n_rows)
+
+
+def _positives(labels: np.ndarray, self_index: np.ndarray, gallery_order: np.ndarray,
+               sorted_gallery_labels: np.ndarray) -> _Positives:
+    if labels.ndim == 1:
+        return _positive_pairs(labels, self_index, gallery_order, sorted_gallery_labels)
+    return _shared_value_pairs(labels, self_index, gallery_order, sorted_gallery_labels)
+
+
+SHARED_VALUE_PAIRS_PER_CHUNK = 1 << 22
+
+
+def _shared_value_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, self_index: np.ndarray) -> np.ndarray:
+    """Relevant counts for value sets: per query the gallery items sharing a value, own item
+    excluded. Pairs are listed a chunk of queries at a time, a chunk ending before its pairs
+    (counted per value, before repeats are dropped) pass SHARED_VALUE_PAIRS_PER_CHUNK."""
+    gallery_order, sorted_labels = _gallery_by_label(gallery_labels)
+    rows, columns = np.nonzero(query_labels >= 0)
+    values = query_labels[rows, columns]
+    per_value = (np.searchsorted(sorted_labels, values, side="right")
+                 - np.searchsorted(sorted_labels, values, side="left"))
+    bound = np.bincount(rows, weights=per_value, minlength=query_labels.shape[0])
+    counts = np.zeros(query_labels.shape[0], dtype=np.int64)
+    start = 0
+    while start < query_labels.shape[0]:
+        cumulative = np.cumsum(bound[start:])
+        stop = start + max(1, int(np.searchsorted(cumulative, SHARED_VALUE_PAIRS_PER_CHUNK, side="right")))
+        pairs = _shared_value_pairs(query_labels[start:stop], self_index[start:stop], gallery_order, sorted_labels)
+        counts[start:stop] = np.bincount(pairs.rows, minlength=stop - start)
+        start = stop
+    return counts
 
 
 def _mask_self(scores: torch.Tensor, self_rows: torch.Tensor, self_columns: torch.Tensor) -> None:
@@ -326,16 +391,15 @@ def scan(source, query_labels: np.ndarray, gallery_labels: np.ndarray, self_inde
          k: int, full_ranks: bool, query_chunk: int, gallery_chunk: int,
          progress: ProgressCallback | None = None) -> ScanOutput:
     """Rank the gallery for every labelled query with a relevant item: top-k, and (``full_ranks``)
-    the rank of every relevant item, one query chunk at a time."""
+    the rank of every relevant item, one query chunk at a time. Labels are [N] ids, or value sets
+    [N, W] (-1 padded) on both sides, where relevant means sharing at least one value."""
     if k < 0:
         raise ValueError(f"k must be ≥ 0, got {k}")
     check_chunks(query_chunk, gallery_chunk)
     n_relevant_all = relevant_counts(query_labels, gallery_labels, self_index)
-    labelled = query_labels >= 0
+    labelled = labelled_rows(query_labels)
     evaluated = np.flatnonzero(labelled & (n_relevant_all > 0))
-    labelled_gallery = np.flatnonzero(gallery_labels >= 0)
-    gallery_order = labelled_gallery[np.argsort(gallery_labels[labelled_gallery], kind="stable")]
-    sorted_gallery_labels = gallery_labels[gallery_order]
+    gallery_order, sorted_gallery_labels = _gallery_by_label(gallery_labels)
     width = min(k, source.num_gallery)
 
     top_values, top_indices, rank_values = [], [], []
@@ -346,7 +410,7 @@ def scan(source, query_labels: np.ndarray, gallery_labels: np.ndarray, self_inde
         rows = evaluated[chunk_start:chunk_stop]
         chunk_self = self_index[rows]
         if full_ranks:
-            positives = _positive_pairs(query_labels[rows], chunk_self, gallery_order, sorted_gallery_labels)
+            positives = _positives(query_labels[rows], chunk_self, gallery_order, sorted_gallery_labels)
             values, indices, positive_scores = _scan_query_chunk(source, rows, chunk_self, width, gallery_chunk,
                                                                  positives, workspace)
             rank_values.append(_count_ranks(source, rows, chunk_self, gallery_chunk, positives, positive_scores,

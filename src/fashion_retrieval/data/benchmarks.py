@@ -6,7 +6,10 @@ and ``catalog``, built from your own catalog table.
 
 A gallery image is relevant to a query when both have the same label for the evaluated
 attribute. Label ``-1`` means unknown: such queries are not evaluated for that attribute and
-such gallery images are never relevant. See docs/benchmarks.md for the protocols and counts.
+such gallery images are never relevant. A multi-label attribute (an image with several values of
+it, as DeepFashion's attribute types) has value sets instead: an int array [N, W] whose row lists
+an image's value ids padded with -1, and an image is relevant when it shares at least one value
+with the query. See docs/benchmarks.md for the protocols and counts.
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ class Benchmark:
     queries: SampleTable
     gallery: SampleTable
     attributes: list[str]
-    query_labels: dict[str, np.ndarray]  # attribute -> int64 [Q], -1 = unknown
-    gallery_labels: dict[str, np.ndarray]  # attribute -> int64 [G], -1 = unknown
+    query_labels: dict[str, np.ndarray]  # attribute -> int64 [Q], -1 = unknown; or value sets [Q, W]
+    gallery_labels: dict[str, np.ndarray]  # attribute -> int64 [G], -1 = unknown; or value sets [G, W]
     exclude_self: bool = False  # queries are the gallery (same rows, same order); never retrieve yourself
     values: dict[str, list[str]] = field(default_factory=dict)  # attribute -> name of each label id
     crop_bbox: bool = False  # the protocol embeds each image's annotated box, not the whole photo
@@ -46,12 +49,19 @@ class Benchmark:
             raise ValueError("exclude_self needs the queries to be the gallery, row for row")
         for attribute in self.attributes:
             q, g = self.query_labels[attribute], self.gallery_labels[attribute]
-            if q.shape != (len(self.queries),) or g.shape != (len(self.gallery),):
+            if q.shape[:1] != (len(self.queries),) or g.shape[:1] != (len(self.gallery),):
                 raise ValueError(f"labels of '{attribute}' do not match the query/gallery sizes")
+            if q.ndim != g.ndim or q.ndim not in (1, 2):
+                raise ValueError(f"labels of '{attribute}' must be [N] ids or [N, W] value sets on both sides")
 
     def relevant_counts(self, attribute: str) -> np.ndarray:
         """How many gallery images are relevant to each query (0 for unknown query labels)."""
         q, g = self.query_labels[attribute], self.gallery_labels[attribute]
+        if q.ndim == 2:
+            from ..scan import relevant_counts  # imported here: scan brings torch, benchmarks stay light
+
+            own = np.arange(len(q)) if self.exclude_self else np.full(len(q), -1)
+            return relevant_counts(q, g, own)
         size = int(max(q.max(initial=-1), g.max(initial=-1))) + 1
         per_value = np.bincount(g[g >= 0], minlength=size)
         counts = np.where(q >= 0, per_value[np.maximum(q, 0)], 0)
@@ -61,7 +71,9 @@ class Benchmark:
 
     def evaluable(self, attribute: str) -> np.ndarray:
         """Queries that count for ``attribute``: a known label and at least one relevant image."""
-        return (self.query_labels[attribute] >= 0) & (self.relevant_counts(attribute) > 0)
+        labels = self.query_labels[attribute]
+        labelled = labels >= 0 if labels.ndim == 1 else (labels >= 0).any(axis=1)
+        return labelled & (self.relevant_counts(attribute) > 0)
 
     def drop(self, queries: Iterable[int] = (), gallery: Iterable[int] = ()) -> "Benchmark":
         """A copy without some rows, e.g. images that turned out unreadable.
@@ -106,6 +118,34 @@ def encode_shared(query_values: Sequence[str | None], gallery_values: Sequence[s
         return np.array([ids[v] if v is not None else -1 for v in values], dtype=np.int64)
 
     return encode(query_values), encode(gallery_values), vocabulary
+
+
+def encode_value_sets(query_values: Sequence[str | tuple[str, ...] | None],
+                      gallery_values: Sequence[str | tuple[str, ...] | None]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`encode_shared` for an attribute whose rows may hold several values (a tuple): when
+    some row does, both sides become value sets [N, W] (ids padded with -1; relevant = shares a
+    value), otherwise the plain ids of :func:`encode_shared`."""
+    query_sets, gallery_sets = [_value_set(v) for v in query_values], [_value_set(v) for v in gallery_values]
+    width = max((len(v) for v in [*query_sets, *gallery_sets]), default=0)
+    if width <= 1:
+        return encode_shared([v[0] if v else None for v in query_sets], [v[0] if v else None for v in gallery_sets])
+    vocabulary = sorted({value for values in [*query_sets, *gallery_sets] for value in values})
+    ids = {v: i for i, v in enumerate(vocabulary)}
+
+    def encode(sets: list[tuple[str, ...]]) -> np.ndarray:
+        out = np.full((len(sets), width), -1, dtype=np.int64)
+        for row, values in enumerate(sets):
+            out[row, :len(values)] = sorted(ids[v] for v in values)
+        return out
+
+    return encode(query_sets), encode(gallery_sets), vocabulary
+
+
+def _value_set(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The distinct values of a cell, in their order (None and "" mean none)."""
+    if isinstance(value, tuple):
+        return tuple(dict.fromkeys(v for v in value if v))
+    return (value,) if value else ()
 
 
 def _check_split(split: str) -> None:
@@ -215,7 +255,12 @@ def street2shop(data_root: Path, split: str = "test") -> Benchmark:
 
 def _asen_benchmark(name: str, reader: str, data_root: Path, split: str) -> Benchmark:
     """ASEN's attribute-specific protocol: for each attribute, the queries listed for it against
-    the candidates listed for it; relevant = same value of that attribute."""
+    the candidates listed for it; relevant = same value of that attribute, or for a multi-valued
+    attribute (DeepFashion's types) at least one value in common.
+
+    ASEN's own evaluation code takes each line of the lists as a query or candidate of its own
+    value, so an image with two values is two queries and two candidates there; here it is one
+    row with both values. On single-valued lists the two protocols are the same."""
     if split not in ("test", "val"):
         raise ConfigError(f"{name}: ASEN's lists define test and valid protocols; use split test or val")
     root = Path(data_root) / name
@@ -225,8 +270,8 @@ def _asen_benchmark(name: str, reader: str, data_root: Path, split: str) -> Benc
     attributes = [a for a in table.attribute_names() if any(a in s.attributes for s in queries)]
     query_labels, gallery_labels, values = {}, {}, {}
     for attribute in attributes:
-        query_labels[attribute], gallery_labels[attribute], values[attribute] = encode_shared(
-            [_single(s.attributes.get(attribute)) for s in queries], [_single(s.attributes.get(attribute)) for s in gallery])
+        query_labels[attribute], gallery_labels[attribute], values[attribute] = encode_value_sets(
+            [s.attributes.get(attribute) for s in queries], [s.attributes.get(attribute) for s in gallery])
     return Benchmark(name, "attribute", queries, gallery, attributes, query_labels, gallery_labels, values=values)
 
 
@@ -268,7 +313,8 @@ def catalog(data_root: Path, split: str = "test", catalog: str | Path | None = N
     marked so, else domain=consumer when there are consumer and other photos, else all).
     ``level``: ``instance`` (relevant = same item id), ``category`` (same category) or
     ``attribute`` (same value of each of ``attributes``, default all of the table's; the name
-    ``category`` means the category column unless an attribute has that name).
+    ``category`` means the category column unless an attribute has that name; an attribute
+    given as a list of values shares a value when any of them is the query's).
     """
     from .readers.catalog import read_catalog
 
@@ -307,7 +353,7 @@ def catalog(data_root: Path, split: str = "test", catalog: str | Path | None = N
         label = _catalog_label(table, level, name)
         q = [label(s) for s in query_table]
         g = [] if exclude_self else [label(s) for s in gallery_table]
-        query_labels[name], gallery_labels[name], values[name] = encode_shared(q, g)
+        query_labels[name], gallery_labels[name], values[name] = encode_value_sets(q, g)
         if exclude_self:
             gallery_labels[name] = query_labels[name]
     kind = "attribute" if level == "attribute" else level
@@ -365,4 +411,4 @@ def _catalog_label(table: SampleTable, level: str, name: str):
         return lambda s: s.item_id
     if level == "category" or (name == "category" and name not in table.attribute_names()):
         return lambda s: s.category
-    return lambda s: _single(s.attributes.get(name))
+    return lambda s: s.attributes.get(name)

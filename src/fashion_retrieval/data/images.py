@@ -315,7 +315,8 @@ class ImageDataset(Dataset):
 
     ``dataset[i]`` gives one image; ``dataset[(i, attribute)]`` (what
     :class:`~fashion_retrieval.data.samplers.AttributeBatchSampler` yields) also gives the
-    attribute index and the image's value id for it.
+    attribute index, the image's value id for it (``attr_value``, the lowest when it has several)
+    and all its values of that attribute (``attr_value_multi_hot`` [max_values]).
     """
 
     def __init__(self, table: SampleTable, transform: Transform | None = None,
@@ -355,6 +356,8 @@ class ImageDataset(Dataset):
             attribute = int(attribute)
             record["attribute"] = attribute
             record["attr_value"] = int(record["attrs"][attribute])
+            # every value of that attribute (several for a multi-label one): the losses' targets
+            record["attr_value_multi_hot"] = self.labels.attribute_multi_hot(record["attr_multi_hot"], attribute)
         return record
 
 

@@ -149,6 +149,25 @@ class LabelSpace:
             "attr_multi_hot": multi_hot,
         }
 
+    @property
+    def max_values(self) -> int:
+        """Values of the largest attribute: the width of a per-attribute value vector."""
+        return max(self.attribute_sizes, default=0)
+
+    def attribute_multi_hot(self, multi_hot: torch.Tensor, attribute: int) -> torch.Tensor:
+        """The values of ``attribute`` (an index) taken from the flat ``attr_multi_hot`` of one
+        row, padded with zeros to :attr:`max_values`: all the values the image has for that
+        attribute (several for a multi-label one), as attribute-conditioned losses compare them."""
+        start, size = self._offsets[attribute], self.attribute_sizes[attribute]
+        out = torch.zeros(self.max_values, dtype=multi_hot.dtype)
+        out[:size] = multi_hot[start:start + size]
+        return out
+
+    def value_id_sets(self, table: SampleTable, name: str) -> list[tuple[int, ...]]:
+        """Every row's known value ids of attribute ``name`` (empty: missing), for samplers that
+        group the images of a multi-label attribute by each of their values."""
+        return [tuple(self.value_ids(name, sample.attributes.get(name))) for sample in table]
+
     def value_counts(self, table: SampleTable) -> list[int]:
         """Images of ``table`` that are positive for each entry of the flat multi-hot vector
         (``attr_multi_hot``'s layout), for frequency-based positive weights."""

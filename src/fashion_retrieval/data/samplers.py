@@ -81,6 +81,15 @@ def _groups(labels: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     return dict(groups)
 
 
+def _groups_of_sets(value_sets: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+    """Images of each value when an image may have several (an empty set: unknown)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, values in enumerate(value_sets):
+        for value in dict.fromkeys(int(v) for v in values if int(v) >= 0):
+            groups[value].append(index)
+    return dict(groups)
+
+
 def _as_list(values: Sequence[Hashable] | torch.Tensor | np.ndarray) -> list:
     if isinstance(values, (torch.Tensor, np.ndarray)):
         return values.tolist()
@@ -188,18 +197,33 @@ class AttributeBatchSampler(_ShardedBatchSampler):
     values are drawn uniformly so rare values are seen as often as common ones. An attribute
     with fewer than P values uses all of them with more images each, keeping P×K per batch.
     An epoch has N // (P×K) batches, about one pass over the images.
+
+    ``multi_values`` (attribute index → each row's value ids) gives the attributes whose images
+    may have several values (DeepFashion's types): an image is then in the group of each of its
+    values, so it can be drawn for any of them. Two images of such a batch may share a value
+    without having been drawn for the same one; the losses compare value sets
+    (``attr_value_multi_hot``), not the drawn value, so they count them as positives.
     """
 
     def __init__(self, attr_labels: torch.Tensor | np.ndarray, p: int, k: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1,
+                 multi_values: dict[int, Sequence[Sequence[int]]] | None = None):
         super().__init__(p, k, seed, rank, world_size)
         labels = np.asarray(attr_labels)
         if labels.ndim != 2:
             raise ValueError(f"attr_labels must be [N, A], got shape {tuple(labels.shape)}")
         self.num_images = labels.shape[0]
+        multi_values = multi_values or {}
+        for attribute, rows in multi_values.items():
+            if not 0 <= attribute < labels.shape[1] or len(rows) != self.num_images:
+                raise ValueError(f"multi_values[{attribute}] must give the value ids of each of the "
+                                 f"{self.num_images} rows of one of the {labels.shape[1]} attributes")
         self.values: dict[int, list[list[int]]] = {}  # attribute -> images of each present value
         for attribute in range(labels.shape[1]):
-            groups = list(_groups(labels[:, attribute].tolist()).values())
+            if attribute in multi_values:
+                groups = list(_groups_of_sets(multi_values[attribute]).values())
+            else:
+                groups = list(_groups(labels[:, attribute].tolist()).values())
             if len(groups) >= 2:  # one value alone offers no negatives
                 self.values[attribute] = groups
         if not self.values:
@@ -243,4 +267,6 @@ def _cross_domain(table, labels, spec, seed: int, rank: int, world_size: int) ->
 
 @SAMPLERS.register("attribute")
 def _attribute(table, labels, spec, seed: int, rank: int, world_size: int) -> AttributeBatchSampler:
-    return AttributeBatchSampler(labels.encode_table(table)["attrs"], spec.p, spec.k, seed, rank, world_size)
+    multi = {labels.attribute_index(name): labels.value_id_sets(table, name) for name in labels.multi_label}
+    return AttributeBatchSampler(labels.encode_table(table)["attrs"], spec.p, spec.k, seed, rank, world_size,
+                                 multi_values=multi)

@@ -244,8 +244,7 @@ def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int
                                    replace=False))
         chosen = retrieval.query_indices[shown]
         values = benchmark.values.get(attribute, [])
-        captions = [values[q_labels[i]] if 0 <= q_labels[i] < len(values) and benchmark.kind != "instance"
-                    else "query" for i in chosen]
+        captions = [_caption(q_labels[i], values) if benchmark.kind != "instance" else "query" for i in chosen]
         written.append(plots.plot_retrieval_grid(
             [benchmark.queries.resolve(benchmark.queries[i]) for i in chosen],
             [[benchmark.gallery.resolve(benchmark.gallery[j]) for j in neighbours[row, :5] if j >= 0] for row in shown],
@@ -255,6 +254,12 @@ def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int
         written.insert(0, plots.plot_topk_curves(curves, plots_dir / "topk_accuracy.png",
                                                  f"{benchmark.name} ({evaluation.results['split']})"))
     return written
+
+
+def _caption(label: np.ndarray | int, values: list[str]) -> str:
+    """A query's value name, or its value names joined by " + " for a value set."""
+    ids = [int(v) for v in np.atleast_1d(label) if 0 <= v < len(values)]
+    return " + ".join(values[v] for v in ids) or "query"
 
 
 def print_table(results: dict[str, Any], console: Any = None) -> None:

@@ -1,9 +1,19 @@
 """Loss terms for attribute-specific retrieval (ASEN, M3-Net, the classifier baseline).
 
 Batch keys read here: ``attribute`` LongTensor[B] (the attribute each sample is embedded for),
-``attr_value`` LongTensor[B] (its value for that attribute, -1 = unknown), ``attrs``
-LongTensor[B, A] (all attribute values, -1 = missing). Embeddings are only ever compared between
-samples that share ``attribute``: embeddings for different attributes live in different spaces.
+``attr_value`` LongTensor[B] (its value for that attribute, -1 = unknown; the lowest when it has
+several), ``attr_value_multi_hot`` FloatTensor[B, max_values] (optional: every value the sample has
+for that attribute), ``attrs`` LongTensor[B, A] (all attribute values, -1 = missing). Embeddings
+are only ever compared between samples that share ``attribute``: embeddings for different
+attributes live in different spaces.
+
+Multi-label attributes (DeepFashion's types: an image may be floral and striped): with
+``attr_value_multi_hot`` in the batch, the weighted BCE takes every value of the sample as a
+positive, and two samples are positives of a triplet when they share at least one value,
+negatives when they share none; a class of the cluster triplet holds every sample that has its
+value. With one value per sample all of this is the single-label loss exactly. The papers train
+on single-label FashionAI and DARN and do not spell the multi-label case out; "shares a value"
+is our reading, chosen to match the evaluation's relevance.
 """
 from __future__ import annotations
 
@@ -31,6 +41,38 @@ def _attribute_groups(batch: dict, device: torch.device) -> Iterator[tuple[int, 
         yield attr, index, values[index]
 
 
+def _value_sets(batch: dict, index: torch.Tensor, values: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """[n, width] bool: the values each sample of a group has for the group's attribute, all of
+    them from ``attr_value_multi_hot`` when the batch has it, else its one ``attr_value``.
+    ``width`` defaults to the multi-hot's (else the largest value + 1)."""
+    multi = batch.get("attr_value_multi_hot")
+    if multi is None:
+        return F.one_hot(values, width or int(values.max()) + 1).bool()
+    sets = multi.to(index.device)[index] > 0
+    if width is not None and width != sets.shape[1]:
+        sets = F.pad(sets, (0, max(0, width - sets.shape[1])))[:, :width]
+    return sets
+
+
+def _shared_value_triplets(embeddings: torch.Tensor, shares: torch.Tensor, hardest: bool):
+    """(anchor, positive, negative) indices: positive shares a value with the anchor, negative
+    none. ``hardest``: per anchor only the least similar positive and the most similar negative
+    (cosine), as PML's ``BatchHardMiner`` picks them from labels; else every such triplet."""
+    positive = shares & ~torch.eye(shares.shape[0], dtype=torch.bool, device=shares.device)
+    negative = ~shares
+    if hardest:
+        with torch.no_grad():
+            normalised = F.normalize(embeddings, dim=1)
+            similarity = normalised @ normalised.t()
+        usable = positive.any(1) & negative.any(1)
+        anchors = usable.nonzero().squeeze(1)
+        positives = similarity.masked_fill(~positive, float("inf")).argmin(1)[anchors]
+        negatives = similarity.masked_fill(~negative, float("-inf")).argmax(1)[anchors]
+        return anchors, positives, negatives
+    anchors, positives, negatives = (positive[:, :, None] & negative[:, None, :]).nonzero(as_tuple=True)
+    return anchors, positives, negatives
+
+
 def _zero(like: torch.Tensor) -> torch.Tensor:
     # Connected to the graph so that backward() works even when no sample contributes.
     return like.sum() * 0.0
@@ -38,14 +80,16 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 @LOSSES.register("attribute_bce")
 class AttributeBCELoss(nn.Module):
-    """Weighted BCE of each sample's value logits against the one-hot of its value.
+    """Weighted BCE of each sample's value logits against the multi-hot of its values (Loss 1 of
+    M3-Net): the one-hot of ``attr_value``, or ``attr_value_multi_hot`` when the batch has it, so
+    every value of a multi-label attribute is a positive.
 
-    Only the value slots valid for the sample's attribute (``attr_value_mask``) count. One value is
-    positive and V-1 are negative, so unweighted BCE is minimised early by saying "no" everywhere;
-    ``pos_weight=None`` (default) weights the positive by V-1 of the sample's attribute so positive
-    and negative evidence weigh the same. A number sets a fixed weight instead. The result is the
-    mean over valid slots, i.e. ``binary_cross_entropy_with_logits(pos_weight=...)`` restricted to
-    the mask.
+    Only the value slots valid for the sample's attribute (``attr_value_mask``) count. With P of
+    the V values positive, unweighted BCE is minimised early by saying "no" everywhere;
+    ``pos_weight=None`` (default) weights the positives by (V-P)/P of the sample (V-1 for one
+    value), so positive and negative evidence weigh the same. A number sets a fixed weight
+    instead. The result is the mean over valid slots, i.e.
+    ``binary_cross_entropy_with_logits(pos_weight=...)`` restricted to the mask.
     """
 
     def __init__(self, pos_weight: float | None = None):
@@ -59,9 +103,15 @@ class AttributeBCELoss(nn.Module):
         mask = outputs["attr_value_mask"].bool()
         values = batch["attr_value"].to(logits.device)
         mask = mask & (values >= 0)[:, None]
-        target = F.one_hot(values.clamp(min=0), logits.shape[1]).to(logits.dtype)
+        if "attr_value_multi_hot" in batch:
+            every = torch.arange(values.shape[0], device=logits.device)
+            target = _value_sets(batch, every, values, logits.shape[1]).to(logits.dtype)
+        else:
+            target = F.one_hot(values.clamp(min=0), logits.shape[1]).to(logits.dtype)
         if self.pos_weight is None:
-            weight = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=1).to(logits.dtype)
+            positives = (target * mask).sum(dim=1, keepdim=True)
+            negatives = mask.sum(dim=1, keepdim=True) - positives
+            weight = (negatives.clamp(min=1) / positives.clamp(min=1)).to(logits.dtype)
         else:
             weight = torch.full_like(logits[:, :1], float(self.pos_weight))
         per_slot = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
@@ -82,6 +132,10 @@ class AttributeTripletLoss(nn.Module):
     a poor choice (docs/models.md). ``reduction="nonzero_mean"`` averages over triplets that still violate the margin
     (keeps the gradient from vanishing as most triplets become easy); ``"mean"`` over all triplets.
     With several attributes in one batch, each group's loss is weighted by its size.
+
+    A group where a sample has several values (``attr_value_multi_hot``): anchor and positive
+    share at least one value, the negative shares none; the triplets are formed from that mask
+    (the same rule for ``batch_hard``) and passed to the same PML loss.
     """
 
     def __init__(self, margin: float = 0.2, mining: str = "all", reduction: str = "nonzero_mean"):
@@ -101,10 +155,17 @@ class AttributeTripletLoss(nn.Module):
         embeddings = _metric_embeddings(outputs)
         total, counted = _zero(embeddings), 0
         for _, index, values in _attribute_groups(batch, embeddings.device):
-            if values.unique().numel() < 2:
-                continue  # no negative for anyone in this group
             group = embeddings[index]
-            triplets = self.miner(group, values) if self.miner is not None else None
+            sets = _value_sets(batch, index, values) if "attr_value_multi_hot" in batch else None
+            if sets is not None and bool((sets.sum(1) > 1).any()):
+                shared = sets.to(group.dtype)
+                triplets = _shared_value_triplets(group, (shared @ shared.t()) > 0, self.miner is not None)
+                if triplets[0].numel() == 0:
+                    continue  # nobody has both a positive and a negative
+            else:  # one value per sample: "shares a value" is "same value"
+                if values.unique().numel() < 2:
+                    continue  # no negative for anyone in this group
+                triplets = self.miner(group, values) if self.miner is not None else None
             total = total + self.triplet(group, values, triplets) * index.numel()
             counted += index.numel()
         return total / max(counted, 1)
@@ -123,6 +184,10 @@ class ClusterTripletLoss(nn.Module):
     average of batch means (``momentum``) after the loss is computed, without gradient. Negatives
     then include values absent from the batch, at the cost of slightly stale centers; needs
     ``attribute_sizes`` and ``feat_dim`` (passed by the objective builder).
+
+    A sample with several values (``attr_value_multi_hot``) belongs to the class of each: it
+    enters each of their centers, and pays the hinge once per own class against the nearest
+    class it does not have, averaged over its own classes.
     """
 
     def __init__(self, margin: float = 0.2, centers: str = "batch", momentum: float = 0.9,
@@ -146,28 +211,32 @@ class ClusterTripletLoss(nn.Module):
         total, counted = _zero(embeddings), 0
         for attr, index, values in _attribute_groups(batch, embeddings.device):
             group = embeddings[index]
-            classes, inverse = values.unique(return_inverse=True)
-            one_hot = F.one_hot(inverse, classes.numel()).to(group.dtype)  # [n, k]
-            batch_means = (one_hot.t() @ group) / one_hot.sum(0)[:, None]
+            width = self.centers.shape[1] if self.mode == "ema" else None
+            sets = _value_sets(batch, index, values, width)  # [n, values]: the classes each sample is in
+            classes = sets.any(0).nonzero().squeeze(1)
+            members = sets[:, classes].to(group.dtype)  # [n, k]
+            batch_means = (members.t() @ group) / members.sum(0)[:, None]
             if self.mode == "batch":
-                centers, own = F.normalize(batch_means, dim=1), inverse
+                centers, own = F.normalize(batch_means, dim=1), members.bool()
                 available = torch.ones(classes.numel(), dtype=torch.bool, device=group.device)
             else:
                 if self.training:
                     self._update(attr, classes, batch_means.detach().to(self.centers.dtype))
-                centers, own = F.normalize(self.centers[attr], dim=1).to(group.dtype), values
+                centers = F.normalize(self.centers[attr], dim=1).to(group.dtype)
                 available = self.initialised[attr]
-                has_center = available[own]  # in eval mode a class may not have a center yet
-                group, own, index = group[has_center], own[has_center], index[has_center]
+                own = sets & available[None, :]  # in eval mode a class may not have a center yet
             if int(available.sum()) < 2:
                 continue
             distance = 1.0 - group @ centers.t()  # [n, classes]
-            own_distance = distance.gather(1, own[:, None]).squeeze(1)
-            others = distance.masked_fill(~available[None, :], float("inf"))
-            others = others.scatter(1, own[:, None], float("inf"))
+            others = distance.masked_fill(own | ~available[None, :], float("inf"))
             nearest_other = others.min(dim=1).values
-            total = total + F.relu(own_distance - nearest_other + self.margin).sum()
-            counted += index.numel()
+            counts = own.sum(1)
+            valid = (counts > 0) & torch.isfinite(nearest_other)
+            if not bool(valid.any()):
+                continue
+            hinge = F.relu(distance - nearest_other[:, None] + self.margin).masked_fill(~own, 0.0)
+            total = total + (hinge.sum(1)[valid] / counts[valid]).sum()
+            counted += int(valid.sum())
         return total / max(counted, 1)
 
     @torch.no_grad()

@@ -16,6 +16,12 @@ folder:
 Attribute and value numbers are 0-based indices into the attribute list and its values.
 ``read_asen_lists`` reads any dataset in this layout: ``darn`` and ``deepfashion_asen`` here,
 ``fashionai`` for its ``split_dir``.
+
+Several values of one attribute on one image: DeepFashion's attributes are multi-label (an image
+may be both ``floral`` and ``striped``, two values of the texture type), and ASEN's lists give such
+an image once per value, on several lines or as several pairs of one line. ``deepfashion_asen``
+reads them as a value set (``multi_valued=True``); for DARN and FashionAI, whose attributes are
+single-label, a second value is an error naming both lines.
 """
 from __future__ import annotations
 
@@ -118,6 +124,13 @@ def read_deepfashion_asen(root: Path | str, split_dir: str = ".", meta: str | No
     ``Anno/list_attr_cloth.txt``) names them from the official attribute list, and ``meta``
     (an ASEN ``meta.json``, default ``split_dir/meta.json`` if present) may name anything.
     The item is the image's product folder, as for ``deepfashion_attributes``.
+
+    DeepFashion's attributes are multi-label: an image listed with several values of one type
+    (on several lines of a list, or as several pairs of one ``label_train.txt`` line) gets all of
+    them. Such a type is multi-valued: every row's value of it is a tuple (in value-index order)
+    and the table's ``multi_label`` names it; types with one value per image stay plain strings.
+    Training then uses every value (docs/datasets.md) and evaluation counts a gallery image as
+    relevant when it shares at least one value with the query.
     """
     root = Path(root)
     default = AsenSchema.from_counts(DEEPFASHION_ATTRIBUTES)
@@ -127,7 +140,7 @@ def read_deepfashion_asen(root: Path | str, split_dir: str = ".", meta: str | No
         default = _deepfashion_schema(root / attribute_list)
     schema = load_schema(root / split_dir, root / meta if meta else None, default)
     return read_asen_lists(root, split_dir, schema, eval_split=eval_split, image_prefix=image_prefix,
-                           domain="unknown", name="deepfashion_asen", item_of=_product_folder)
+                           domain="unknown", name="deepfashion_asen", item_of=_product_folder, multi_valued=True)
 
 
 def _deepfashion_schema(path: Path) -> AsenSchema:
@@ -144,36 +157,61 @@ def _product_folder(path: str) -> str:
 
 def read_asen_lists(root: Path, split_dir: str, schema: AsenSchema, eval_split: str = "test",
                     image_prefix: str = "", domain: str = "unknown", name: str = "asen",
-                    item_of: Callable[[str], str] = lambda path: Path(path).stem) -> SampleTable:
+                    item_of: Callable[[str], str] = lambda path: Path(path).stem,
+                    multi_valued: bool = False) -> SampleTable:
     """One row per labelled image of each split; in ``eval_split`` one row per image and role
-    (an image that is a query for one attribute and a candidate for another has two rows)."""
+    (an image that is a query for one attribute and a candidate for another has two rows).
+
+    ``multi_valued``: an image may have several values of one attribute (they become a tuple,
+    for every row of an attribute that has such an image); without it a second value is an
+    error."""
     if eval_split not in EVAL_SPLITS:
         raise ConfigError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
     root = Path(root)
     folder = root / split_dir
-    samples: list[Sample] = []
+    rows: list[tuple[str, str, dict[str, _Label]]] = []  # path, split, labels
 
-    def add(files: list[str], labels: dict[int, dict[str, tuple[str, int]]], split: str) -> None:
+    def add(files: list[str], labels: dict[int, dict[str, _Label]], split: str) -> None:
         for index in sorted(labels):
-            path = image_prefix + files[index]
-            samples.append(Sample(path=path, item_id=item_of(path), domain=domain, split=split,
-                                  attributes={attr: value for attr, (value, _) in labels[index].items()}))
+            rows.append((image_prefix + files[index], split, labels[index]))
+
+    def read(path: Path, files: list[str]) -> dict[int, dict[str, _Label]]:
+        return _labels(path, files, schema, multi_valued)
 
     files = _filenames(folder / "filenames_train.txt")
-    add(files, _labels(folder / "label_train.txt", files, schema), "train")
+    add(files, read(folder / "label_train.txt", files), "train")
     for split, table_split in EVAL_SPLITS.items():
         list_path = folder / f"filenames_{split}.txt"
         if split != eval_split and not list_path.is_file():
             continue  # the split not evaluated on is optional
         files = _filenames(list_path)
-        query = _labels(folder / f"query_{split}.txt", files, schema)
-        candidate = _labels(folder / f"candidate_{split}.txt", files, schema)
+        query = read(folder / f"query_{split}.txt", files)
+        candidate = read(folder / f"candidate_{split}.txt", files)
         if split == eval_split:
             add(files, query, "query")
             add(files, candidate, "gallery")
         else:
-            add(files, _merged(query, candidate, folder / f"candidate_{split}.txt", files), table_split)
-    return SampleTable(samples, root=root, name=name)
+            add(files, _merged(query, candidate, folder / f"candidate_{split}.txt", files, multi_valued), table_split)
+    # an attribute is multi-valued as soon as one image has two of its values; then every row
+    # carries a tuple, so consumers see one kind of value per attribute
+    multi = sorted({attr for _, _, labels in rows for attr, label in labels.items() if len(label.values) > 1},
+                   key=schema.attributes.index)
+    samples = [Sample(path=path, item_id=item_of(path), domain=domain, split=split,
+                      attributes={attr: label.value(attr in multi) for attr, label in labels.items()})
+               for path, split, labels in rows]
+    return SampleTable(samples, root=root, name=name, multi_label=multi)
+
+
+@dataclass
+class _Label:
+    """The values one image has for one attribute, by value index, and where the first was read."""
+
+    values: dict[int, str]
+    line: int
+
+    def value(self, as_tuple: bool) -> str | tuple[str, ...]:
+        names = tuple(self.values[index] for index in sorted(self.values))
+        return names if as_tuple else names[0]
 
 
 def _filenames(path: Path) -> list[str]:
@@ -181,9 +219,9 @@ def _filenames(path: Path) -> list[str]:
     return [text.strip() for _, text in iter_lines(path, keep_blank=True)]
 
 
-def _labels(path: Path, files: list[str], schema: AsenSchema) -> dict[int, dict[str, tuple[str, int]]]:
-    """Image index → attribute → (value name, line it was read from)."""
-    labels: dict[int, dict[str, tuple[str, int]]] = {}
+def _labels(path: Path, files: list[str], schema: AsenSchema, multi_valued: bool) -> dict[int, dict[str, _Label]]:
+    """Image index → attribute → its values (and the line the first was read from)."""
+    labels: dict[int, dict[str, _Label]] = {}
     for line, text in iter_lines(path):
         tokens = text.split()
         if len(tokens) < 3 or len(tokens) % 2 == 0:
@@ -198,30 +236,35 @@ def _labels(path: Path, files: list[str], schema: AsenSchema) -> dict[int, dict[
             attribute = parse_int(path, line, attr_token, "attribute index", 0, len(schema.attributes) - 1)
             count = schema.num_values[attribute]
             what = f"value of '{schema.attributes[attribute]}'"
-            value = schema.value(attribute, parse_int(path, line, value_token, what, 0,
-                                                      count - 1 if count is not None else None))
-            name = schema.attributes[attribute]
-            _set_label(labels.setdefault(index, {}), name, value, path, line, files[index])
+            value_index = parse_int(path, line, value_token, what, 0, count - 1 if count is not None else None)
+            _set_label(labels.setdefault(index, {}), schema.attributes[attribute], value_index,
+                       schema.value(attribute, value_index), path, line, files[index], multi_valued)
     return labels
 
 
-def _set_label(labels: dict[str, tuple[str, int]], name: str, value: str, path: Path, line: int,
-               image: str, first_file: Path | None = None) -> None:
+def _set_label(labels: dict[str, _Label], name: str, index: int, value: str, path: Path, line: int,
+               image: str, multi_valued: bool, first_file: Path | None = None) -> None:
     first = labels.get(name)
     if first is None:
-        labels[name] = (value, line)
-    elif first[0] != value:
-        where = f"{first_file.name} line {first[1]}" if first_file else f"line {first[1]}"
-        raise AnnotationError(path, line, f"{image} has '{name}' = {value!r} here but {first[0]!r} on {where}")
+        labels[name] = _Label({index: value}, line)
+    elif multi_valued:
+        first.values.setdefault(index, value)
+    elif index not in first.values:
+        where = f"{first_file.name} line {first.line}" if first_file else f"line {first.line}"
+        raise AnnotationError(path, line, f"{image} has '{name}' = {value!r} here but "
+                              f"{next(iter(first.values.values()))!r} on {where}")
 
 
-def _merged(query: dict[int, dict[str, tuple[str, int]]], candidate: dict[int, dict[str, tuple[str, int]]],
-            candidate_path: Path, files: list[str]) -> dict[int, dict[str, tuple[str, int]]]:
+def _merged(query: dict[int, dict[str, _Label]], candidate: dict[int, dict[str, _Label]], candidate_path: Path,
+            files: list[str], multi_valued: bool) -> dict[int, dict[str, _Label]]:
     """Query and candidate labels of one image joined, for a split that is not evaluated on."""
-    merged = {index: dict(labels) for index, labels in query.items()}
+    merged = {index: {name: _Label(dict(label.values), label.line) for name, label in labels.items()}
+              for index, labels in query.items()}
     query_path = candidate_path.with_name(candidate_path.name.replace("candidate_", "query_"))
     for index, labels in candidate.items():
         target = merged.setdefault(index, {})
-        for name, (value, line) in labels.items():
-            _set_label(target, name, value, candidate_path, line, files[index], first_file=query_path)
+        for name, label in labels.items():
+            for value_index, value in label.values.items():
+                _set_label(target, name, value_index, value, candidate_path, label.line, files[index], multi_valued,
+                           first_file=query_path)
     return merged
