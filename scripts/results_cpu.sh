@@ -34,7 +34,8 @@ run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   if [[ -f $result ]]; then echo "== $name: done ($result)"; return; fi
   echo "== $FOLDER/$name  ($(date +%H:%M:%S))"
   mkdir -p "results/$FOLDER"
-  local resume=(); [[ -d $out ]] && resume=(--resume)
+  # resume only what has a checkpoint: a run killed before its first one starts again
+  local resume=(); [[ -d $out/checkpoint-last ]] && resume=(--resume)
   $FR train --config "$config" --out "$out" "${resume[@]}" name="$name" "${COMMON[@]}" "$@"
   cp "$out/eval.json" "$result"
   if [[ $FOLDER == cpu_converged* ]]; then cp "$out/metrics.csv" "results/$FOLDER/$name.metrics.csv"; fi
