@@ -55,36 +55,50 @@ def epoch_throughput(metrics_csv: Path) -> list[float]:
     return [float(row["images_per_s"]) for row in rows]
 
 
-def run_variant(args: argparse.Namespace, name: str, ref: str | None, overrides: list[str], scratch: Path) -> dict:
-    source = worktree_at(ref, scratch) if ref else REPO
-    out = scratch / f"run-{name}"
-    command = [sys.executable, "-m", "fashion_retrieval", "train", "--config", str(source / args.recipe),
-               "--data-root", str(Path(args.data_root).resolve()), "--out", str(out),
-               f"name=e2e-{name}", f"train.epochs={args.epochs}", f"train.max_steps_per_epoch={args.steps}",
-               f"train.log_every={args.steps}", "train.eval_every=0", "train.progress=false",
-               "eval.benchmark=null", f"seed={args.seed}", *VITON_BUDGET, *args.set, *overrides]
+def run_training(source: Path, recipe: str | Path, data_root: str | Path, out: Path, overrides: list[str],
+                 log: Path) -> dict:
+    """``fashion-retrieval train`` of ``source``'s engine in a child process, its output in ``log``.
+
+    Returns ``returncode``, ``output``, ``seconds`` (wall time of the whole command, evaluation
+    included) and ``peak_rss_mib``. Shared with speedup_equivalence.py."""
+    command = [sys.executable, "-m", "fashion_retrieval", "train", "--config", str(source / recipe),
+               "--data-root", str(Path(data_root).resolve()), "--out", str(out), *overrides]
     env = {**os.environ, "PYTHONPATH": str(source / "src")}
     started = time.perf_counter()
-    log = scratch / f"log-{name}.txt"
     with open(log, "w+", encoding="utf-8") as handle:
         process = subprocess.Popen(command, cwd=source, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
         # wait4, not wait: its rusage is the process's own peak RSS and that of the loader workers it reaped
         _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
         handle.seek(0)
         output = handle.read()
-    seconds = time.perf_counter() - started
-    row = {"variant": name, "ref": ref or "checkout", "overrides": overrides, "seconds": round(seconds, 1),
-           "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
-    if process.returncode != 0:
-        row["error"] = (output.strip().splitlines() or ["exit status %d" % process.returncode])[-1]
+    return {"returncode": os.waitstatus_to_exitcode(status), "output": output,
+            "seconds": round(time.perf_counter() - started, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def last_line(run: dict) -> str:
+    """What a failed run said last (its error), for a table row."""
+    return (run["output"].strip().splitlines() or ["exit status %d" % run["returncode"]])[-1]
+
+
+def run_variant(args: argparse.Namespace, name: str, ref: str | None, overrides: list[str], scratch: Path) -> dict:
+    source = worktree_at(ref, scratch) if ref else REPO
+    out = scratch / f"run-{name}"
+    run = run_training(source, args.recipe, args.data_root, out,
+                       [f"name=e2e-{name}", f"train.epochs={args.epochs}", f"train.max_steps_per_epoch={args.steps}",
+                        f"train.log_every={args.steps}", "train.eval_every=0", "train.progress=false",
+                        "eval.benchmark=null", f"seed={args.seed}", *VITON_BUDGET, *args.set, *overrides],
+                       scratch / f"log-{name}.txt")
+    row = {"variant": name, "ref": ref or "checkout", "overrides": overrides, "seconds": run["seconds"],
+           "peak_rss_mib": run["peak_rss_mib"]}
+    if run["returncode"] != 0:
+        row["error"] = last_line(run)
         return row
     per_epoch = epoch_throughput(out / "metrics.csv")
     row.update(first_epoch_img_s=per_epoch[0] if per_epoch else None,
                later_img_s=round(sum(per_epoch[1:]) / len(per_epoch[1:]), 1) if len(per_epoch) > 1 else None,
                # every epoch trains the same images: the whole run's rate is the harmonic mean
                run_img_s=round(len(per_epoch) / sum(1 / value for value in per_epoch), 1) if per_epoch else None,
-               log=[line for line in output.splitlines() if line.startswith(("execution on", "decoded-image"))])
+               log=[line for line in run["output"].splitlines() if line.startswith(("execution on", "decoded-image"))])
     return row
 
 

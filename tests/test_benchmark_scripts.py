@@ -46,3 +46,41 @@ def test_embed_throughput_rows(tmp_path: Path) -> None:
     assert all(row["images_per_s"] > 0 for row in rows.values())
     assert rows["e2e (pil)"]["images"] == rows["e2e (device)"]["images"] == 20  # every generated file embedded
     assert report["settings"]["source"].startswith("generated")
+
+
+def _speedup_equivalence():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import speedup_equivalence
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return speedup_equivalence
+
+
+def test_speedup_equivalence_verdict_compares_same_seed_differences_with_the_seed_spread() -> None:
+    bench = _speedup_equivalence()
+    rows = [{"row": "off", "seed": 0, "metric": 0.40}, {"row": "on", "seed": 0, "metric": 0.43},
+            {"row": "cache-only", "seed": 0, "metric": 0.40}, {"row": "off", "seed": 1, "metric": 0.45},
+            {"row": "on", "seed": 1, "metric": 0.44}, {"row": "off", "seed": 2, "metric": 0.35},
+            {"row": "on", "seed": 2, "error": "boom"}]
+    result = bench.verdict(rows)
+    assert result["noise"]["seeds"] == [0, 1, 2]
+    assert abs(result["noise"]["range"] - 0.10) < 1e-12 and abs(result["noise"]["std"] - 0.05) < 1e-12
+    assert {seed: round(d, 12) for seed, d in result["differences"]["on"].items()} == {0: 0.03, 1: 0.01}
+    assert result["within_noise"] and result["cache_identical"]
+
+    rows[1]["metric"] = 0.51  # |on - off| = 0.11 > the seed range 0.10
+    rows[2]["metric"] = 0.40000001  # the cache must reproduce its seed exactly, not nearly
+    result = bench.verdict(rows)
+    assert not result["within_noise"] and result["cache_identical"] is False
+
+
+def test_speedup_equivalence_rows_alternate_off_and_on_per_seed() -> None:
+    bench = _speedup_equivalence()
+    plan = bench.planned_rows([0, 1, 2], [0, 1], [0], compile_on=True)
+    assert [(name, seed) for name, seed, _ in plan] == [("off", 0), ("on", 0), ("cache-only", 0), ("off", 1),
+                                                        ("on", 1), ("off", 2)]
+    overrides = {name: set(words) for name, _, words in plan}
+    assert {"train.channels_last=false", "train.compile=false", "data.decoded_cache=off"} <= overrides["off"]
+    assert {"train.channels_last=true", "data.decoded_cache=run", "train.compile=true"} <= overrides["on"]
+    assert overrides["cache-only"] == (overrides["off"] - {"data.decoded_cache=off"}) | {"data.decoded_cache=run"}

@@ -156,3 +156,119 @@ def test_a_cache_that_cannot_be_written_decodes_on_the_fly_and_says_so(tmp_path)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# ---- whole training batches, through the loader the engine trains on ---------------------------
+BATCH_SIZE = (40, 30)
+
+
+def _photo_catalog(root, count=30):
+    """fashion_product layout whose photos are noise of different sizes and aspect ratios, so
+    any change to how the cache decodes or resizes (interpolation, antialiasing, rounding of
+    the size, channel order) changes pixels; one unreadable photo must be skipped alike."""
+    import csv as csv_module
+
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    colours, genders, seasons = ["Blue", "Red", "Black"], ["Men", "Women"], ["Summer", "Fall", "Winter"]
+    with open(root / "styles.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv_module.writer(handle)
+        writer.writerow(["id", "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season",
+                         "year", "usage"])
+        for number in range(count):
+            writer.writerow([number, genders[number % 2], "Apparel", "Topwear", ["Tshirts", "Shirts"][number % 3 == 0],
+                             colours[number % 3], seasons[(number // 2) % 3], "2012", "Casual"])
+            height, width = 50 + 7 * (number % 5), 37 + 5 * (number % 4)
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+                root / "images" / f"{number}.jpg", quality=85)
+    (root / "images" / "7.jpg").write_bytes(b"\xff\xd8 not a whole jpeg")  # a train id (7 % 10 = 7)
+
+
+def _training_recipe(augment: bool, decoded_cache: str, num_workers: int):
+    from fashion_retrieval.config import config_from_dict
+
+    return config_from_dict({
+        "name": "cache-batches", "seed": 11,
+        "data": {"format": "fashion_product", "root": "fashion-product", "image_size": list(BATCH_SIZE),
+                 "attributes": ["gender", "articleType", "baseColour", "season"], "augment": augment,
+                 "num_workers": num_workers, "decoded_cache": decoded_cache,
+                 "sampler": {"kind": "attribute", "p": 2, "k": 3}},
+        "model": {"name": "attribute_classifier", "backbone": {"name": "resnet18", "pretrained": False}},
+        "loss": {"terms": [{"name": "multihead_ce"}]},
+        "train": {"epochs": 2, "progress": False},
+        "eval": {"benchmark": None},
+    })
+
+
+def _epochs_of_batches(data_root, run_dir, augment, decoded_cache, num_workers=0, epochs=2):
+    from fashion_retrieval.data.training import build_training_data
+
+    data = build_training_data(_training_recipe(augment, decoded_cache, num_workers), data_root, run_dir)
+    loader = data.loader(num_workers=num_workers, pin_memory=False)  # what engine/train.py iterates
+    per_epoch = []
+    for epoch in range(epochs):
+        data.batches.set_epoch(epoch)
+        per_epoch.append(list(loader))
+    return data, per_epoch
+
+
+def _assert_same_batches(expected_epochs, got_epochs):
+    assert len(got_epochs) == len(expected_epochs)
+    for epoch, (expected, got) in enumerate(zip(expected_epochs, got_epochs)):
+        assert len(got) == len(expected) > 0
+        for step, (want, have) in enumerate(zip(expected, got)):
+            where = f"epoch {epoch}, step {step}"
+            assert want.keys() == have.keys(), where
+            for key in want:
+                if torch.is_tensor(want[key]):
+                    assert want[key].dtype == have[key].dtype, f"{where}: {key}"
+                    assert torch.equal(want[key], have[key]), f"{where}: {key} differs"
+                else:
+                    assert want[key] == have[key], f"{where}: {key}"
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_batches_with_the_cache_equal_those_decoded_on_the_fly(tmp_path, augment):
+    """The engine's DataLoader over two epochs, with and without the decoded-image cache: every
+    batch's images bit-identical, labels, indices and skipped files the same. The design keeps
+    the random part of the transform after the cache (image_cache.py), so with augmentation on
+    under the recipe's seed the batches are identical too. The first epoch fills the cache, the
+    second reads it: each image is decoded exactly once."""
+    _photo_catalog(tmp_path / "data" / "fashion-product")
+    _, plain = _epochs_of_batches(tmp_path / "data", tmp_path / "plain", augment, "off")
+    data, cached = _epochs_of_batches(tmp_path / "data", tmp_path / "cached", augment, "run")
+    assert data.cache is not None and not (tmp_path / "plain" / "decoded-images").exists()
+    _assert_same_batches(plain, cached)
+    assert any(batch["skipped"] for epoch in plain for batch in epoch), "the unreadable photo was never drawn"
+
+    planned = []
+    for epoch in range(2):
+        data.batches.set_epoch(epoch)
+        planned.append([key for batch in data.batches for (key, _seed) in batch])
+    distinct = {index for index, _attribute in planned[0] + planned[1]}
+    assert data.cache.misses == len(distinct)
+    assert data.cache.hits == len(planned[0]) + len(planned[1]) - len(distinct) > 0
+
+
+def test_cached_training_batches_do_not_depend_on_loader_workers(tmp_path):
+    """Two loader worker processes sharing the cache give the batches one process decoding on the fly gives."""
+    _photo_catalog(tmp_path / "data" / "fashion-product")
+    _, plain = _epochs_of_batches(tmp_path / "data", tmp_path / "plain", True, "off", num_workers=0)
+    _, cached = _epochs_of_batches(tmp_path / "data", tmp_path / "cached", True, "run", num_workers=2)
+    _assert_same_batches(plain, cached)
+
+
+def test_the_batch_comparison_catches_a_cache_that_resizes_differently(tmp_path, monkeypatch):
+    """The comparison above must be able to fail: a cache whose resize skips antialiasing (the
+    kind of change a faster resize would make) gives other pixels, and the comparison says so."""
+    from torchvision.transforms import v2
+
+    from fashion_retrieval.data import image_cache
+
+    _photo_catalog(tmp_path / "data" / "fashion-product")
+    _, plain = _epochs_of_batches(tmp_path / "data", tmp_path / "plain", False, "off", epochs=1)
+    monkeypatch.setattr(image_cache, "resize_stage",
+                        lambda size: v2.Compose([v2.ToImage(), v2.Resize(tuple(size), antialias=False)]))
+    _, cached = _epochs_of_batches(tmp_path / "data", tmp_path / "cached", False, "run", epochs=1)
+    with pytest.raises(AssertionError, match="image differs"):
+        _assert_same_batches(plain, cached)
