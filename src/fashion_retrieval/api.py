@@ -80,32 +80,39 @@ class Model:
         return np.concatenate(parts) if parts else np.zeros((0, self.feat_dim), np.float32)
 
 
-def load_model(source: str | os.PathLike, device: str = "cpu") -> Model:
+def load_model(source: str | os.PathLike, device: str = "cpu", flip: bool | None = None) -> Model:
     """A run directory, its ``model.safetensors``, an index directory (its model copy), an ONNX
     export (``model.onnx`` with its sidecar), or ``zoo:NAME`` (a model shipped in the package;
-    ``fashion-retrieval zoo list``)."""
+    ``fashion-retrieval zoo list``). ``flip``: flip-averaged embeddings (each photo averaged with
+    its mirror); default off, and for an index directory as its catalog was embedded."""
     from .index.embedders import OnnxEmbedder, TorchEmbedder
 
     text = os.fspath(source)
     if text.startswith(ZOO_PREFIX):  # a shipped model, verified against its pinned sha256 (zoo/)
         from .engine.checkpoint import resolve_zoo
 
-        return Model(TorchEmbedder(resolve_zoo(text), device))
+        return Model(TorchEmbedder(resolve_zoo(text), device, bool(flip)))
     path = Path(text)
     if path.suffix == ".onnx":
-        return Model(OnnxEmbedder(path))
+        return Model(OnnxEmbedder(path, bool(flip)))
     if (path / "index.json").is_file():
+        if flip is None:
+            from .index.catalog import recorded_flip
+
+            flip = recorded_flip(path)
         path = path / "model"
-    return Model(TorchEmbedder(path, device))
+    return Model(TorchEmbedder(path, device, bool(flip)))
 
 
 class Index:
     """A catalog index on disk (see docs/serving.md), searched with the model that built it."""
 
-    def __init__(self, catalog, device: str = "cpu", onnx: str | os.PathLike | None = None):
+    def __init__(self, catalog, device: str = "cpu", onnx: str | os.PathLike | None = None,
+                 flip: bool | None = None):
         self._catalog = catalog
         self._device = device
         self._onnx = onnx
+        self._flip = flip  # None: as the catalog was embedded (index build --flip)
         self._model: Model | None = None
 
     @property
@@ -115,12 +122,17 @@ class Index:
     @property
     def model(self) -> Model:
         """The index's own model (loaded at the first photo query): queries must be embedded by
-        exactly the model that embedded the catalog."""
+        exactly the model that embedded the catalog, and flip-averaged when the catalog was."""
         if self._model is None:
             from .index.embedders import embedder_for_index
 
-            self._model = Model(embedder_for_index(self._catalog, self._onnx, self._device))
+            self._model = Model(embedder_for_index(self._catalog, self._onnx, self._device, self._flip))
         return self._model
+
+    @property
+    def flip(self) -> bool:
+        """Whether the catalog's vectors are flip-averaged (``index build --flip``)."""
+        return self._catalog.flip
 
     @property
     def attributes(self) -> list[str]:
@@ -200,19 +212,21 @@ class Index:
                    meta.get("path"), dict(meta.get("attributes") or {}))
 
 
-def open_index(path: str | os.PathLike, device: str = "cpu", onnx: str | os.PathLike | None = None) -> Index:
+def open_index(path: str | os.PathLike, device: str = "cpu", onnx: str | os.PathLike | None = None,
+               flip: bool | None = None) -> Index:
     """An index written by ``fashion-retrieval index build`` (or :func:`build_index`); ``onnx``:
-    embed queries with this ONNX export of the index's model."""
+    embed queries with this ONNX export of the index's model; ``flip``: flip-average the query
+    photos or not (default: as the catalog was embedded)."""
     from .index.catalog import CatalogIndex
 
-    return Index(CatalogIndex.open(path), device, onnx)
+    return Index(CatalogIndex.open(path), device, onnx, flip)
 
 
 def build_index(checkpoint: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
                 **options: Any) -> Index:
     """Embed a catalog (a folder of photos, a CSV table, or a dataset root with ``format=``) and
     write an index at ``out``; ``options`` are ``index build``'s (kind, attributes, format,
-    split, domain, batch_size, store, device)."""
+    split, domain, batch_size, store, device, flip)."""
     from .index.build import build_index as build
 
     options.setdefault("progress", False)

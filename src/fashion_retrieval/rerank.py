@@ -39,11 +39,15 @@ PAIR_BUDGET = 1 << 23
 BLOCK_ENTRIES = 1 << 22
 
 
+class RerankError(ValueError):
+    """A test-time option that is malformed, out of range, or a re-ranking too large to hold."""
+
+
 # ---- options ----------------------------------------------------------------------------------
 def _number_list(text: str, count: int, option: str, form: str) -> list[str]:
     parts = [part.strip() for part in str(text).split(",")]
     if len(parts) != count or not all(parts):
-        raise ValueError(f"{option} {text!r}: expected {form}")
+        raise RerankError(f"{option} {text!r}: expected {form}")
     return parts
 
 
@@ -51,14 +55,14 @@ def _integer(value: str, option: str, name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{option}: {name} must be an integer, got {value!r}") from None
+        raise RerankError(f"{option}: {name} must be an integer, got {value!r}") from None
 
 
 def _real(value: str, option: str, name: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"{option}: {name} must be a number, got {value!r}") from None
+        raise RerankError(f"{option}: {name} must be a number, got {value!r}") from None
     return number
 
 
@@ -73,9 +77,9 @@ class QueryExpansion:
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 0:
-            raise ValueError(f"{self.OPTION}: k must be an integer ≥ 0, got {self.k!r}")
+            raise RerankError(f"{self.OPTION}: k must be an integer ≥ 0, got {self.k!r}")
         if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"{self.OPTION}: alpha must be a finite number ≥ 0, got {self.alpha!r}")
+            raise RerankError(f"{self.OPTION}: alpha must be a finite number ≥ 0, got {self.alpha!r}")
 
     @classmethod
     def parse(cls, text: str) -> "QueryExpansion":
@@ -102,9 +106,9 @@ class KReciprocal:
         for name in ("k1", "k2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{self.OPTION}: {name} must be an integer ≥ 1, got {value!r}")
+                raise RerankError(f"{self.OPTION}: {name} must be an integer ≥ 1, got {value!r}")
         if not (math.isfinite(self.lam) and 0.0 <= self.lam <= 1.0):
-            raise ValueError(f"{self.OPTION}: lambda must lie in [0, 1], got {self.lam!r}")
+            raise RerankError(f"{self.OPTION}: lambda must lie in [0, 1], got {self.lam!r}")
 
     @classmethod
     def parse(cls, text: str) -> "KReciprocal":
@@ -316,7 +320,7 @@ def k_reciprocal_distances(queries: ArrayLike, gallery: ArrayLike, k1: int = 20,
     q, g = _pair(queries, gallery)
     num_queries, num_gallery = q.shape[0], g.shape[0]
     if num_queries * num_gallery > max_entries:
-        raise ValueError(f"k-reciprocal re-ranking of {num_queries} queries × {num_gallery} gallery items needs a "
+        raise RerankError(f"k-reciprocal re-ranking of {num_queries} queries × {num_gallery} gallery items needs a "
                          f"dense {num_queries}×{num_gallery} distance matrix ({num_queries * num_gallery:,} entries), "
                          f"more than the {max_entries:,} allowed; re-rank fewer queries at a time or a smaller gallery")
     self_index = _self_index(query_gallery_index, num_queries, num_gallery)
@@ -370,4 +374,4 @@ def k_reciprocal_distances(queries: ArrayLike, gallery: ArrayLike, k1: int = 20,
     return out
 
 
-__all__ = ["KReciprocal", "MAX_RERANK_ENTRIES", "QueryExpansion", "k_reciprocal_distances", "query_expansion"]
+__all__ = ["KReciprocal", "MAX_RERANK_ENTRIES", "QueryExpansion", "RerankError", "k_reciprocal_distances", "query_expansion"]

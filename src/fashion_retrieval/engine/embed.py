@@ -48,16 +48,32 @@ def inference_transform(meta_or_size: Mapping[str, Any] | Sequence[int]) -> Tran
     return default_transform(image_size_of(meta_or_size), train=False)
 
 
+def flip_averaged(plain: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """The flip-averaged embedding: the mean of the L2-normalised embeddings of an image and of its
+    horizontal mirror, L2-normalised again (as every embedding here is).
+
+    Each view is normalised before the mean so that both count equally whatever their norms; a
+    mirror-symmetric image gives back its plain embedding."""
+    return F.normalize(F.normalize(plain.float(), dim=1) + F.normalize(mirrored.float(), dim=1), dim=1)
+
+
 def _forward_embeddings(model: RetrievalModel, images: torch.Tensor, attributes: Sequence[int | None],
-                        amp: bool) -> list[torch.Tensor]:
-    """L2-normalised float32 ``model.embed`` of ``images`` for each attribute index."""
+                        amp: bool, flip: bool = False) -> list[torch.Tensor]:
+    """L2-normalised float32 ``model.embed`` of ``images`` for each attribute index; with
+    ``flip``, :func:`flip_averaged` over the images and their horizontal mirrors."""
     outputs: dict[int | None, torch.Tensor] = {}
+    # the mirrors go through the network in the same batch: one forward, not two
+    batch = torch.cat([images, images.flip(-1)]) if flip else images
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         for attribute in attributes:
             # An unconditioned model has one embedding for every attribute: compute it once.
             key = attribute if model.attribute_conditioned else None
             if key not in outputs:
-                outputs[key] = model.embed(images, attribute)
+                outputs[key] = model.embed(batch, attribute)
+    if flip:
+        count = images.shape[0]
+        return [flip_averaged(outputs[key][:count], outputs[key][count:])
+                for key in (a if model.attribute_conditioned else None for a in attributes)]
     return [F.normalize(outputs[a if model.attribute_conditioned else None].float(), dim=1) for a in attributes]
 
 
@@ -158,12 +174,13 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                            attributes: Sequence[int | None], batch_size: int = 64,
                            device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
                            crop_bbox: bool = False, amp: bool = False, desc: str = "embedding",
-                           decode: str = "pil") -> EmbedResult:
+                           decode: str = "pil", flip: bool = False) -> EmbedResult:
     """Embed every row once per attribute index in ``attributes``, decoding each image only once.
 
     ``decode``: ``"pil"`` decodes and resizes in the DataLoader workers; ``"device"`` has the
     workers only read JPEG bytes and decodes and resizes them on ``device`` (other files still
-    go through PIL)."""
+    go through PIL). ``flip``: flip-averaged embeddings (:func:`flip_averaged`; twice the
+    forward cost)."""
     if not attributes:
         raise ValueError("attributes must name at least one attribute index (or None)")
     if decode not in DECODERS:
@@ -199,7 +216,7 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                 if images is not None:
                     if device.type == "cuda":
                         images = images.contiguous(memory_format=torch.channels_last)
-                    for slot, embedding in enumerate(_forward_embeddings(model, images, attributes, amp)):
+                    for slot, embedding in enumerate(_forward_embeddings(model, images, attributes, amp, flip)):
                         chunks[slot].append(embedding.cpu().numpy())
                     kept.append(rows.numpy())
                 bar.update(len(batch_skipped) + (len(rows) if rows is not None else 0))
@@ -214,19 +231,21 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
 
 def embed_table(model: RetrievalModel, table: SampleTable, image_size: Sequence[int], batch_size: int = 64,
                 attribute: int | None = None, device: str | torch.device = "cpu", num_workers: int = 0,
-                progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil") -> EmbedResult:
+                progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil",
+                flip: bool = False) -> EmbedResult:
     """L2-normalised embeddings of every readable row of ``table`` (for ``attribute`` when the
-    model is attribute-conditioned); ``decode`` as in :func:`embed_table_attributes`."""
+    model is attribute-conditioned); ``decode`` and ``flip`` as in :func:`embed_table_attributes`."""
     return embed_table_attributes(model, table, image_size, [attribute], batch_size=batch_size, device=device,
                                   num_workers=num_workers, progress=progress, crop_bbox=crop_bbox, amp=amp,
-                                  decode=decode)
+                                  decode=decode, flip=flip)
 
 
 @torch.inference_mode()
 def embed_images(model: RetrievalModel, images: Iterable[Image.Image], image_size: Sequence[int],
                  attribute: int | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 64) -> np.ndarray:
-    """Embeddings [N, D] (L2-normalised float32) of decoded RGB PIL images, e.g. uploaded queries."""
+                 batch_size: int = 64, flip: bool = False) -> np.ndarray:
+    """Embeddings [N, D] (L2-normalised float32) of decoded RGB PIL images, e.g. uploaded queries
+    (``flip``: flip-averaged)."""
     device = torch.device(device)
     transform = inference_transform(image_size)
     tensors = [transform(image.convert("RGB") if image.mode != "RGB" else image) for image in images]
@@ -238,7 +257,7 @@ def embed_images(model: RetrievalModel, images: Iterable[Image.Image], image_siz
         out = []
         for start in range(0, len(tensors), batch_size):
             batch = torch.stack(tensors[start:start + batch_size]).to(device)
-            out.append(_forward_embeddings(model, batch, [attribute], amp=False)[0].cpu().numpy())
+            out.append(_forward_embeddings(model, batch, [attribute], amp=False, flip=flip)[0].cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(out).astype(np.float32, copy=False)

@@ -4,7 +4,9 @@ Layout of ``INDEX_DIR``::
 
     index.json             model identity (origin checkpoint, sha256 of its weights), image size,
                            spaces, store kind, count, catalog_roots (the folders holding the
-                           catalog's images: the only ones the server serves pictures from)
+                           catalog's images: the only ones the server serves pictures from),
+                           embedding (how photos are embedded: ``{"flip": true}`` when the
+                           catalog holds flip-averaged vectors, so queries are embedded so too)
     model/                 a copy of the checkpoint (model.safetensors + meta.json): queries are
                            embedded by exactly the model that embedded the catalog, even after the
                            training run directory is overwritten or moved
@@ -108,7 +110,8 @@ class CatalogIndex:
     def __init__(self, path: str | Path, model_info: dict[str, Any], spaces: Sequence[str], dim: int,
                  kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None,
                  model_files: dict[str, Path] | None = None, generation: int | None = None,
-                 space_dirs: dict[str, str] | None = None, milvus_uri: str | None = None):
+                 space_dirs: dict[str, str] | None = None, milvus_uri: str | None = None,
+                 flip: bool = False):
         self.path = Path(path)
         self.model_info = model_info
         self.spaces = list(spaces)
@@ -131,6 +134,9 @@ class CatalogIndex:
         # size and sha256 of each model file, as index.json records them (known once verified or written)
         self.model_records: dict[str, dict[str, Any]] | None = None
         self._facets: dict[str, Any] | None = None  # filter fields and values, until the next change
+        # the catalog's vectors are flip-averaged (index build --flip): queries and later adds
+        # must be embedded the same way, or they are compared with vectors of another kind
+        self.flip = bool(flip)
 
     def space_path(self, space: str, root: Path | None = None) -> Path:
         """Where ``space``'s store lives under ``root`` (default: the index), checked to be inside."""
@@ -216,6 +222,7 @@ class CatalogIndex:
         return {"format_version": FORMAT_VERSION if self.store_name == "faiss" else 1, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
                 "generation": self.generation, "files": self._model_records(), "space_dirs": self.space_dirs,
+                "embedding": {"flip": self.flip},
                 **({"milvus_uri": self.milvus_uri} if self.milvus_uri is not None else {}),
                 **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
 
@@ -371,7 +378,7 @@ class CatalogIndex:
                                      f"{manifest_path} records dim {manifest['dim']}; rebuild the index")
         catalog = cls(path, manifest["model"], list(space_dirs), manifest["dim"], manifest.get("kind", "flat"),
                       store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs,
-                      milvus_uri=milvus_uri)
+                      milvus_uri=milvus_uri, flip=_recorded_flip(manifest, manifest_path))
         roots = manifest.get("catalog_roots")
         if roots is not None:
             if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
@@ -448,6 +455,21 @@ def _recorded_space_dirs(manifest: dict[str, Any], manifest_path: Path) -> dict[
     if len(set(recorded.values())) != len(recorded):
         raise StoreError(f"{manifest_path}: two spaces share one folder; rebuild the index")
     return dict(recorded)
+
+
+def recorded_flip(index_dir: str | Path) -> bool:
+    """Whether the index at ``index_dir`` holds flip-averaged vectors (reads index.json only)."""
+    manifest_path = Path(index_dir) / MANIFEST
+    return _recorded_flip(read_json(manifest_path, StoreError), manifest_path)
+
+
+def _recorded_flip(manifest: dict[str, Any], manifest_path: Path) -> bool:
+    """``embedding.flip`` of index.json; indexes written before it was recorded hold plain vectors."""
+    embedding = manifest.get("embedding", {})
+    if not isinstance(embedding, dict) or not isinstance(embedding.get("flip", False), bool):
+        raise StoreError(f"{manifest_path}: 'embedding' must be an object like {{\"flip\": false}}, "
+                         f"got {quote(embedding, 60)}")
+    return embedding.get("flip", False)
 
 
 def _read_generation(path: Path) -> int | None:

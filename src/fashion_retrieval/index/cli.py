@@ -84,6 +84,9 @@ def build(
         help="with --store milvus: a Milvus server, e.g. http://localhost:19530 (token from MILVUS_TOKEN); "
              "default: milvus-lite files inside --out")] = None,
     device: str = "cpu",
+    flip: Annotated[bool, typer.Option(
+        "--flip", help="store flip-averaged vectors (each photo and its mirror; twice the embedding time); "
+                       "recorded in the index, so its queries are embedded the same way")] = False,
 ) -> None:
     """Embed a catalog and write a persistent index (atomically)."""
     from ..data.readers.catalog import parse_columns
@@ -92,7 +95,7 @@ def build(
     try:
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
                              batch_size, store.value, device, columns=parse_columns(columns, "--columns"),
-                             milvus_uri=milvus_uri)
+                             milvus_uri=milvus_uri, flip=flip)
     except _known_errors() as exc:
         _fail_writing(exc, out)
     _report(report, "indexed")
@@ -151,6 +154,9 @@ def search(
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="photos embedded at once (folder or CSV)")] = 32,
     grid: Annotated[Optional[Path], typer.Option(help="also draw the results as a PNG: one row per query photo, "
                                                       "its top results beside it")] = None,
+    flip: Annotated[Optional[bool], typer.Option(
+        "--flip/--no-flip", help="flip-average the query photos' embeddings (default: as the index was "
+                                 "built, index build --flip)")] = None,
 ) -> None:
     """Ranked catalog items for a photo, or for every photo of a folder or CSV (batch)."""
     from ..api import Index, query_files
@@ -163,7 +169,7 @@ def search(
         _fail(f"{grid}: --grid must end in .png")
     try:
         where = SearchFilter.parse(filter or [], _read_ids(ids_file) if ids_file is not None else None)
-        searcher = Index(CatalogIndex.open(index), onnx=onnx)
+        searcher = Index(CatalogIndex.open(index), onnx=onnx, flip=flip)
         where = searcher.prepare(attribute, where)  # a bad attribute or field fails before the model loads
         batch = query.is_dir() or query.suffix.lower() == ".csv"
         photos = query_files(query)

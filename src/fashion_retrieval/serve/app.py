@@ -422,8 +422,9 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
             return
         finally:
             reloading.release()
-        if fresh.dim != catalog.dim or fresh.model_records != catalog.model_records:
-            _log.error("%s: rebuilt with another model; restart the server to serve it", index_dir)
+        if fresh.dim != catalog.dim or fresh.model_records != catalog.model_records or fresh.flip != catalog.flip:
+            # the server's embedder embeds queries for the index it opened (model and --flip)
+            _log.error("%s: rebuilt with another model or --flip; restart the server to serve it", index_dir)
             with lock:
                 seen_signature = signature
             return
