@@ -8,7 +8,9 @@ of ``evaluate --flip`` runs and they are reported beside the plain ones.
 
 The npz files are what ``fashion-retrieval evaluate --json X.json`` writes beside X.json. The
 chosen metric is ``mAP`` for instance and category benchmarks, overall ``MAP@all`` for attribute
-ones. Times: seconds per query of the whole ranking step on the test embeddings (the plain
+ones. On test, the chosen option's difference from plain in that metric gets a 95% interval
+from a paired bootstrap over the test queries ((query, attribute) pairs for attribute
+benchmarks; ``--bootstrap`` resamples). Times: seconds per query of the whole ranking step on the test embeddings (the plain
 top-100 search; QE's neighbour search, expansion and second search; the re-ranked distances and
 their top-100), the best of ``--repeat`` runs, per (query, attribute) pair.
 """
@@ -40,6 +42,25 @@ def overall(saved: dict, **options) -> dict[str, float]:
     computed = compute_metrics(saved["kind"], saved["query"], saved["gallery"], saved["query_labels"],
                                saved["gallery_labels"], saved["exclude_self"], **options)
     return {name: round(100 * value, 2) for name, value in computed["overall"].items() if name != "queries"}
+
+
+def per_query(saved: dict, metric: str, **options) -> np.ndarray:
+    """The metric of every evaluated (query, attribute) pair, attributes in a fixed order."""
+    from fashion_retrieval.engine.evaluate import metric_spec
+
+    found: dict = {}
+    compute_metrics(saved["kind"], saved["query"], saved["gallery"], saved["query_labels"], saved["gallery_labels"],
+                    saved["exclude_self"], retrievals=found, **options)
+    key = "MAP@all" if metric == "mAP" else metric
+    return np.concatenate([found[a].per_query(metric_spec())[key] for a in sorted(found)])
+
+
+def bootstrap_interval(plain: np.ndarray, other: np.ndarray, resamples: int, seed: int = 0) -> list[float]:
+    """95% interval (percentile bootstrap, paired over queries) of mean(other - plain), in points."""
+    difference = 100.0 * (other - plain)
+    rng = np.random.default_rng(seed)
+    means = [difference[rng.integers(0, difference.size, difference.size)].mean() for _ in range(resamples)]
+    return [round(float(np.percentile(means, 2.5)), 2), round(float(np.percentile(means, 97.5)), 2)]
 
 
 def _self_index(saved: dict, attribute: str) -> np.ndarray | None:
@@ -95,6 +116,7 @@ def main() -> int:
     parser.add_argument("--flip-val", type=Path, help="JSON of evaluate --flip on val")
     parser.add_argument("--flip-test", type=Path, help="JSON of evaluate --flip on test")
     parser.add_argument("--repeat", type=int, default=3, help="timing runs (the best is kept)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test difference")
     parser.add_argument("--quick", action="store_true", help="a two-setting grid (smoke test)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -113,10 +135,13 @@ def main() -> int:
               flush=True)
 
     chosen = {}
+    plain_per_query = per_query(test, metric)
     for family in ("QueryExpansion", "KReciprocal"):
         best = max((row for row in rows if row["family"] == family), key=lambda row: row["val"][metric])
         option = next(o for o in options if describe(o) == best["option"])
         chosen[family] = {"option": best["option"], "val": best["val"], "test": overall(test, **keyword(option)),
+                          "test_difference_interval": bootstrap_interval(
+                              plain_per_query, per_query(test, metric, **keyword(option)), args.bootstrap),
                           "seconds_per_query": seconds_per_query(test, option, args.repeat)}
     report = {
         "benchmark": kind, "metric": metric, "val_npz": str(args.val), "test_npz": str(args.test),
@@ -137,11 +162,14 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"| option (chosen on val) | val {metric} | test {metric} | test, all metrics | ms per query |")
-    print("|---|---:|---:|---|---:|")
+    print(f"| option (chosen on val) | val {metric} | test {metric} | test − plain, 95% interval | test, all metrics "
+          "| ms per query |")
+    print("|---|---:|---:|---:|---|---:|")
     lines = [("plain", report["plain"])] + [(c["option"], c) for c in chosen.values()]
     for name, row in lines:
-        print(f"| `{name}` | {row['val'][metric]:.2f} | {row['test'][metric]:.2f} | "
+        interval = row.get("test_difference_interval")
+        shown = f"[{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else ""
+        print(f"| `{name}` | {row['val'][metric]:.2f} | {row['test'][metric]:.2f} | {shown} | "
               f"{', '.join(f'{k} {v:.2f}' for k, v in row['test'].items())} | {1e3 * row['seconds_per_query']:.2f} |")
     return 0
 

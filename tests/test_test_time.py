@@ -240,3 +240,70 @@ def test_evaluate_cli_refuses_bad_test_time_options(viton) -> None:
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
     assert not (viton / "cli.json").exists()
+
+
+# ---- search --query-expansion -------------------------------------------------------------------
+def test_search_with_query_expansion_by_hand(flipped_index) -> None:
+    from fashion_retrieval import open_index
+
+    root, _, _, _ = flipped_index
+    index = open_index(root / "index")
+    ids, vectors = index._catalog.store(None).vectors()
+    # near two catalog items, so that the neighbours weigh something
+    noise = np.random.default_rng(0).normal(size=vectors.shape[1]).astype(np.float32)
+    query = _unit((vectors[2] + vectors[5] + 0.3 * noise / np.linalg.norm(noise))[None])[0]
+
+    def by_hand(allowed: list[int]) -> tuple[list[str], np.ndarray]:
+        similarity = vectors[allowed] @ query
+        nearest = [allowed[i] for i in np.argsort(-similarity, kind="stable")[:2]]
+        expanded = query + sum(max(float(vectors[i] @ query), 0.0) ** 3 * vectors[i] for i in nearest)
+        expanded /= np.linalg.norm(expanded)
+        scores = vectors[allowed] @ expanded
+        order = np.argsort(-scores, kind="stable")
+        return [ids[allowed[i]] for i in order], scores[order]
+
+    hits = index.search(query, k=len(ids), query_expansion="2,3")
+    expected_ids, expected_scores = by_hand(list(range(len(ids))))
+    assert [hit.id for hit in hits] == expected_ids
+    np.testing.assert_allclose([hit.score for hit in hits], expected_scores, atol=1e-5)
+    plain = index.search(query, k=len(ids))
+    assert not np.allclose([hit.score for hit in plain], expected_scores, atol=1e-3)  # the expansion did something
+    # with a filter, the neighbours come from the allowed items only
+    allowed = [1, 3, 4]
+    filtered = index.search(query, k=3, ids=[ids[i] for i in allowed], query_expansion="2,3")
+    assert [hit.id for hit in filtered] == by_hand(allowed)[0]
+    # k = 0 changes nothing
+    assert [h.id for h in index.search(query, k=4, query_expansion="0,3")] == [h.id for h in index.search(query, k=4)]
+
+
+def test_search_cli_refuses_a_malformed_query_expansion(flipped_index) -> None:
+    root, _, photos, _ = flipped_index
+    result = runner.invoke(app, ["search", "--index", str(root / "index"), str(photos[0]), "--query-expansion", "5"])
+    assert result.exit_code == 2 and "--query-expansion '5': expected k,alpha" in result.output
+
+
+def test_server_search_with_query_expansion_and_flip(flipped_index) -> None:
+    from fastapi.testclient import TestClient
+
+    from fashion_retrieval.data.images import load_rgb
+    from fashion_retrieval.index.catalog import CatalogIndex
+    from fashion_retrieval.index.embedders import embedder_for_index
+    from fashion_retrieval.rerank import QueryExpansion
+    from fashion_retrieval.serve.app import create_app
+
+    root, _, photos, _ = flipped_index
+    catalog = CatalogIndex.open(root / "index")
+    embedder = embedder_for_index(catalog)
+    assert embedder.flip is True  # the server embeds its queries as the catalog was embedded
+    client = TestClient(create_app(root / "index", embedder), base_url="http://127.0.0.1")
+    photo = {"image": ("q.jpg", photos[3].read_bytes(), "image/jpeg")}
+    plain = client.post("/search", params={"k": 6}, files=photo).json()
+    assert plain["results"][0]["id"] == photos[3].stem and plain["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert "query_expansion" not in plain
+    expanded = client.post("/search", params={"k": 6, "query_expansion": "2,3"}, files=photo).json()
+    assert expanded["query_expansion"] == {"k": 2, "alpha": 3.0}
+    scores, ids = catalog.search(embedder.embed([load_rgb(photos[3])]), 6, query_expansion=QueryExpansion(2, 3.0))
+    assert [row["id"] for row in expanded["results"]] == ids[0]
+    np.testing.assert_allclose([row["score"] for row in expanded["results"]], scores[0], atol=1e-5)
+    bad = client.post("/search", params={"query_expansion": "2"}, files=photo)
+    assert bad.status_code == 400 and "expected k,alpha" in bad.json()["detail"]

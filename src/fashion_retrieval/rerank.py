@@ -176,14 +176,24 @@ def query_expansion(queries: ArrayLike, gallery: ArrayLike, k: int, alpha: float
         return _normalise_rows(q).astype(np.float32)
     scores, neighbours = metrics.chunked_topk(q, g, options.k, query_gallery_index=self_index,
                                               query_chunk=query_chunk)
-    found = neighbours >= 0  # fewer than k gallery rows: padding weighs nothing
-    weights = np.where(found, np.power(np.maximum(np.where(found, scores, 0.0), 0.0), options.alpha), 0.0)
     out = np.empty_like(q)
     for start in range(0, q.shape[0], query_chunk):
         rows = slice(start, start + query_chunk)
-        gathered = g[np.maximum(neighbours[rows], 0)]  # [chunk, k, D]
-        out[rows] = q[rows] + np.einsum("qk,qkd->qd", weights[rows].astype(np.float32), gathered)
-    return _normalise_rows(out).astype(np.float32)
+        found = neighbours[rows] >= 0  # fewer than k gallery rows: padding weighs nothing
+        out[rows] = expand_queries(q[rows], g[np.maximum(neighbours[rows], 0)], scores[rows], options.alpha, found)
+    return out
+
+
+def expand_queries(queries: np.ndarray, neighbour_vectors: np.ndarray, neighbour_scores: np.ndarray, alpha: float,
+                   found: np.ndarray | None = None) -> np.ndarray:
+    """The α-QE formula on neighbours already found: ``queries`` [Q, D], their neighbours'
+    vectors [Q, k, D] and similarities [Q, k] (``found`` [Q, k]: False where a row has fewer
+    than k). Returns normalise(q + Σ max(s, 0)^α g), float32 unit rows."""
+    scores = np.asarray(neighbour_scores, dtype=np.float64)
+    found = np.ones(scores.shape, dtype=bool) if found is None else found
+    weights = np.where(found, np.power(np.maximum(np.where(found, scores, 0.0), 0.0), alpha), 0.0)
+    expanded = queries + np.einsum("qk,qkd->qd", weights.astype(np.float32), neighbour_vectors.astype(np.float32))
+    return _normalise_rows(expanded).astype(np.float32)
 
 
 # ---- k-reciprocal re-ranking ------------------------------------------------------------------
@@ -374,4 +384,5 @@ def k_reciprocal_distances(queries: ArrayLike, gallery: ArrayLike, k1: int = 20,
     return out
 
 
-__all__ = ["KReciprocal", "MAX_RERANK_ENTRIES", "QueryExpansion", "RerankError", "k_reciprocal_distances", "query_expansion"]
+__all__ = ["KReciprocal", "MAX_RERANK_ENTRIES", "QueryExpansion", "RerankError", "expand_queries",
+           "k_reciprocal_distances", "query_expansion"]

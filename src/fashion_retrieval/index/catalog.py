@@ -188,14 +188,36 @@ class CatalogIndex:
         self._facets = None
         return max((store.remove(ids) for store in self.stores.values()), default=0)
 
-    def search(self, vectors: np.ndarray, k: int, space: str | None = None, where: SearchFilter | None = None):
+    def search(self, vectors: np.ndarray, k: int, space: str | None = None, where: SearchFilter | None = None,
+               query_expansion=None):
         """Top-k of ``space`` among the items ``where`` accepts (a field the catalog's metadata
-        never holds is refused with :class:`FilterError`, naming it)."""
+        never holds is refused with :class:`FilterError`, naming it). ``query_expansion`` (a
+        ``rerank.QueryExpansion``): search again with each query expanded by its k nearest
+        accepted items (α-QE); the scores are then those of the expanded queries."""
         store = self.store(space)
+        if where is not None:
+            where.check_fields(self.filter_fields())
+        if query_expansion is not None and query_expansion.k > 0:
+            vectors = self._expanded(store, vectors, where, query_expansion)
         if where is None:
             return store.search(vectors, k)
-        where.check_fields(self.filter_fields())
         return store.search(vectors, k, where=where)
+
+    @staticmethod
+    def _expanded(store: VectorStore, vectors: np.ndarray, where: SearchFilter | None, expansion) -> np.ndarray:
+        from ..rerank import expand_queries
+
+        scores, ids = store.search(vectors, expansion.k) if where is None else store.search(vectors, expansion.k, where)
+        width = max((len(row) for row in ids), default=0)
+        found = np.zeros((len(vectors), width), dtype=bool)
+        neighbours = np.zeros((len(vectors), width, store.dim), dtype=np.float32)
+        similarities = np.zeros((len(vectors), width), dtype=np.float32)
+        for row, row_ids in enumerate(ids):
+            found[row, :len(row_ids)] = True
+            if row_ids:
+                neighbours[row, :len(row_ids)] = store.vectors_of(row_ids)
+            similarities[row, :len(row_ids)] = scores[row, :len(row_ids)]
+        return expand_queries(np.asarray(vectors, dtype=np.float32), neighbours, similarities, expansion.alpha, found)
 
     def facets(self) -> dict[str, dict[str, int]]:
         """Items per value of each filter field (category, domain, every attribute), from the
