@@ -307,3 +307,31 @@ def test_server_search_with_query_expansion_and_flip(flipped_index) -> None:
     np.testing.assert_allclose([row["score"] for row in expanded["results"]], scores[0], atol=1e-5)
     bad = client.post("/search", params={"query_expansion": "2"}, files=photo)
     assert bad.status_code == 400 and "expected k,alpha" in bad.json()["detail"]
+
+
+def test_the_measurement_script_reports_plain_and_each_chosen_option(viton, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fashion_retrieval.engine.evaluate import recompute_from_npz
+    from fashion_retrieval.rerank import QueryExpansion
+
+    _evaluate(viton, "script")
+    npz = viton / "script.npz"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "test_time_options.py"
+    completed = subprocess.run([sys.executable, str(script), "--val", str(npz), "--test", str(npz), "--quick",
+                                "--repeat", "1", "--bootstrap", "50", "--json", str(tmp_path / "report.json")],
+                               capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["metric"] == "mAP" and report["command"].startswith("benchmarks/test_time_options.py")
+    plain = recompute_from_npz(npz)["overall"]
+    assert report["plain"]["test"]["mAP"] == round(100 * plain["mAP"], 2)
+    chosen = report["chosen"]["QueryExpansion"]
+    assert chosen["option"] == "--query-expansion 1,3"  # the quick grid's only QE setting
+    expanded = recompute_from_npz(npz, query_expansion=QueryExpansion(1, 3.0))["overall"]
+    assert chosen["test"]["mAP"] == round(100 * expanded["mAP"], 2)
+    low, high = chosen["test_difference_interval"]
+    assert low <= round(100 * (expanded["mAP"] - plain["mAP"]), 2) + 0.01 and high >= low
+    assert report["chosen"]["KReciprocal"]["seconds_per_query"] > 0
+    assert "| `plain` |" in completed.stdout

@@ -76,11 +76,11 @@ class Embedder:
 
             from ..engine.embed import flip_averaged
 
-            # photos and mirrors in one forward, as engine/embed.py embeds a catalog
-            both = np.concatenate([pixels, np.ascontiguousarray(pixels[..., ::-1])])
-            with self._lock:
-                out = torch.from_numpy(np.asarray(self._forward(both, index), dtype=np.float32))
-            return flip_averaged(out[:len(pixels)], out[len(pixels):]).numpy()
+            with self._lock:  # two forwards, as engine/embed.py embeds a catalog
+                plain = self._forward(pixels, index)
+                mirrored = self._forward(np.ascontiguousarray(pixels[..., ::-1]), index)
+            return flip_averaged(torch.from_numpy(np.asarray(plain, dtype=np.float32)),
+                                 torch.from_numpy(np.asarray(mirrored, dtype=np.float32))).numpy()
         with self._lock:
             return _normalise(self._forward(pixels, index))
 
