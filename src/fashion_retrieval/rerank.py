@@ -167,7 +167,7 @@ def query_expansion(queries: ArrayLike, gallery: ArrayLike, k: int, alpha: float
     and ``s_i`` their similarities. Negative similarities weigh 0 (a negative number has no real
     α-th power; the paper's neighbours are all positive); ``alpha = 0`` is plain average query
     expansion. ``k = 0`` returns the queries, L2-normalised. Returns float32 [Q, D] unit rows;
-    memory O(query_chunk × (k + gallery chunk) × D).
+    memory O(query_chunk × k × D) besides the chunked scan's blocks.
     """
     options = QueryExpansion(k, alpha)
     q, g = _pair(queries, gallery)
