@@ -450,3 +450,22 @@ def test_segment_ids_must_match_its_metadata_rows(tmp_path):
     (tmp_path / "index" / "seg-000002.jsonl").write_text("".join(reversed(rows)))  # same bytes, other order
     with pytest.raises(StoreError, match=r"seg-000002\.vec: its ids differ from the rows of seg-000002\.jsonl"):
         FaissStore.open(tmp_path / "index", verify=False)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq", "milvus"])
+def test_vectors_of_gives_the_stored_vectors(kind, tmp_path, request):
+    """What search's query expansion reads back: each id's own vector, after a reopen too."""
+    vectors = unit_vectors(300, seed=4)
+    ids = [f"v{i}" for i in range(300)]
+    store = make_store(kind, tmp_path / "index", request)
+    store.add(ids, vectors)
+    wanted = ["v7", "v0", "v299"]
+    exact = kind != "ivfpq"  # product quantisation keeps codes: its vectors come back approximate
+    for reopened in (False, True):
+        current = reopen(kind, store) if reopened else store
+        got = current.vectors_of(wanted)
+        assert got.shape == (3, DIM) and got.dtype == np.float32
+        np.testing.assert_allclose(got, vectors[[7, 0, 299]], atol=1e-5 if exact else 0.5)
+        if not exact:  # approximate, yet nearer its own vector than any other
+            assert [int(np.argmax(vectors @ row)) for row in got] == [7, 0, 299]
+        assert current.vectors_of([]).shape == (0, DIM)

@@ -12,7 +12,10 @@ the CLI's ``search`` is built on it. README.md ("Python") shows it in use, and
   photo (path or PIL image) or a vector; ``filters`` maps a metadata field (``category``,
   ``domain``, ``item_id`` or an attribute such as ``gender``) to one value or a list of accepted
   values; ``ids`` lists the allowed item ids. ``Index.search_files`` does the same for many
-  photos, in batches, reporting unreadable ones instead of failing.
+  photos, in batches, reporting unreadable ones instead of failing. ``query_expansion="k,alpha"``
+  (both) searches again with the α-expanded query (docs/metrics.md, "Test-time options": it
+  gains mAP and top-1 on the consumer-to-shop category benchmark, loses top-5 … top-50; off by
+  default).
 
 Errors are the project's one-line exceptions (``StoreError``, ``CheckpointError``,
 ``ImageLoadError``, ``FilterError``, ``UnknownSpaceError``), all naming the file or field.
@@ -32,6 +35,7 @@ ZOO_PREFIX = "zoo:"
 
 ImageLike = Union[str, os.PathLike, "Image.Image"]  # noqa: F821 - PIL is imported where images are decoded
 Filters = Union[Mapping[str, Union[str, Sequence[str]]], SearchFilter, None]
+Expansion = Union[str, "QueryExpansion", None]  # noqa: F821 - rerank (torch) is imported when one is given
 
 
 @dataclass
@@ -80,32 +84,39 @@ class Model:
         return np.concatenate(parts) if parts else np.zeros((0, self.feat_dim), np.float32)
 
 
-def load_model(source: str | os.PathLike, device: str = "cpu") -> Model:
+def load_model(source: str | os.PathLike, device: str = "cpu", flip: bool | None = None) -> Model:
     """A run directory, its ``model.safetensors``, an index directory (its model copy), an ONNX
     export (``model.onnx`` with its sidecar), or ``zoo:NAME`` (a model shipped in the package;
-    ``fashion-retrieval zoo list``)."""
+    ``fashion-retrieval zoo list``). ``flip``: flip-averaged embeddings (each photo averaged with
+    its mirror); default off, and for an index directory as its catalog was embedded."""
     from .index.embedders import OnnxEmbedder, TorchEmbedder
 
     text = os.fspath(source)
     if text.startswith(ZOO_PREFIX):  # a shipped model, verified against its pinned sha256 (zoo/)
         from .engine.checkpoint import resolve_zoo
 
-        return Model(TorchEmbedder(resolve_zoo(text), device))
+        return Model(TorchEmbedder(resolve_zoo(text), device, bool(flip)))
     path = Path(text)
     if path.suffix == ".onnx":
-        return Model(OnnxEmbedder(path))
+        return Model(OnnxEmbedder(path, bool(flip)))
     if (path / "index.json").is_file():
+        if flip is None:
+            from .index.catalog import recorded_flip
+
+            flip = recorded_flip(path)
         path = path / "model"
-    return Model(TorchEmbedder(path, device))
+    return Model(TorchEmbedder(path, device, bool(flip)))
 
 
 class Index:
     """A catalog index on disk (see docs/serving.md), searched with the model that built it."""
 
-    def __init__(self, catalog, device: str = "cpu", onnx: str | os.PathLike | None = None):
+    def __init__(self, catalog, device: str = "cpu", onnx: str | os.PathLike | None = None,
+                 flip: bool | None = None):
         self._catalog = catalog
         self._device = device
         self._onnx = onnx
+        self._flip = flip  # None: as the catalog was embedded (index build --flip)
         self._model: Model | None = None
 
     @property
@@ -115,12 +126,17 @@ class Index:
     @property
     def model(self) -> Model:
         """The index's own model (loaded at the first photo query): queries must be embedded by
-        exactly the model that embedded the catalog."""
+        exactly the model that embedded the catalog, and flip-averaged when the catalog was."""
         if self._model is None:
             from .index.embedders import embedder_for_index
 
-            self._model = Model(embedder_for_index(self._catalog, self._onnx, self._device))
+            self._model = Model(embedder_for_index(self._catalog, self._onnx, self._device, self._flip))
         return self._model
+
+    @property
+    def flip(self) -> bool:
+        """Whether the catalog's vectors are flip-averaged (``index build --flip``)."""
+        return self._catalog.flip
 
     @property
     def attributes(self) -> list[str]:
@@ -144,21 +160,27 @@ class Index:
         return self._catalog.get_metadata(id)
 
     def search(self, query: ImageLike | np.ndarray, k: int = 10, attribute: str | None = None,
-               filters: Filters = None, ids: Iterable[str] | None = None) -> list[Hit]:
+               filters: Filters = None, ids: Iterable[str] | None = None,
+               query_expansion: Expansion = None) -> list[Hit]:
         """The ``k`` best catalog images for one photo (or one embedding vector), best first,
-        among those ``filters`` and ``ids`` allow: exactly ``k`` whenever ``k`` match."""
+        among those ``filters`` and ``ids`` allow: exactly ``k`` whenever ``k`` match.
+        ``query_expansion``: ``"k,alpha"`` or a ``rerank.QueryExpansion``; the scores are then
+        the expanded query's cosine similarities."""
         where = self.prepare(attribute, filters, ids)  # a bad filter fails before the model loads
+        expansion = _expansion(query_expansion)
         vectors = query.reshape(1, -1) if isinstance(query, np.ndarray) else self.model.embed([query], attribute)
-        return self._hits(vectors, k, attribute, where)[0]
+        return self._hits(vectors, k, attribute, where, expansion)[0]
 
     def search_files(self, queries: Sequence[str | os.PathLike], k: int = 10, attribute: str | None = None,
                      filters: Filters = None, ids: Iterable[str] | None = None,
-                     batch_size: int = 32) -> Iterator[tuple[str, list[Hit] | None, str | None]]:
+                     batch_size: int = 32, query_expansion: Expansion = None
+                     ) -> Iterator[tuple[str, list[Hit] | None, str | None]]:
         """``(query, hits, None)`` for each photo, or ``(query, None, reason)`` for one that cannot
         be read; photos are decoded and embedded ``batch_size`` at a time."""
         from .data.images import ImageLoadError, load_rgb
 
         where = self.prepare(attribute, filters, ids)
+        expansion = _expansion(query_expansion)
         queries = list(queries)
         for start in range(0, len(queries), batch_size):
             chunk = [os.fspath(q) for q in queries[start:start + batch_size]]
@@ -168,8 +190,8 @@ class Index:
                     photos[query] = load_rgb(query)
                 except ImageLoadError as exc:
                     errors[query] = exc.reason
-            found = iter(self._hits(self.model.embed(list(photos.values()), attribute), k, attribute, where)
-                         if photos else [])
+            found = iter(self._hits(self.model.embed(list(photos.values()), attribute), k, attribute, where,
+                                    expansion) if photos else [])
             for query in chunk:
                 yield (query, None, errors[query]) if query in errors else (query, next(found), None)
 
@@ -189,8 +211,8 @@ class Index:
         return where
 
     def _hits(self, vectors: np.ndarray, k: int, attribute: str | None,
-              where: SearchFilter | None) -> list[list[Hit]]:
-        scores, ids = self._catalog.search(vectors, k, attribute, where)
+              where: SearchFilter | None, expansion=None) -> list[list[Hit]]:
+        scores, ids = self._catalog.search(vectors, k, attribute, where, query_expansion=expansion)
         return [[self._hit(rank, item_id, score) for rank, (score, item_id) in enumerate(zip(row_scores.tolist(), row), 1)]
                 for row_scores, row in zip(scores, ids)]
 
@@ -200,19 +222,21 @@ class Index:
                    meta.get("path"), dict(meta.get("attributes") or {}))
 
 
-def open_index(path: str | os.PathLike, device: str = "cpu", onnx: str | os.PathLike | None = None) -> Index:
+def open_index(path: str | os.PathLike, device: str = "cpu", onnx: str | os.PathLike | None = None,
+               flip: bool | None = None) -> Index:
     """An index written by ``fashion-retrieval index build`` (or :func:`build_index`); ``onnx``:
-    embed queries with this ONNX export of the index's model."""
+    embed queries with this ONNX export of the index's model; ``flip``: flip-average the query
+    photos or not (default: as the catalog was embedded)."""
     from .index.catalog import CatalogIndex
 
-    return Index(CatalogIndex.open(path), device, onnx)
+    return Index(CatalogIndex.open(path), device, onnx, flip)
 
 
 def build_index(checkpoint: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
                 **options: Any) -> Index:
     """Embed a catalog (a folder of photos, a CSV table, or a dataset root with ``format=``) and
     write an index at ``out``; ``options`` are ``index build``'s (kind, attributes, format,
-    split, domain, batch_size, store, device)."""
+    split, domain, batch_size, store, device, flip)."""
     from .index.build import build_index as build
 
     options.setdefault("progress", False)
@@ -255,6 +279,15 @@ def query_files(source: str | os.PathLike) -> list[Path]:
     if not photos:
         raise AnnotationError(source, None, "no rows")
     return photos
+
+
+def _expansion(value: Expansion):
+    """``"k,alpha"`` → ``rerank.QueryExpansion`` (a malformed one raises ``RerankError``)."""
+    if value is None:
+        return None
+    from .rerank import QueryExpansion
+
+    return value if isinstance(value, QueryExpansion) else QueryExpansion.parse(value)
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:

@@ -29,7 +29,7 @@ def default_data_root() -> Path:
 EXPECTED_ERRORS = (("fashion_retrieval.registry", "ConfigError"), ("fashion_retrieval.data.table", "AnnotationError"),
                    ("fashion_retrieval.engine.checkpoint", "CheckpointError"),
                    ("fashion_retrieval.data.images", "ImageLoadError"), ("fashion_retrieval.files", "FileFormatError"),
-                   ("fashion_retrieval.files", "OutsideDirectoryError"))
+                   ("fashion_retrieval.files", "OutsideDirectoryError"), ("fashion_retrieval.rerank", "RerankError"))
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -112,11 +112,25 @@ def evaluate(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     num_workers: int = typer.Option(2, "--num-workers", min=0),
+    flip: bool = typer.Option(False, "--flip", help="embed every image flip-averaged (with its mirror; twice "
+                              "the embedding time)"),
+    query_expansion: Optional[str] = typer.Option(None, "--query-expansion", help="k,alpha: rank with α-query "
+                                                  "expansion over the k nearest gallery items (e.g. 2,3)"),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="k1,k2,lambda: rank by k-reciprocal re-ranking "
+                                         "(e.g. 20,6,0.3); not with --query-expansion"),
 ) -> None:
-    """Evaluate a checkpoint on a benchmark with the papers' metrics; prints a table, writes JSON."""
+    """Evaluate a checkpoint on a benchmark with the papers' metrics; prints a table, writes JSON.
+
+    --flip, --query-expansion and --rerank are test-time options, off by default: docs/metrics.md
+    ("Test-time options") has what each gains or loses on the shared benchmarks."""
     with _one_line_errors():
         from ..registry import ConfigError
+        from ..rerank import KReciprocal, QueryExpansion
         from .evaluate import evaluate as run_evaluation
+
+        # malformed options fail here, before the model loads
+        expansion = QueryExpansion.parse(query_expansion) if query_expansion is not None else None
+        reranking = KReciprocal.parse(rerank) if rerank is not None else None
 
         benchmark = benchmark or ("catalog" if catalog is not None else None)
         if benchmark is None:
@@ -137,7 +151,8 @@ def evaluate(
             raise ConfigError(f"{used} is for --benchmark catalog, not {benchmark}")
         evaluation = run_evaluation(checkpoint, benchmark, split, data_root or default_data_root(), json_out, plots,
                                     batch_size=batch_size, device=device, num_workers=num_workers,
-                                    progress=sys.stderr.isatty(), benchmark_options=options)
+                                    progress=sys.stderr.isatty(), benchmark_options=options, flip=flip,
+                                    query_expansion=expansion, rerank=reranking)
         _report_skipped(evaluation.results)
         typer.echo(f"results: {json_out}")
 

@@ -9,9 +9,15 @@ An attribute-conditioned model embeds every image once per attribute (with that 
 index); any other model's single embedding serves every attribute. The JSON records the command,
 checkpoint, hardware and counts; next to it an ``.npz`` holds the embeddings and labels so the
 numbers can be recomputed without the model (:func:`recompute_from_npz`).
+
+Test-time options (off by default; docs/metrics.md, "Test-time options", has what each gains):
+``flip`` embeds every image flip-averaged (the npz then holds those embeddings);
+``query_expansion`` (α-QE) and ``rerank`` (k-reciprocal) change the ranking of the embeddings,
+per attribute (:mod:`fashion_retrieval.rerank`), one at a time.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +32,7 @@ from ..models.base import RetrievalModel
 from ..names import path_component
 from ..provenance import provenance
 from ..registry import ConfigError
+from ..rerank import KReciprocal, QueryExpansion
 from .checkpoint import CheckpointError, RunMeta
 from .embed import embed_table_attributes
 
@@ -64,18 +71,54 @@ def metric_spec():
     return MetricSpec(top_k=TOPK, map_at=(ATTRIBUTE_CUTOFF,), recall_at=(ATTRIBUTE_CUTOFF,), full_map=True)
 
 
+def check_test_time(query_expansion: QueryExpansion | None, rerank: KReciprocal | None) -> None:
+    if query_expansion is not None and rerank is not None:
+        raise ConfigError("--query-expansion and --rerank are offered one at a time (each is measured alone, "
+                          "docs/metrics.md); choose one")
+
+
+def _rerank_retrievals(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray],
+                       query_labels: dict[str, np.ndarray], gallery_labels: dict[str, np.ndarray],
+                       self_index: dict[str, np.ndarray] | None, rerank: KReciprocal, spec: Any) -> dict[str, Any]:
+    """Each attribute's retrieval ranked by its k-reciprocal distances."""
+    from .. import metrics
+    from ..rerank import k_reciprocal_distances
+
+    found = {}
+    for attribute in query:
+        own = None if self_index is None else self_index[attribute]
+        distances = k_reciprocal_distances(query[attribute], gallery[attribute], rerank.k1, rerank.k2, rerank.lam,
+                                           query_gallery_index=own)
+        found[attribute] = metrics.retrieve_from_scores(distances, query_labels[attribute], gallery_labels[attribute],
+                                                        higher_is_better=False, k=max(spec.needed_k, PLOT_K),
+                                                        full_ranks=spec.full_map, query_gallery_index=own)
+    return found
+
+
 def compute_metrics(kind: str, query: dict[str, np.ndarray], gallery: dict[str, np.ndarray],
                     query_labels: dict[str, np.ndarray], gallery_labels: dict[str, np.ndarray],
-                    exclude_self: bool, retrievals: dict[str, Any] | None = None) -> dict[str, Any]:
+                    exclude_self: bool, retrievals: dict[str, Any] | None = None,
+                    query_expansion: QueryExpansion | None = None, rerank: KReciprocal | None = None) -> dict[str, Any]:
     """``{"per_attribute": {attribute: metrics}, "overall": metrics}``; overall is the mean over
     all evaluated (query, attribute) pairs. ``exclude_self``: query i is gallery item i. Pass a
-    dict as ``retrievals`` to keep each attribute's ``RetrievalResult`` (its top-k serves the plots)."""
+    dict as ``retrievals`` to keep each attribute's ``RetrievalResult`` (its top-k serves the plots).
+    ``query_expansion`` / ``rerank``: rank with α-QE'd queries / k-reciprocal distances instead."""
     from .. import metrics
 
+    check_test_time(query_expansion, rerank)
     self_index = {a: np.arange(len(q)) for a, q in query.items()} if exclude_self else None
     spec = metric_spec()
-    found = metrics.retrieve_attributes(query, gallery, query_labels, gallery_labels, spec=spec, k=PLOT_K,
-                                        query_gallery_index=self_index)
+    if query_expansion is not None:
+        from ..rerank import query_expansion as expand
+
+        query = {a: expand(q, gallery[a], query_expansion.k, query_expansion.alpha,
+                           query_gallery_index=None if self_index is None else self_index[a])
+                 for a, q in query.items()}
+    if rerank is not None:
+        found = _rerank_retrievals(query, gallery, query_labels, gallery_labels, self_index, rerank, spec)
+    else:
+        found = metrics.retrieve_attributes(query, gallery, query_labels, gallery_labels, spec=spec, k=PLOT_K,
+                                            query_gallery_index=self_index)
     if retrievals is not None:
         retrievals.update(found)
     raw = metrics.attribute_metrics(found, spec)
@@ -102,10 +145,11 @@ def _attribute_indices(model: RetrievalModel, meta: RunMeta, benchmark: Any) -> 
 
 def _embed_side(model: nn.Module, table: Any, image_size: Sequence[int], indices: dict[str, int | None],
                 batch_size: int, device: torch.device, num_workers: int, progress: bool, desc: str,
-                crop_bbox: bool = False):
+                crop_bbox: bool = False, flip: bool = False):
     wanted = sorted({i for i in indices.values() if i is not None}) or [None]
     result = embed_table_attributes(model, table, image_size, wanted, batch_size=batch_size, device=device,
-                                    num_workers=num_workers, progress=progress, desc=desc, crop_bbox=crop_bbox)
+                                    num_workers=num_workers, progress=progress, desc=desc, crop_bbox=crop_bbox,
+                                    flip=flip)
     per_attribute = {a: (result.by_attribute[i] if i is not None else result.embeddings) for a, i in indices.items()}
     return per_attribute, result.indices, result.skipped
 
@@ -119,11 +163,14 @@ def _keep_rows(embeddings: dict[str, np.ndarray], kept: np.ndarray, good: np.nda
 def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: str,
                    data_root: str | Path, batch_size: int = 64, device: str | torch.device = "cpu",
                    num_workers: int = 0, progress: bool = True,
-                   benchmark_options: dict[str, Any] | None = None) -> Evaluation:
+                   benchmark_options: dict[str, Any] | None = None, flip: bool = False,
+                   query_expansion: QueryExpansion | None = None, rerank: KReciprocal | None = None) -> Evaluation:
     """``benchmark_options``: keyword arguments of the benchmark's builder (the ``catalog``
-    benchmark's catalog, columns, queries, level, attributes)."""
+    benchmark's catalog, columns, queries, level, attributes). ``flip``, ``query_expansion``,
+    ``rerank``: the test-time options (module docstring)."""
     from ..data.benchmarks import BENCHMARKS
 
+    check_test_time(query_expansion, rerank)  # before minutes of embedding
     started = time.perf_counter()
     device = torch.device(device)
     benchmark = BENCHMARKS.build(benchmark_name, data_root=Path(data_root), split=split, **(benchmark_options or {}))
@@ -131,13 +178,13 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
     indices = _attribute_indices(model, meta, benchmark)
     conditioned = any(i is not None for i in indices.values())
     query_emb, query_kept, skipped = _embed_side(model, benchmark.queries, image_size, indices, batch_size, device,
-                                                 num_workers, progress, "queries", benchmark.crop_bbox)
+                                                 num_workers, progress, "queries", benchmark.crop_bbox, flip)
     if benchmark.exclude_self:
         gallery_emb, gallery_kept = query_emb, query_kept
     else:
         gallery_emb, gallery_kept, gallery_skipped = _embed_side(model, benchmark.gallery, image_size, indices,
                                                                  batch_size, device, num_workers, progress, "gallery",
-                                                                 benchmark.crop_bbox)
+                                                                 benchmark.crop_bbox, flip)
         skipped = skipped + gallery_skipped
     bad_queries = sorted(set(range(len(benchmark.queries))) - set(query_kept.tolist()))
     bad_gallery = sorted(set(range(len(benchmark.gallery))) - set(gallery_kept.tolist()))
@@ -151,8 +198,13 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
     kind = benchmark.kind
     attributes = list(benchmark.attributes)
     retrievals: dict[str, Any] = {}
+    embedded = time.perf_counter()
     computed = compute_metrics(kind, {a: query_emb[a] for a in attributes}, {a: gallery_emb[a] for a in attributes},
-                               benchmark.query_labels, benchmark.gallery_labels, benchmark.exclude_self, retrievals)
+                               benchmark.query_labels, benchmark.gallery_labels, benchmark.exclude_self, retrievals,
+                               query_expansion=query_expansion, rerank=rerank)
+    ranked = time.perf_counter()
+    test_time = {"flip": flip, "query_expansion": query_expansion.to_dict() if query_expansion else None,
+                 "rerank": rerank.to_dict() if rerank else None}
     arrays: dict[str, np.ndarray] = {}
     for attribute in attributes:
         q, g = query_emb[attribute], gallery_emb[attribute]
@@ -164,6 +216,7 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
         arrays[f"gallery_labels__{attribute}"] = benchmark.gallery_labels[attribute]
     arrays["exclude_self"] = np.array(benchmark.exclude_self)
     arrays["kind"] = np.array(kind)
+    arrays["test_time"] = np.array(json.dumps(test_time))  # recompute_from_npz ranks the same way
 
     results = {
         "benchmark": benchmark.name,
@@ -178,7 +231,11 @@ def evaluate_model(model: nn.Module, meta: RunMeta, benchmark_name: str, split: 
         "model": {"name": meta.model.name, "feat_dim": meta.feat_dim,
                   "attribute_conditioned": conditioned, "experiment": meta.experiment},
         "image_size": list(image_size),
+        "test_time": test_time,
         "seconds": round(time.perf_counter() - started, 2),
+        # embedding (flip included) and ranking + metrics (query expansion or re-ranking included)
+        "seconds_embedding": round(embedded - started, 2),
+        "seconds_ranking": round(ranked - embedded, 2),
     }
     return Evaluation(results, arrays, retrievals, benchmark)
 
@@ -199,8 +256,9 @@ def write_results(evaluation: Evaluation, json_path: str | Path, save_embeddings
 
 
 def load_npz(npz_path: str | Path) -> dict[str, Any]:
-    """The saved arrays as ``{kind, exclude_self, query, gallery, query_labels, gallery_labels}``
-    (dicts keyed by attribute; a shared embedding is repeated for every attribute)."""
+    """The saved arrays as ``{kind, exclude_self, query, gallery, query_labels, gallery_labels,
+    test_time}`` (dicts keyed by attribute; a shared embedding is repeated for every attribute;
+    ``test_time``: the options the evaluation ranked with, all off for older files)."""
     data = np.load(npz_path)
     exclude_self = bool(data["exclude_self"])
     attributes = [key.split("__", 1)[1] for key in data.files if key.startswith("query_labels__")]
@@ -210,16 +268,32 @@ def load_npz(npz_path: str | Path) -> dict[str, Any]:
         source = attribute if f"query_embeddings__{attribute}" in data.files else shared
         query[attribute] = data[f"query_embeddings__{source}"]
         gallery[attribute] = query[attribute] if exclude_self else data[f"gallery_embeddings__{source}"]
+    test_time = json.loads(str(data["test_time"])) if "test_time" in data.files else {}
     return {"kind": str(data["kind"]), "exclude_self": exclude_self, "query": query, "gallery": gallery,
             "query_labels": {a: data[f"query_labels__{a}"] for a in attributes},
-            "gallery_labels": {a: data[f"gallery_labels__{a}"] for a in attributes}}
+            "gallery_labels": {a: data[f"gallery_labels__{a}"] for a in attributes},
+            "test_time": {"flip": bool(test_time.get("flip", False)),
+                          "query_expansion": test_time.get("query_expansion"), "rerank": test_time.get("rerank")}}
 
 
-def recompute_from_npz(npz_path: str | Path) -> dict[str, Any]:
-    """The JSON's ``metrics`` again, from a saved ``.npz`` alone (no model, no images)."""
+_SAVED = object()  # recompute_from_npz: rank as the saved evaluation did
+
+
+def recompute_from_npz(npz_path: str | Path, query_expansion: QueryExpansion | None | object = _SAVED,
+                       rerank: KReciprocal | None | object = _SAVED) -> dict[str, Any]:
+    """The JSON's ``metrics`` again, from a saved ``.npz`` alone (no model, no images), ranked
+    with the evaluation's own query expansion / re-ranking unless other ones (or None) are
+    given: saved embeddings try those options without embedding again."""
     saved = load_npz(npz_path)
+    if query_expansion is _SAVED:
+        recorded = saved["test_time"]["query_expansion"]
+        query_expansion = QueryExpansion(**recorded) if recorded else None
+    if rerank is _SAVED:
+        recorded = saved["test_time"]["rerank"]
+        rerank = KReciprocal(recorded["k1"], recorded["k2"], recorded["lambda"]) if recorded else None
     return compute_metrics(saved["kind"], saved["query"], saved["gallery"], saved["query_labels"],
-                           saved["gallery_labels"], saved["exclude_self"])
+                           saved["gallery_labels"], saved["exclude_self"], query_expansion=query_expansion,
+                           rerank=rerank)
 
 
 def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int = 8, seed: int = 0) -> list[Path]:
@@ -262,13 +336,24 @@ def _caption(label: np.ndarray | int, values: list[str]) -> str:
     return " + ".join(values[v] for v in ids) or "query"
 
 
+def _test_time_label(test_time: dict[str, Any]) -> str:
+    """``, flip, α-QE k=2 α=3``: the test-time options a table's numbers were ranked with."""
+    parts = ["flip"] if test_time.get("flip") else []
+    if test_time.get("query_expansion"):
+        parts.append("α-QE k={k} α={alpha:g}".format(**test_time["query_expansion"]))
+    if test_time.get("rerank"):
+        parts.append("k-reciprocal k1={k1} k2={k2} λ={lambda:g}".format(**test_time["rerank"]))
+    return "".join(", " + part for part in parts)
+
+
 def print_table(results: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     names = results["metric_names"]
-    table = Table(title=f"{results['benchmark']} ({results['split']}, {results['model']['name']})")
+    table = Table(title=f"{results['benchmark']} ({results['split']}, {results['model']['name']}"
+                        f"{_test_time_label(results.get('test_time') or {})})")
     table.add_column("attribute" if results["kind"] == "attribute" else "label")
     table.add_column("queries", justify="right")
     for name in names:
@@ -288,16 +373,19 @@ def print_table(results: dict[str, Any], console: Any = None) -> None:
 def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root: str | Path, json_out: str | Path,
              plots_dir: str | Path | None = None, batch_size: int = 64, device: str = "auto", num_workers: int = 2,
              progress: bool = True, print_results: bool = True,
-             benchmark_options: dict[str, Any] | None = None) -> Evaluation:
+             benchmark_options: dict[str, Any] | None = None, flip: bool = False,
+             query_expansion: QueryExpansion | None = None, rerank: KReciprocal | None = None) -> Evaluation:
     """Load a checkpoint, evaluate it, write JSON + npz (+ plots), print the table."""
     from .checkpoint import load_for_inference
     from .distributed import resolve_device
 
+    check_test_time(query_expansion, rerank)  # before the model loads
     torch_device = resolve_device(device)
     model, meta = load_for_inference(checkpoint, device=torch_device)
     evaluation = evaluate_model(model, meta, benchmark_name, split, data_root, batch_size=batch_size,
                                 device=torch_device, num_workers=num_workers, progress=progress,
-                                benchmark_options=benchmark_options)
+                                benchmark_options=benchmark_options, flip=flip,
+                                query_expansion=query_expansion, rerank=rerank)
     evaluation.results.update({"checkpoint": str(checkpoint), **provenance(torch_device, meta)})
     if plots_dir is not None:
         evaluation.results["plots"] = [str(p) for p in save_plots(evaluation, plots_dir)]

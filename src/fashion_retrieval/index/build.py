@@ -95,7 +95,7 @@ def _embed_into(catalog: CatalogIndex, model, meta: "RunMeta", table: SampleTabl
     indices = ([model.attribute_names.index(s) for s in catalog.spaces] if catalog.attribute_conditioned
                else [None])
     result = embed_table_attributes(model, table, meta.image_size, indices, batch_size=batch_size,
-                                    device=device, progress=progress)
+                                    device=device, progress=progress, flip=catalog.flip)
     if not len(result):
         shown = "; ".join(result.skipped[:3])
         raise StoreError(f"none of the {len(table)} catalog images could be read (e.g. {shown})")
@@ -130,10 +130,12 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
                 attributes: Sequence[str] | None = None, format: str | None = None,
                 split: str | Sequence[str] | None = None, domain: str | None = None, batch_size: int = 64,
                 store: str = "faiss", device: str = "cpu", progress: bool = True,
-                columns: Any = None, milvus_uri: str | None = None) -> BuildReport:
+                columns: Any = None, milvus_uri: str | None = None, flip: bool = False) -> BuildReport:
     """Write ``out`` from scratch; an index already there is replaced only once the new one is complete.
     ``milvus_uri``: with ``store="milvus"``, a Milvus server (``http://host:19530``) to hold the
-    vectors instead of milvus-lite files under ``out`` (token: ``MILVUS_TOKEN``)."""
+    vectors instead of milvus-lite files under ``out`` (token: ``MILVUS_TOKEN``). ``flip``: store
+    flip-averaged vectors (``engine.embed.flip_averaged``); index.json records it, and every
+    later query and ``index add`` of this index is embedded the same way."""
     if milvus_uri is not None and (store != "milvus" or not milvus_uri.startswith(("http://", "https://"))):
         raise StoreError(f"--milvus-uri {quote(milvus_uri, 80)}: needs --store milvus and an http(s):// URI "
                          "such as http://localhost:19530")
@@ -167,7 +169,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
                       "name": meta.model.name, "image_size": list(meta.image_size),
                       "attributes": model_attributes}
         catalog = CatalogIndex(out, model_info, spaces, int(model.feat_dim), kind, store, model_files=staged,
-                               space_dirs=space_dirs, milvus_uri=milvus_uri)
+                               space_dirs=space_dirs, milvus_uri=milvus_uri, flip=flip)
         catalog.catalog_roots = []
         added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
         catalog.save()
@@ -177,7 +179,8 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
 def add_to_index(index_dir: str | Path, images: str | Path, format: str | None = None,
                  split: str | Sequence[str] | None = None, domain: str | None = None, batch_size: int = 64,
                  device: str = "cpu", progress: bool = True, columns: Any = None) -> BuildReport:
-    """Embed more images with the index's own model and add them; existing ids are replaced."""
+    """Embed more images with the index's own model (flip-averaged when the index was built with
+    ``flip``) and add them; existing ids are replaced."""
     from ..engine.checkpoint import load_for_inference
 
     catalog = CatalogIndex.open(index_dir)

@@ -4,7 +4,9 @@ Layout of ``INDEX_DIR``::
 
     index.json             model identity (origin checkpoint, sha256 of its weights), image size,
                            spaces, store kind, count, catalog_roots (the folders holding the
-                           catalog's images: the only ones the server serves pictures from)
+                           catalog's images: the only ones the server serves pictures from),
+                           embedding (how photos are embedded: ``{"flip": true}`` when the
+                           catalog holds flip-averaged vectors, so queries are embedded so too)
     model/                 a copy of the checkpoint (model.safetensors + meta.json): queries are
                            embedded by exactly the model that embedded the catalog, even after the
                            training run directory is overwritten or moved
@@ -108,7 +110,8 @@ class CatalogIndex:
     def __init__(self, path: str | Path, model_info: dict[str, Any], spaces: Sequence[str], dim: int,
                  kind: str = "flat", store: str = "faiss", stores: dict[str, VectorStore] | None = None,
                  model_files: dict[str, Path] | None = None, generation: int | None = None,
-                 space_dirs: dict[str, str] | None = None, milvus_uri: str | None = None):
+                 space_dirs: dict[str, str] | None = None, milvus_uri: str | None = None,
+                 flip: bool = False):
         self.path = Path(path)
         self.model_info = model_info
         self.spaces = list(spaces)
@@ -131,6 +134,9 @@ class CatalogIndex:
         # size and sha256 of each model file, as index.json records them (known once verified or written)
         self.model_records: dict[str, dict[str, Any]] | None = None
         self._facets: dict[str, Any] | None = None  # filter fields and values, until the next change
+        # the catalog's vectors are flip-averaged (index build --flip): queries and later adds
+        # must be embedded the same way, or they are compared with vectors of another kind
+        self.flip = bool(flip)
 
     def space_path(self, space: str, root: Path | None = None) -> Path:
         """Where ``space``'s store lives under ``root`` (default: the index), checked to be inside."""
@@ -182,14 +188,36 @@ class CatalogIndex:
         self._facets = None
         return max((store.remove(ids) for store in self.stores.values()), default=0)
 
-    def search(self, vectors: np.ndarray, k: int, space: str | None = None, where: SearchFilter | None = None):
+    def search(self, vectors: np.ndarray, k: int, space: str | None = None, where: SearchFilter | None = None,
+               query_expansion=None):
         """Top-k of ``space`` among the items ``where`` accepts (a field the catalog's metadata
-        never holds is refused with :class:`FilterError`, naming it)."""
+        never holds is refused with :class:`FilterError`, naming it). ``query_expansion`` (a
+        ``rerank.QueryExpansion``): search again with each query expanded by its k nearest
+        accepted items (α-QE); the scores are then those of the expanded queries."""
         store = self.store(space)
+        if where is not None:
+            where.check_fields(self.filter_fields())
+        if query_expansion is not None and query_expansion.k > 0:
+            vectors = self._expanded(store, vectors, where, query_expansion)
         if where is None:
             return store.search(vectors, k)
-        where.check_fields(self.filter_fields())
         return store.search(vectors, k, where=where)
+
+    @staticmethod
+    def _expanded(store: VectorStore, vectors: np.ndarray, where: SearchFilter | None, expansion) -> np.ndarray:
+        from ..rerank import expand_queries
+
+        scores, ids = store.search(vectors, expansion.k) if where is None else store.search(vectors, expansion.k, where)
+        width = max((len(row) for row in ids), default=0)
+        found = np.zeros((len(vectors), width), dtype=bool)
+        neighbours = np.zeros((len(vectors), width, store.dim), dtype=np.float32)
+        similarities = np.zeros((len(vectors), width), dtype=np.float32)
+        for row, row_ids in enumerate(ids):
+            found[row, :len(row_ids)] = True
+            if row_ids:
+                neighbours[row, :len(row_ids)] = store.vectors_of(row_ids)
+            similarities[row, :len(row_ids)] = scores[row, :len(row_ids)]
+        return expand_queries(np.asarray(vectors, dtype=np.float32), neighbours, similarities, expansion.alpha, found)
 
     def facets(self) -> dict[str, dict[str, int]]:
         """Items per value of each filter field (category, domain, every attribute), from the
@@ -216,6 +244,7 @@ class CatalogIndex:
         return {"format_version": FORMAT_VERSION if self.store_name == "faiss" else 1, "model": self.model_info, "spaces": self.spaces,
                 "dim": self.dim, "kind": self.kind, "store": self.store_name, "count": len(self),
                 "generation": self.generation, "files": self._model_records(), "space_dirs": self.space_dirs,
+                "embedding": {"flip": self.flip},
                 **({"milvus_uri": self.milvus_uri} if self.milvus_uri is not None else {}),
                 **({"catalog_roots": self.catalog_roots} if self.catalog_roots is not None else {})}
 
@@ -371,7 +400,7 @@ class CatalogIndex:
                                      f"{manifest_path} records dim {manifest['dim']}; rebuild the index")
         catalog = cls(path, manifest["model"], list(space_dirs), manifest["dim"], manifest.get("kind", "flat"),
                       store_name, stores, generation=int(manifest.get("generation") or 0), space_dirs=space_dirs,
-                      milvus_uri=milvus_uri)
+                      milvus_uri=milvus_uri, flip=_recorded_flip(manifest, manifest_path))
         roots = manifest.get("catalog_roots")
         if roots is not None:
             if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
@@ -448,6 +477,21 @@ def _recorded_space_dirs(manifest: dict[str, Any], manifest_path: Path) -> dict[
     if len(set(recorded.values())) != len(recorded):
         raise StoreError(f"{manifest_path}: two spaces share one folder; rebuild the index")
     return dict(recorded)
+
+
+def recorded_flip(index_dir: str | Path) -> bool:
+    """Whether the index at ``index_dir`` holds flip-averaged vectors (reads index.json only)."""
+    manifest_path = Path(index_dir) / MANIFEST
+    return _recorded_flip(read_json(manifest_path, StoreError), manifest_path)
+
+
+def _recorded_flip(manifest: dict[str, Any], manifest_path: Path) -> bool:
+    """``embedding.flip`` of index.json; indexes written before it was recorded hold plain vectors."""
+    embedding = manifest.get("embedding", {})
+    if not isinstance(embedding, dict) or not isinstance(embedding.get("flip", False), bool):
+        raise StoreError(f"{manifest_path}: 'embedding' must be an object like {{\"flip\": false}}, "
+                         f"got {quote(embedding, 60)}")
+    return embedding.get("flip", False)
 
 
 def _read_generation(path: Path) -> int | None:

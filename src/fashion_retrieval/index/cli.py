@@ -58,8 +58,10 @@ def _known_errors():
     from .filters import FilterError
     from .store import StoreError
 
+    from ..rerank import RerankError
+
     errors = (AnnotationError, CheckpointError, ConfigError, StoreError, EmbedderError, ImageLoadError,
-              UnknownSpaceError, FilterError, OSError)
+              UnknownSpaceError, FilterError, RerankError, OSError)
     try:  # an unreachable or refusing Milvus server
         from pymilvus.exceptions import MilvusException
     except ImportError:
@@ -84,6 +86,9 @@ def build(
         help="with --store milvus: a Milvus server, e.g. http://localhost:19530 (token from MILVUS_TOKEN); "
              "default: milvus-lite files inside --out")] = None,
     device: str = "cpu",
+    flip: Annotated[bool, typer.Option(
+        "--flip", help="store flip-averaged vectors (each photo and its mirror; twice the embedding time); "
+                       "recorded in the index, so its queries are embedded the same way")] = False,
 ) -> None:
     """Embed a catalog and write a persistent index (atomically)."""
     from ..data.readers.catalog import parse_columns
@@ -92,7 +97,7 @@ def build(
     try:
         report = build_index(checkpoint, images, out, kind.value, attribute, format, split, domain,
                              batch_size, store.value, device, columns=parse_columns(columns, "--columns"),
-                             milvus_uri=milvus_uri)
+                             milvus_uri=milvus_uri, flip=flip)
     except _known_errors() as exc:
         _fail_writing(exc, out)
     _report(report, "indexed")
@@ -151,6 +156,13 @@ def search(
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="photos embedded at once (folder or CSV)")] = 32,
     grid: Annotated[Optional[Path], typer.Option(help="also draw the results as a PNG: one row per query photo, "
                                                       "its top results beside it")] = None,
+    flip: Annotated[Optional[bool], typer.Option(
+        "--flip/--no-flip", help="flip-average the query photos' embeddings (default: as the index was "
+                                 "built, index build --flip)")] = None,
+    query_expansion: Annotated[Optional[str], typer.Option(
+        "--query-expansion", help="k,alpha: search again with the query expanded by its k nearest items "
+                                  "(α-QE, e.g. 5,3; docs/metrics.md: gains mAP and top-1 on consumer-to-shop "
+                                  "categories, loses top-5..50)")] = None,
 ) -> None:
     """Ranked catalog items for a photo, or for every photo of a folder or CSV (batch)."""
     from ..api import Index, query_files
@@ -162,18 +174,24 @@ def search(
     if grid is not None and grid.suffix.lower() != ".png":
         _fail(f"{grid}: --grid must end in .png")
     try:
+        expansion = None
+        if query_expansion is not None:
+            from ..rerank import QueryExpansion
+
+            expansion = QueryExpansion.parse(query_expansion)
         where = SearchFilter.parse(filter or [], _read_ids(ids_file) if ids_file is not None else None)
-        searcher = Index(CatalogIndex.open(index), onnx=onnx)
+        searcher = Index(CatalogIndex.open(index), onnx=onnx, flip=flip)
         where = searcher.prepare(attribute, where)  # a bad attribute or field fails before the model loads
         batch = query.is_dir() or query.suffix.lower() == ".csv"
         photos = query_files(query)
         if out is not None:
             _check_out(out)
         if not batch:
-            hits = searcher.search(photos[0], top_k, attribute, where)
+            hits = searcher.search(photos[0], top_k, attribute, where, query_expansion=expansion)
             answers = [(str(query), hits, None)]
         else:
-            answers = list(searcher.search_files(photos, top_k, attribute, where, batch_size=batch_size))
+            answers = list(searcher.search_files(photos, top_k, attribute, where, batch_size=batch_size,
+                                                 query_expansion=expansion))
     except _known_errors() as exc:
         _fail(str(exc))
     unreadable = [(q, why) for q, _, why in answers if why is not None]

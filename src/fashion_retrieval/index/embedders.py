@@ -4,7 +4,8 @@ Both give L2-normalised float32 vectors from the same preprocessing (resize to t
 image size, RGB in [0, 1]) and the same forward (``RetrievalModel.embed``, which is also what the
 ONNX graph holds), so an index built with one can be searched with the other. ``search`` and the
 server embed their queries here; ``index build`` embeds the catalog with ``engine/embed.py``,
-through the same ``embed``.
+through the same ``embed``. An embedder with ``flip`` set gives flip-averaged vectors
+(``engine.embed.flip_averaged``), as an index built with ``--flip`` holds them.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 class Embedder:
     """Shared preprocessing; subclasses run the network."""
 
-    def __init__(self, meta: dict[str, Any]):
+    def __init__(self, meta: dict[str, Any], flip: bool = False):
         from ..engine.embed import inference_transform
 
         self.meta = meta
@@ -44,6 +45,7 @@ class Embedder:
         self.attribute_conditioned = bool(meta.get("attribute_conditioned", False))
         self.feat_dim = int(meta["feat_dim"])
         self._transform = inference_transform(self.image_size)
+        self.flip = flip  # average each photo's embedding with its mirror's (index build --flip)
         self._lock = threading.Lock()  # one forward at a time: the model is shared by all requests
 
     def attribute_index(self, attribute: str | None) -> int | None:
@@ -67,8 +69,18 @@ class Embedder:
         return torch.stack([self._transform(image) for image in images]).numpy()
 
     def embed_pixels(self, pixels: np.ndarray, attribute: str | None = None) -> np.ndarray:
-        """L2-normalised embeddings [N, feat_dim] of preprocessed pixels."""
+        """L2-normalised embeddings [N, feat_dim] of preprocessed pixels (flip-averaged with ``flip``)."""
         index = self.attribute_index(attribute)
+        if self.flip:
+            import torch
+
+            from ..engine.embed import flip_averaged
+
+            with self._lock:  # two forwards, as engine/embed.py embeds a catalog
+                plain = self._forward(pixels, index)
+                mirrored = self._forward(np.ascontiguousarray(pixels[..., ::-1]), index)
+            return flip_averaged(torch.from_numpy(np.asarray(plain, dtype=np.float32)),
+                                 torch.from_numpy(np.asarray(mirrored, dtype=np.float32))).numpy()
         with self._lock:
             return _normalise(self._forward(pixels, index))
 
@@ -81,12 +93,12 @@ class Embedder:
 
 
 class TorchEmbedder(Embedder):
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", flip: bool = False):
         """``checkpoint``: a run directory, a weights file, or an index's ``model/`` copy."""
         from ..engine.checkpoint import load_for_inference
 
         model, meta = load_for_inference(checkpoint)
-        super().__init__(inference_meta(model, meta))
+        super().__init__(inference_meta(model, meta), flip)
         self.model = model.to(device).eval()
         self.device = device
 
@@ -101,7 +113,7 @@ class TorchEmbedder(Embedder):
 class OnnxEmbedder(Embedder):
     """Runs ``model.onnx`` with onnxruntime; the sidecar ``model.onnx.json`` holds the meta."""
 
-    def __init__(self, onnx_path: str | Path):
+    def __init__(self, onnx_path: str | Path, flip: bool = False):
         import onnxruntime
 
         onnx_path = Path(onnx_path)
@@ -116,7 +128,7 @@ class OnnxEmbedder(Embedder):
         if recorded is not None and file_sha256(onnx_path) != recorded:
             raise EmbedderError(f"{onnx_path}: is not the model {sidecar.name} describes (sha256 differs: an "
                                 "interrupted export?); export it again")
-        super().__init__(meta)
+        super().__init__(meta, flip)
         try:
             self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for corrupt files
@@ -149,12 +161,16 @@ def load_embedder(checkpoint: str | Path | None = None, onnx: str | Path | None 
     return TorchEmbedder(checkpoint)
 
 
-def embedder_for_index(catalog, onnx: str | Path | None = None, device: str = "cpu") -> Embedder:
+def embedder_for_index(catalog, onnx: str | Path | None = None, device: str = "cpu",
+                       flip: bool | None = None) -> Embedder:
     """The index's own model, or an ONNX export of exactly that model (checked by weights digest):
-    vectors from any other model would be compared with the catalog's and rank nonsense."""
+    vectors from any other model would be compared with the catalog's and rank nonsense. Queries
+    are embedded as the catalog was (flip-averaged when it was built with ``--flip``) unless
+    ``flip`` says otherwise."""
+    flip = catalog.flip if flip is None else flip
     if onnx is None:
-        return TorchEmbedder(catalog.model_dir, device)
-    embedder = OnnxEmbedder(onnx)
+        return TorchEmbedder(catalog.model_dir, device, flip)
+    embedder = OnnxEmbedder(onnx, flip)
     exported_from = embedder.meta.get("weights_sha256")
     if exported_from != catalog.model_info.get("sha256"):
         raise EmbedderError(f"{onnx} was exported from another model than the one that built {catalog.path} "

@@ -232,6 +232,15 @@ class FaissStore(VectorStore):
             self._postings = MetadataPostings((meta["iid"], item_id, meta) for item_id, meta in self._meta.items())
         return self._postings.allowed(where)
 
+    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors of present ids (``ivfpq``: decoded from its codes, approximate)."""
+        if not ids:
+            return np.zeros((0, self.dim), np.float32)
+        inner = faiss.downcast_index(self._index.index)
+        if isinstance(inner, faiss.IndexIVF):
+            inner.make_direct_map()  # reconstruct by id needs it; kept from then on
+        return np.stack([self._index.reconstruct(int(self._meta[str(i)]["iid"])) for i in ids]).astype(np.float32)
+
     def get_metadata(self, item_id: str) -> dict[str, Any] | None:
         meta = self._meta.get(str(item_id))
         return None if meta is None else {k: v for k, v in meta.items() if k != "iid"}

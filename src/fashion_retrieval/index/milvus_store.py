@@ -104,6 +104,13 @@ class MilvusStore(VectorStore):
         scores = np.array([[hit["distance"] for hit in row[:width]] for row in hits], dtype=np.float32)
         return scores.reshape(len(hits), width), [row[:width] for row in ids]
 
+    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.dim), np.float32)
+        rows = {row["id"]: row["vector"] for row in
+                self._client.get(self.collection, ids=[str(i) for i in ids], output_fields=["vector"])}
+        return np.array([rows[str(i)] for i in ids], dtype=np.float32).reshape(len(ids), self.dim)
+
     def get_metadata(self, item_id: str) -> dict[str, Any] | None:
         rows = self._client.get(self.collection, ids=[str(item_id)], output_fields=["meta"])
         return json.loads(rows[0]["meta"]) if rows else None

@@ -46,6 +46,10 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def get_metadata(self, item_id: str) -> dict[str, Any] | None: ...
 
+    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors [len(ids), dim] of items present (query expansion's neighbours)."""
+        raise StoreError(f"{type(self).__name__} cannot return stored vectors")
+
     @abc.abstractmethod
     def __len__(self) -> int: ...
 

@@ -62,7 +62,8 @@ RGB_BYTES_PER_PIXEL = 4  # PIL's RGB layout
 # who may reach the server by name (Host header) when nothing else is configured
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-SEARCH_PARAMETERS = ("k", "attribute", "ids")  # every other query parameter of /search is a filter field
+# every other query parameter of /search is a filter field
+SEARCH_PARAMETERS = ("k", "attribute", "ids", "query_expansion")
 MAX_FACET_VALUES = 200  # a field with more distinct values (item ids, free text) gets no value list
 
 
@@ -422,8 +423,9 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
             return
         finally:
             reloading.release()
-        if fresh.dim != catalog.dim or fresh.model_records != catalog.model_records:
-            _log.error("%s: rebuilt with another model; restart the server to serve it", index_dir)
+        if fresh.dim != catalog.dim or fresh.model_records != catalog.model_records or fresh.flip != catalog.flip:
+            # the server's embedder embeds queries for the index it opened (model and --flip)
+            _log.error("%s: rebuilt with another model or --flip; restart the server to serve it", index_dir)
             with lock:
                 seen_signature = signature
             return
@@ -559,10 +561,24 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
                      attribute: Annotated[str | None, Query(max_length=200)] = None,
                      ids: Annotated[list[str] | None, Query(description="allowed item ids (repeat the parameter)")] = None,
                      ids_form: Annotated[str | None, Form(alias="ids", description="allowed item ids, one per line "
-                                                          "(for lists too long for a URL)")] = None) -> dict[str, Any]:
+                                                          "(for lists too long for a URL)")] = None,
+                     query_expansion: Annotated[str | None, Query(
+                         max_length=40, description="k,alpha: search again with the query expanded by its k "
+                                                   "nearest items (α-QE, e.g. 5,3); off by default")] = None
+                     ) -> dict[str, Any]:
         started = time.perf_counter()
         if ids_form is not None:
             ids = (ids or []) + [line.strip() for line in ids_form.splitlines() if line.strip()]
+        expansion = None
+        if query_expansion is not None:
+            from ..rerank import QueryExpansion, RerankError
+
+            try:
+                expansion = QueryExpansion.parse(query_expansion)
+            except RerankError as exc:
+                raise HTTPException(400, str(exc)) from None
+            if expansion.k > limits.max_k:
+                raise HTTPException(400, f"--query-expansion: k must be at most {limits.max_k}")
         where = search_filter(request, ids)
         try:
             catalog.store(attribute)  # refuse an unknown attribute before decoding anything
@@ -571,9 +587,10 @@ def create_app(index_dir: str | Path, embedder: Embedder, api_key: str | None = 
         pixels, _ = await read_upload(image)
         vector = await embed(pixels, attribute)
         with lock:
-            scores, found = catalog.search(vector, k, attribute, where)
+            scores, found = catalog.search(vector, k, attribute, where, query_expansion=expansion)
             rows = result_rows(scores[0], found[0])
         return {"attribute": attribute, "k": k, "filters": where.to_dict() if where is not None else None,
+                **({"query_expansion": expansion.to_dict()} if expansion is not None else {}),
                 "results": rows, "took_ms": round(1e3 * (time.perf_counter() - started), 2)}
 
     # ``:path`` so that ids containing "/" (quoted as %2F in image_url) still reach the lookup;
