@@ -214,10 +214,79 @@ def run_worker(args, name: str) -> dict:
         peak, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:
         peak, memory_kind = (status_bytes("VmHWM") if peak_reset else None), "peak_rss"
-    return {"model": name, **info, "amp": amp, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    breakdown = profile_steps(train_step, batches, args.profile, device) if args.profile else None
+    return {"model": name, **({"profile": breakdown} if breakdown else {}), **info, "amp": amp, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "images_per_s": args.batch * args.steps / seconds, "step_ms": 1e3 * seconds / args.steps,
             "warmup_s": warmup_s, "steps": args.steps, "peak_memory_gb": (peak / GIB) if peak is not None else None,
             "memory_kind": memory_kind}
+
+
+# Operator kinds of a training step, first match wins (aten names; "backward" ops carry the
+# forward's name in their own, e.g. ConvolutionBackward0 -> convolution_backward). Depthwise
+# convolutions share the dense ones' operators and are told apart by their weight's shape.
+OP_KINDS = (
+    ("convolution", ("convolution", "conv2d", "conv_")),
+    ("batch norm", ("batch_norm", "native_batch_norm")),
+    ("activation", ("relu", "hardtanh", "silu", "sigmoid", "hardswish", "threshold")),
+    ("matmul / linear", ("addmm", "mm", "matmul", "linear", "bmm", "cdist")),
+    ("optimizer", ("_fused_adam", "_fused_sgd", "_foreach", "adam", "sgd")),
+    ("memory format / copies", ("copy_", "contiguous", "clone", "to_dense", "_to_copy", "empty", "zero_", "fill_")),
+    ("pooling / interpolation", ("pool", "upsample", "interpolate", "mean")),
+)
+
+
+def op_kind(name: str, input_shapes=()) -> str:
+    lowered = name.lower()
+    for kind, needles in OP_KINDS:
+        if any(needle in lowered for needle in needles):
+            if kind == "convolution":
+                # a depthwise weight is [C, 1, k, k] with k > 1; activations have more than 1 channel
+                depthwise = any(len(shape) == 4 and shape[1] == 1 and shape[2] > 1 for shape in input_shapes or ())
+                kernel_1x1 = any(len(shape) == 4 and shape[2:] == [1, 1] for shape in input_shapes or ())
+                return "depthwise convolution" if depthwise else ("1x1 convolution" if kernel_1x1 else kind)
+            return kind
+    return "other"
+
+
+def profile_steps(train_step, batches: list[dict], steps: int, device) -> dict:
+    """Self CPU time per operator kind over ``steps`` steps (torch.profiler), and the top operators:
+    where a training step goes on this machine."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for i in range(steps):
+            train_step(batches[i % len(batches)])
+    # self time of aten operators, so nothing is counted twice
+    events = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.self_cpu_time_total > 0 and e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    kinds: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for event in events:
+        kind = op_kind(event.key, event.input_shapes)
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total
+        time_and_calls = by_name.setdefault(event.key, [0.0, 0])
+        time_and_calls[0] += event.self_cpu_time_total
+        time_and_calls[1] += event.count
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:12]
+    return {"steps": steps, "ms_per_step": total / 1e3 / steps,
+            "by_kind": {k: round(100 * v / total, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_ops": [(name, round(100 * t / total, 1), calls // steps) for name, (t, calls) in top]}
+
+
+def print_profiles(rows: list[dict]) -> None:
+    for row in rows:
+        profile = row.get("profile")
+        if not profile:
+            continue
+        print(f"\n{row['model']}: self CPU time of aten operators, {profile['ms_per_step']:.0f} ms per step "
+              f"(profiled, {profile['steps']} steps)")
+        for kind, share in profile["by_kind"].items():
+            print(f"  {kind:<26} {share:5.1f} %")
+        print("  top operators (share %, calls per step): " + "; ".join(
+            f"{name} {share} ({calls})" for name, share, calls in profile["top_ops"]))
 
 
 def run_configuration(name: str) -> dict:
@@ -289,6 +358,8 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--same-process", action="store_true", help="no subprocess per model (quick checks)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many steps: self CPU time per operator kind")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -306,6 +377,7 @@ def main() -> None:
         parser.error(f"unknown models: {', '.join(sorted(unknown))}")
     rows = [run_worker(args, name) if args.same_process else run_configuration(name) for name in models]
     print_table(rows, args)
+    print_profiles(rows)
     if args.json:
         import torch
 

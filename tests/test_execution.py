@@ -140,13 +140,15 @@ def test_embedding_runs_channels_last_on_the_cpu_and_gives_the_weights_their_for
     model.backbone_weights_channels_last = lambda: all(
         p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
 
-    fast = embed_table(model, table, (32, 24), batch_size=4, progress=False)
+    fast = embed_table(model, table, (32, 24), batch_size=4, progress=False, fold_norms=False)
     assert seen and all(seen)  # weights and inputs channels_last during the forward
     assert all(p.is_contiguous() for p in model.parameters())  # ... and contiguous again after
     seen.clear()
-    plain = embed_table(model, table, (32, 24), batch_size=4, progress=False, channels_last=False)
+    plain = embed_table(model, table, (32, 24), batch_size=4, progress=False, channels_last=False, fold_norms=False)
     assert seen and not any(seen)
     assert torch.allclose(torch.from_numpy(fast.embeddings), torch.from_numpy(plain.embeddings), atol=1e-5)
+    folded = embed_table(model, table, (32, 24), batch_size=4, progress=False)  # the default: folded too
+    assert torch.allclose(torch.from_numpy(folded.embeddings), torch.from_numpy(plain.embeddings), atol=1e-5)
 
     model.to(memory_format=torch.channels_last)  # a channels_last training model stays as it is
     embed_table(model, table, (32, 24), batch_size=4, progress=False)

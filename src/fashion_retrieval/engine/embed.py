@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import ImageDataset, Transform, collate_skipping, default_transform
 from ..data.table import SampleTable
 from ..models.base import RetrievalModel
+from ..models.inference import folded_for_inference
 from .execution import channels_last_inference
 
 
@@ -174,11 +175,15 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                            attributes: Sequence[int | None], batch_size: int = 64,
                            device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
                            crop_bbox: bool = False, amp: bool = False, desc: str = "embedding",
-                           decode: str = "pil", flip: bool = False, channels_last: bool = True) -> EmbedResult:
+                           decode: str = "pil", flip: bool = False, channels_last: bool = True,
+                           fold_norms: bool = True) -> EmbedResult:
     """Embed every row once per attribute index in ``attributes``, decoding each image only once.
 
     ``channels_last``: on the CPU, run the model with channels_last weights and inputs (faster
     there; the weights get their format back afterwards). CUDA inputs are channels_last anyway.
+    ``fold_norms``: on the CPU, embed with a copy whose BatchNorms are folded into their
+    convolutions (:func:`~fashion_retrieval.models.inference.folded_for_inference`; the same
+    embeddings to float rounding, faster there).
 
     ``decode``: ``"pil"`` decodes and resizes in the DataLoader workers; ``"device"`` has the
     workers only read JPEG bytes and decodes and resizes them on ``device`` (other files still
@@ -202,12 +207,14 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                         generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
+    forward_model = folded_for_inference(model, image_size_of(image_size), device) \
+        if fold_norms and device.type == "cpu" else model
     chunks: list[list[np.ndarray]] = [[] for _ in attributes]
     kept: list[np.ndarray] = []
     skipped: list[str] = []
     try:
         with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
-                channels_last_inference(model, enabled=device.type == "cpu" and channels_last):
+                channels_last_inference(forward_model, enabled=device.type == "cpu" and channels_last):
             for batch in loader:
                 batch_skipped = list(batch["skipped"])
                 if on_device:
@@ -220,7 +227,7 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
                 if images is not None:
                     if device.type == "cuda" or channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
-                    for slot, embedding in enumerate(_forward_embeddings(model, images, attributes, amp, flip)):
+                    for slot, embedding in enumerate(_forward_embeddings(forward_model, images, attributes, amp, flip)):
                         chunks[slot].append(embedding.cpu().numpy())
                     kept.append(rows.numpy())
                 bar.update(len(batch_skipped) + (len(rows) if rows is not None else 0))
@@ -236,13 +243,13 @@ def embed_table_attributes(model: RetrievalModel, table: SampleTable, image_size
 def embed_table(model: RetrievalModel, table: SampleTable, image_size: Sequence[int], batch_size: int = 64,
                 attribute: int | None = None, device: str | torch.device = "cpu", num_workers: int = 0,
                 progress: bool = True, crop_bbox: bool = False, amp: bool = False, decode: str = "pil",
-                flip: bool = False, channels_last: bool = True) -> EmbedResult:
+                flip: bool = False, channels_last: bool = True, fold_norms: bool = True) -> EmbedResult:
     """L2-normalised embeddings of every readable row of ``table`` (for ``attribute`` when the
-    model is attribute-conditioned); ``decode``, ``flip`` and ``channels_last`` as in
-    :func:`embed_table_attributes`."""
+    model is attribute-conditioned); ``decode``, ``flip``, ``channels_last`` and ``fold_norms`` as
+    in :func:`embed_table_attributes`."""
     return embed_table_attributes(model, table, image_size, [attribute], batch_size=batch_size, device=device,
                                   num_workers=num_workers, progress=progress, crop_bbox=crop_bbox, amp=amp,
-                                  decode=decode, flip=flip, channels_last=channels_last)
+                                  decode=decode, flip=flip, channels_last=channels_last, fold_norms=fold_norms)
 
 
 @torch.inference_mode()
