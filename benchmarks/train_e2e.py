@@ -94,7 +94,7 @@ def run_variant(args: argparse.Namespace, name: str, ref: str | None, overrides:
         row["error"] = last_line(run)
         return row
     per_epoch = epoch_throughput(out / "metrics.csv")
-    row.update(first_epoch_img_s=per_epoch[0] if per_epoch else None,
+    row.update(epoch_img_s=per_epoch, first_epoch_img_s=per_epoch[0] if per_epoch else None,
                later_img_s=round(sum(per_epoch[1:]) / len(per_epoch[1:]), 1) if len(per_epoch) > 1 else None,
                # every epoch trains the same images: the whole run's rate is the harmonic mean
                run_img_s=round(len(per_epoch) / sum(1 / value for value in per_epoch), 1) if per_epoch else None,

@@ -223,9 +223,10 @@ class TrainConfig(StrictModel):
                                                               "slower on the CPU, docs/performance.md)")
     channels_last: bool | Literal["auto"] = Field("auto", description="channels-last memory format; auto: on "
                                                                         "(CPU and CUDA)")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step; auto: once "
-                                                                  "a few timed steps show the rest of the run "
-                                                                  "pays the compile time back")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step; auto: on "
+                                                                  "CUDA once a few timed steps show the rest of "
+                                                                  "the run pays the compile time back, off on "
+                                                                  "the CPU (measured slower there)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the cores, per rank)")
     freeze_backbone_stages: int = Field(0, ge=0, description="freeze the backbone's stem and its first N "
                                                                "stages (weights and BatchNorm statistics)")

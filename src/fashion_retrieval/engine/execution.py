@@ -8,8 +8,9 @@ of device (``docs/performance.md``, "Training on the CPU", has the numbers and t
   batch 32, went from 51 to 85–89 img/s on this project's 2-core AVX-512 machine.
 - ``train.amp`` (bf16 autocast) auto → CUDA only: on that CPU bf16 alone gave 54 img/s against
   51, and with channels_last 73 against 85–89, a loss.
-- ``train.compile`` auto → compile the training step once its eager speed is known and the
-  rest of the run is long enough for the compile time to pay back (:class:`CompileGate`).
+- ``train.compile`` auto → on CUDA, compile the training step once its eager speed is known and
+  the rest of the run is long enough for the compile time to pay back (:class:`CompileGate`);
+  on the CPU, off: in the real training loop the compiled step was slower there.
 - ``train.threads`` / ``data.num_workers`` auto → on the CPU the model's threads and the
   loader's worker processes share the same few cores (:func:`plan_execution`).
 - ``train.freeze_backbone_stages`` N → the stem and the first N backbone stages keep their
@@ -90,6 +91,10 @@ def plan_execution(config: ExperimentConfig, device: torch.device, world_size: i
     compile_mode = train.compile if isinstance(train.compile, str) else ("on" if train.compile else "off")
     if world_size > 1 and compile_mode == "auto":
         compile_mode = "off"  # DDP + compile is left to an explicit `compile: true`
+    if not on_gpu and compile_mode == "auto":
+        # Measured in the real loop (benchmarks/train_e2e.py, global_net Lite0 128x96, 2 cores):
+        # compiled epochs ran at 38-40 img/s against 46 eager, so on the CPU only `compile: true` compiles.
+        compile_mode = "off"
     return ExecutionPlan(device=device, channels_last=_auto(train.channels_last, True),
                          amp=_auto(train.amp, on_gpu), compile=compile_mode, threads=int(threads),
                          num_workers=int(workers), pin_memory=on_gpu, frozen_stages=train.freeze_backbone_stages)
