@@ -97,18 +97,30 @@ class M3Net(RetrievalModel):
         self.fc = nn.Linear(sum(channels) * kinds, embedding_dim)
         self.feat_dim = embedding_dim
 
+    def classifier_input(self, level_maps: list[torch.Tensor], attribute_condition: torch.Tensor | None
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(each level pooled by the attribute-conditioned attention, empty without it, as for
+        M3-Net_c; what the value classifier reads: those vectors, else the plain level means)."""
+        if self.attribute_attention is None:
+            return [], torch.cat([fmap.mean(dim=(2, 3)) for fmap in level_maps], dim=1)
+        parts = [pool(fmap, attribute_condition)[0] for pool, fmap in zip(self.attribute_attention, level_maps)]
+        return parts, torch.cat(parts, dim=1)
+
+    def value_logits(self, images: torch.Tensor, attribute: torch.Tensor) -> torch.Tensor:
+        """The value classifier's logits [B, max values] alone (padded slots very negative), in any
+        mode: what ``scripts/m3_net_value_probe.py`` ranks with."""
+        feature_maps = self.backbone(images)
+        level_maps = [feature_maps[i] for i in self.level_indices]
+        condition = self.attribute_embedding(attribute) if self.attribute_embedding is not None else None
+        return self.value_classifier(self.classifier_input(level_maps, condition)[1], attribute)[0]
+
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         attribute = require_attribute(attribute, images.shape[0], "m3_net").to(images.device)
         feature_maps = self.backbone(images)
         level_maps = [feature_maps[i] for i in self.level_indices]
         attribute_condition = self.attribute_embedding(attribute) if self.attribute_embedding is not None else None
 
-        parts: list[torch.Tensor] = []
-        if self.attribute_attention is not None:
-            parts = [pool(fmap, attribute_condition)[0] for pool, fmap in zip(self.attribute_attention, level_maps)]
-            classifier_input = torch.cat(parts, dim=1)
-        else:
-            classifier_input = torch.cat([fmap.mean(dim=(2, 3)) for fmap in level_maps], dim=1)
+        parts, classifier_input = self.classifier_input(level_maps, attribute_condition)
 
         value_logits = value_mask = None
         if self.training or self.class_attention is not None:
