@@ -93,6 +93,28 @@ def test_embedding_depends_on_the_attribute(variant):
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-4)
 
 
+SHARED_BACKBONE = set(VARIANTS) - {"asen_local"}  # ASEN++ crops per attribute
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_embed_attributes_matches_embed_and_shares_the_backbone(variant):
+    model = build(variant).eval()
+    backbone_calls = []
+    for backbone in model.backbones():
+        backbone.register_forward_hook(lambda *_: backbone_calls.append(1))
+    x = images()
+    with torch.no_grad():
+        one_by_one = [model.embed(x, attribute) for attribute in (1, 0, 1)]
+        calls_one_by_one = len(backbone_calls)
+        together = model.embed_attributes(x, [1, 0, 1])
+    for expected, got in zip(one_by_one, together, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    if variant in SHARED_BACKBONE:  # the attribute is read after the backbone: one pass for all three
+        assert len(backbone_calls) - calls_one_by_one == 1
+    else:
+        assert len(backbone_calls) - calls_one_by_one == calls_one_by_one
+
+
 def test_penultimate_classifier_embedding_is_shared_across_attributes():
     model = build("classifier_penultimate").eval()
     x = images()

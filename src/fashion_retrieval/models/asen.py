@@ -62,7 +62,10 @@ class AsenBranch(nn.Module):
         self.fc = nn.Linear(channels, embedding_dim)
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.backbone(images)[-1]
+        return self.attend(self.backbone(images)[-1], attribute)
+
+    def attend(self, feature_map: torch.Tensor, attribute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, attention map) from the backbone's last kept map, for one attribute index per image."""
         pooled, attention_map = self.attention(feature_map, self.attribute_embedding(attribute))
         return self.fc(pooled), attention_map
 
@@ -128,6 +131,14 @@ class ASEN(RetrievalModel):
             outputs["features"] = embedding
             outputs["branch_features"] = [global_embedding, local_embedding]
         return outputs
+
+    def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
+        if self.local_branch is not None:  # ASEN++ crops per attribute: its local pass cannot be shared
+            return super().embed_attributes(images, attributes)
+        feature_map = self.global_branch.backbone(images)[-1]
+        return [self.global_branch.attend(feature_map, torch.full((images.shape[0],), int(attribute), dtype=torch.long,
+                                                                  device=images.device))[0]
+                for attribute in attributes]
 
     def _crop(self, images: torch.Tensor, attention_map: torch.Tensor) -> torch.Tensor:
         from torchvision.ops import roi_align

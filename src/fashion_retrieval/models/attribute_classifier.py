@@ -69,3 +69,10 @@ class AttributeClassifier(RetrievalModel):
             outputs["attr_value_mask"] = value_mask(self.sizes, attribute, self.max_values)
             outputs["all_attr_logits"] = all_logits
         return outputs
+
+    def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
+        pooled = self.backbone(images)[-1].mean(dim=(2, 3))
+        if self.embedding_kind != "softmax":
+            return [pooled for _ in attributes]
+        return [F.pad(self.heads[attribute](pooled).softmax(dim=1), (0, self.max_values - self.sizes[attribute]))
+                for attribute in attributes]

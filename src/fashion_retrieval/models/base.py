@@ -56,6 +56,14 @@ class RetrievalModel(nn.Module):
             attribute = torch.full((images.shape[0],), int(attribute), dtype=torch.long, device=images.device)
         return self(images, attribute=attribute)["embedding"]
 
+    def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
+        """:meth:`embed` of ``images`` for each attribute index in ``attributes``, in that order.
+
+        Evaluating or indexing an attribute-conditioned model needs every image under every
+        attribute; models whose backbone does not read the attribute (ASEN, M3-Net) override this
+        to run the backbone once for all of them, which is most of the cost."""
+        return [self.embed(images, attribute) for attribute in attributes]
+
     def backbones(self) -> list[nn.Module]:
         """The model's backbones (ASEN++ has two), for options that act on every one of them
         such as freezing the first stages."""

@@ -109,15 +109,28 @@ class M3Net(RetrievalModel):
     def value_logits(self, images: torch.Tensor, attribute: torch.Tensor) -> torch.Tensor:
         """The value classifier's logits [B, max values] alone (padded slots very negative), in any
         mode: what ``scripts/m3_net_value_probe.py`` ranks with."""
-        feature_maps = self.backbone(images)
-        level_maps = [feature_maps[i] for i in self.level_indices]
+        level_maps = self.level_maps(images)
         condition = self.attribute_embedding(attribute) if self.attribute_embedding is not None else None
         return self.value_classifier(self.classifier_input(level_maps, condition)[1], attribute)[0]
 
+    def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's maps at the model's levels: the part of the forward that does not read
+        the attribute."""
+        feature_maps = self.backbone(images)
+        return [feature_maps[i] for i in self.level_indices]
+
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         attribute = require_attribute(attribute, images.shape[0], "m3_net").to(images.device)
-        feature_maps = self.backbone(images)
-        level_maps = [feature_maps[i] for i in self.level_indices]
+        return self.attend(self.level_maps(images), attribute)
+
+    def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
+        level_maps = self.level_maps(images)
+        return [self.attend(level_maps, torch.full((images.shape[0],), int(attribute), dtype=torch.long,
+                                                   device=images.device))["embedding"]
+                for attribute in attributes]
+
+    def attend(self, level_maps: list[torch.Tensor], attribute: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything after the backbone, for one attribute index per image."""
         attribute_condition = self.attribute_embedding(attribute) if self.attribute_embedding is not None else None
 
         parts, classifier_input = self.classifier_input(level_maps, attribute_condition)
