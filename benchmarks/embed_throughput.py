@@ -69,19 +69,24 @@ def build_model(args, device):
 
     kwargs = {"backbone": args.backbone, "pretrained": args.pretrained}
     parameters = inspect.signature(MODELS.get(args.model)).parameters
-    attribute = None
+    attributes: list[int | None] = [None]
     if "attribute_sizes" in parameters and parameters["attribute_sizes"].default is inspect.Parameter.empty:
-        kwargs["attribute_sizes"] = list(FASHION_PRODUCT_VALUES.values())  # conditioned: embed attribute 0
-        attribute = 0
+        kwargs["attribute_sizes"] = list(FASHION_PRODUCT_VALUES.values())
+        # conditioned: attribute 0, or every attribute as an evaluation embeds them
+        attributes = list(range(len(FASHION_PRODUCT_VALUES))) if args.all_attributes else [0]
     model = MODELS.build(args.model, **kwargs).to(device).eval()
+    if args.backbone_per_attribute:  # the embedding path before embed_attributes shared the backbone
+        from fashion_retrieval.models.base import RetrievalModel
+
+        type(model).embed_attributes = RetrievalModel.embed_attributes  # the class: inference copies follow
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
         model.compile(mode=args.compile_mode)
-    return model, attribute
+    return model, attributes
 
 
-def measure_forward(model, attribute, args, device) -> dict:
+def measure_forward(model, attributes, args, device) -> dict:
     import torch
 
     from fashion_retrieval.engine.embed import _forward_embeddings
@@ -94,7 +99,7 @@ def measure_forward(model, attribute, args, device) -> dict:
     def run(steps: int) -> None:
         with torch.inference_mode():
             for _ in range(steps):
-                _forward_embeddings(model, images, [attribute], amp)
+                _forward_embeddings(model, images, attributes, amp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -122,18 +127,18 @@ def measure_loader(table, args) -> dict:
     return {"path": "loader (pil)", "images": images, "seconds": time.perf_counter() - started}
 
 
-def measure_e2e(model, attribute, table, decode: str, args, device) -> dict:
+def measure_e2e(model, attributes, table, decode: str, args, device) -> dict:
     from fashion_retrieval.data.table import SampleTable
-    from fashion_retrieval.engine.embed import embed_table
+    from fashion_retrieval.engine.embed import embed_table_attributes
 
     amp = args.amp and device.type == "cuda"
 
     def run(rows) -> int:
-        result = embed_table(model, rows, args.size, batch_size=args.batch, attribute=attribute, device=device,
-                             num_workers=args.workers, progress=False, amp=amp, decode=decode)
+        result = embed_table_attributes(model, rows, args.size, attributes, batch_size=args.batch, device=device,
+                                        num_workers=args.workers, progress=False, amp=amp, decode=decode)
         if result.skipped:
             raise RuntimeError(f"{len(result.skipped)} files skipped, e.g. {result.skipped[0]}")
-        return len(result)
+        return len(result.indices)
 
     warm = args.batch + len(table) % args.batch  # a full batch and the timed run's last, shorter one
     run(SampleTable(table.samples[:warm], root=table.root))
@@ -165,6 +170,10 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=DEFAULT_DATA_ROOT / "clothing",
                         help="folder of JPEG photos to link (default: the shared consumer photos)")
     parser.add_argument("--generate", action="store_true", help="generated photos even when --images exists")
+    parser.add_argument("--all-attributes", action="store_true",
+                        help="attribute-conditioned model: embed every attribute (5), as evaluate does; images/s counts images")
+    parser.add_argument("--backbone-per-attribute", action="store_true",
+                        help="with --all-attributes: run the backbone once per attribute (the path before embed_attributes)")
     parser.add_argument("--decoders", default=None, help="comma list of pil, device (default: pil; on CUDA also device)")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader-only row")
     parser.add_argument("--forward-only", action="store_true", help="only the forward row (e.g. to vary --batch)")
@@ -195,8 +204,8 @@ def main() -> None:
     if args.forward_only:
         decoders, args.no_loader = [], True
     torch.manual_seed(0)
-    model, attribute = build_model(args, device)
-    rows = [measure_forward(model, attribute, args, device)]
+    model, attributes = build_model(args, device)
+    rows = [measure_forward(model, attributes, args, device)]
     source = None
     if decoders or not args.no_loader:
         with tempfile.TemporaryDirectory(prefix="embed-throughput-") as tmp:
@@ -208,7 +217,7 @@ def main() -> None:
             if not args.no_loader:
                 rows.append(measure_loader(table, args))
             for decode in decoders:
-                rows.append(measure_e2e(model, attribute, table, decode.strip(), args, device))
+                rows.append(measure_e2e(model, attributes, table, decode.strip(), args, device))
     for row in rows:
         row["images_per_s"] = row["images"] / row["seconds"]
     print_table(rows)
@@ -222,6 +231,7 @@ def main() -> None:
                   "settings": {"model": args.model, "backbone": args.backbone, "size": list(args.size),
                                "batch": args.batch, "workers": args.workers, "n": args.n, "source": source,
                                "amp": args.amp and device.type == "cuda", "channels_last": args.channels_last,
+                               "attributes": len(attributes), "backbone_per_attribute": args.backbone_per_attribute,
                                "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark,
                                "threads": torch.get_num_threads()},
                   "load_average": load, "rows": rows}
