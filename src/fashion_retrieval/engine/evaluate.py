@@ -279,21 +279,62 @@ def load_npz(npz_path: str | Path) -> dict[str, Any]:
 _SAVED = object()  # recompute_from_npz: rank as the saved evaluation did
 
 
+def _saved_ranking(saved: dict[str, Any]) -> tuple[QueryExpansion | None, KReciprocal | None]:
+    """The query expansion and re-ranking a saved evaluation ranked with (``load_npz`` output)."""
+    expansion, rerank = saved["test_time"]["query_expansion"], saved["test_time"]["rerank"]
+    return (QueryExpansion(**expansion) if expansion else None,
+            KReciprocal(rerank["k1"], rerank["k2"], rerank["lambda"]) if rerank else None)
+
+
 def recompute_from_npz(npz_path: str | Path, query_expansion: QueryExpansion | None | object = _SAVED,
                        rerank: KReciprocal | None | object = _SAVED) -> dict[str, Any]:
     """The JSON's ``metrics`` again, from a saved ``.npz`` alone (no model, no images), ranked
     with the evaluation's own query expansion / re-ranking unless other ones (or None) are
     given: saved embeddings try those options without embedding again."""
     saved = load_npz(npz_path)
-    if query_expansion is _SAVED:
-        recorded = saved["test_time"]["query_expansion"]
-        query_expansion = QueryExpansion(**recorded) if recorded else None
-    if rerank is _SAVED:
-        recorded = saved["test_time"]["rerank"]
-        rerank = KReciprocal(recorded["k1"], recorded["k2"], recorded["lambda"]) if recorded else None
+    saved_expansion, saved_rerank = _saved_ranking(saved)
+    query_expansion = saved_expansion if query_expansion is _SAVED else query_expansion
+    rerank = saved_rerank if rerank is _SAVED else rerank
     return compute_metrics(saved["kind"], saved["query"], saved["gallery"], saved["query_labels"],
                            saved["gallery_labels"], saved["exclude_self"], query_expansion=query_expansion,
                            rerank=rerank)
+
+
+def smaller_gallery_metrics(npz_path: str | Path, gallery_sizes: Sequence[int], draws: int = 20,
+                            seed: int = 0) -> list[dict[str, Any]]:
+    """What the saved evaluation predicts for a test set drawn like its own but with a smaller
+    gallery: for each size, the overall metrics over ``draws`` random subsets of that many gallery
+    items, as ``{"gallery": size, "draws": n, "mean": {...}, "std": {...}}``.
+
+    A subset keeps every query, and a query whose relevant items all fell out is not evaluated, as
+    in any benchmark (for instance-level data with one product photo per item, that is drawing a
+    subset of the products). Where the queries are the gallery (``exclude_self``: the attribute
+    benchmarks), a subset is drawn of the items that serve as both. Fewer distractors raise
+    top-k and mAP; this measures by how much, on the model's own scores, instead of guessing a
+    rule. Ranked as the saved evaluation was (its query expansion and re-ranking)."""
+    saved = load_npz(npz_path)
+    query_expansion, rerank = _saved_ranking(saved)
+    full_size = len(next(iter(saved["gallery_labels"].values())))
+    rng = np.random.default_rng(seed)
+    curve = []
+    for size in gallery_sizes:
+        if not 0 < size <= full_size:
+            raise ValueError(f"gallery size {size} is outside 1..{full_size} (the saved gallery's size)")
+        runs = []
+        for _ in range(draws if size < full_size else 1):
+            kept = np.sort(rng.choice(full_size, size=size, replace=False))
+            gallery = {a: e[kept] for a, e in saved["gallery"].items()}
+            gallery_labels = {a: labels[kept] for a, labels in saved["gallery_labels"].items()}
+            query, query_labels = ((gallery, gallery_labels) if saved["exclude_self"]
+                                   else (saved["query"], saved["query_labels"]))
+            runs.append(compute_metrics(saved["kind"], query, gallery, query_labels, gallery_labels,
+                                        saved["exclude_self"], query_expansion=query_expansion,
+                                        rerank=rerank)["overall"])
+        names = [name for name, value in runs[0].items() if isinstance(value, (int, float))]
+        curve.append({"gallery": int(size), "draws": len(runs),
+                      "mean": {name: float(np.mean([run[name] for run in runs])) for name in names},
+                      "std": {name: float(np.std([run[name] for run in runs])) for name in names}})
+    return curve
 
 
 def save_plots(evaluation: Evaluation, plots_dir: str | Path, queries_shown: int = 8, seed: int = 0) -> list[Path]:
@@ -395,5 +436,6 @@ def evaluate(checkpoint: str | Path, benchmark_name: str, split: str, data_root:
     return evaluation
 
 
-__all__ = ["Evaluation", "evaluate", "evaluate_model", "write_results", "recompute_from_npz", "save_plots",
+__all__ = ["Evaluation", "evaluate", "evaluate_model", "write_results", "recompute_from_npz",
+           "smaller_gallery_metrics", "save_plots",
            "print_table", "compute_metrics", "CheckpointError"]
