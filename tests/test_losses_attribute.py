@@ -150,6 +150,31 @@ def test_multihead_ce_sums_heads_and_ignores_missing():
     assert mean.item() == pytest.approx((expected0 + expected1) / 2, rel=1e-6)
 
 
+def test_multihead_ce_trains_a_multi_label_attribute_towards_all_its_values():
+    head0 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
+    head1 = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.3, 0.0]])
+    attrs = torch.tensor([[0, 1], [1, 0], [-1, 0]])  # the lowest value of each, as LabelSpace.encode keeps
+    multi_hot = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0],  # image 0 has values 0 and 2 of attribute 0
+                              [0.0, 1.0, 0.0, 1.0, 0.0],
+                              [0.0, 0.0, 0.0, 1.0, 0.0]])  # attribute 0 missing
+    outputs = {"all_attr_logits": [head0, head1]}
+    loss = LOSSES.build("multihead_ce")(outputs, {"attrs": attrs, "attr_multi_hot": multi_hot})
+
+    def log_p(logits, value):
+        return torch.log_softmax(logits, 0)[value].item()
+
+    expected0 = (-(log_p(head0[0], 0) + log_p(head0[0], 2)) / 2 - log_p(head0[1], 1)) / 2
+    expected1 = -(log_p(head1[0], 1) + log_p(head1[1], 0) + log_p(head1[2], 0)) / 3
+    assert loss.item() == pytest.approx(expected0 + expected1, rel=1e-6)
+    # one value per image: the multi-hot changes nothing
+    single = multi_hot.clone()
+    single[0, 2] = 0.0
+    with_single = LOSSES.build("multihead_ce")(outputs, {"attrs": attrs, "attr_multi_hot": single})
+    assert with_single.item() == pytest.approx(LOSSES.build("multihead_ce")(outputs, {"attrs": attrs}).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="attr_multi_hot has 4 values"):
+        LOSSES.build("multihead_ce")(outputs, {"attrs": attrs, "attr_multi_hot": multi_hot[:, :4]})
+
+
 @pytest.mark.parametrize("name,kwargs,word", [
     ("attribute_triplet", {"margn": 0.1}, "margn"),
     ("attribute_triplet", {"mining": "semi"}, "semi"),

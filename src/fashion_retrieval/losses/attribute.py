@@ -253,7 +253,15 @@ class MultiHeadCrossEntropy(nn.Module):
     """Cross-entropy of every attribute head at once (``outputs["all_attr_logits"]``, a list of
     [B, V_a]) against ``batch["attrs"]`` [B, A]; -1 (missing) is ignored. ``reduction="sum"``
     (default) adds the per-attribute means, so every labelled attribute of an image trains its
-    head in every step; ``"mean"`` divides by the number of attributes labelled in the batch."""
+    head in every step; ``"mean"`` divides by the number of attributes labelled in the batch.
+
+    A multi-label attribute (an image with several values of one type, as DeepFashion's lists
+    have; ``batch["attr_multi_hot"]``, the flat layout of ``LabelSpace.encode``) is trained
+    towards the uniform distribution over the image's values, so the softmax embedding spreads
+    over every value the image has and meets the images that share any of them (the benchmark's
+    relevance). Our choice: the classifier is the reference baseline, not a paper's model; the
+    alternative, the likelihood of the values' union, lets the head settle on one of them. A
+    head whose images all have one value gets exactly the plain cross-entropy."""
 
     def __init__(self, reduction: str = "sum", label_smoothing: float = 0.0):
         super().__init__()
@@ -267,11 +275,25 @@ class MultiHeadCrossEntropy(nn.Module):
         attrs = batch["attrs"].to(all_logits[0].device)
         if attrs.shape[1] != len(all_logits):
             raise ValueError(f"multihead_ce: batch has {attrs.shape[1]} attributes, model has {len(all_logits)} heads")
+        multi_hot = batch.get("attr_multi_hot")
+        offsets = [0]
+        for logits in all_logits:
+            offsets.append(offsets[-1] + logits.shape[1])
+        if multi_hot is not None and multi_hot.shape[1] != offsets[-1]:
+            raise ValueError(f"multihead_ce: attr_multi_hot has {multi_hot.shape[1]} values, the heads "
+                             f"{offsets[-1]}")
         total, labelled = _zero(all_logits[0]), 0
         for attr, logits in enumerate(all_logits):
             target = attrs[:, attr]
             if not bool((target >= 0).any()):
                 continue  # cross_entropy over zero targets is NaN
-            total = total + F.cross_entropy(logits, target, ignore_index=-1, label_smoothing=self.label_smoothing)
+            hot = None if multi_hot is None else multi_hot[:, offsets[attr]:offsets[attr + 1]].to(logits)
+            if hot is not None and bool((hot.sum(1) > 1).any()):
+                rows = target >= 0
+                values = hot[rows]
+                total = total + F.cross_entropy(logits[rows], values / values.sum(1, keepdim=True),
+                                                label_smoothing=self.label_smoothing)
+            else:
+                total = total + F.cross_entropy(logits, target, ignore_index=-1, label_smoothing=self.label_smoothing)
             labelled += 1
         return total if self.reduction == "sum" else total / max(labelled, 1)
