@@ -58,6 +58,30 @@ def test_embed_attribute_conditioned(tmp_path: Path) -> None:
         embed_table(model, table, (32, 24), progress=False)
 
 
+class _EmbedOnly(torch.nn.Module):
+    """A wrapper with only ``embed`` (as scripts/m3_net_value_probe.py has): no embed_attributes."""
+
+    attribute_conditioned = True
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def embed(self, images: torch.Tensor, attribute: int | None = None) -> torch.Tensor:
+        return self.model.embed(images, attribute)
+
+
+def test_embed_attribute_conditioned_wrapper_without_embed_attributes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyAttributeNet(attribute_sizes=[2, 3]).eval()
+    table = _table(tmp_path, count=4, broken=())
+    wrapped = embed_table_attributes(_EmbedOnly(model), table, (32, 24), attributes=[0, 1], progress=False,
+                                     fold_norms=False)
+    direct = embed_table_attributes(model, table, (32, 24), attributes=[0, 1], progress=False, fold_norms=False)
+    for attribute in (0, 1):
+        np.testing.assert_allclose(wrapped.by_attribute[attribute], direct.by_attribute[attribute], atol=1e-6)
+
+
 # ---- evaluation ------------------------------------------------------------------------------
 import csv
 import json

@@ -68,7 +68,10 @@ def _forward_embeddings(model: RetrievalModel, images: torch.Tensor, attributes:
 
     def embeddings(batch: torch.Tensor) -> list[torch.Tensor]:
         if model.attribute_conditioned:  # the backbone once for all the attributes
-            return model.embed_attributes(batch, keys)
+            # (a model that only has ``embed``, such as a wrapper around a model, runs once per attribute)
+            if hasattr(model, "embed_attributes"):
+                return model.embed_attributes(batch, keys)
+            return [model.embed(batch, key) for key in keys]
         return [model.embed(batch)]
 
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
