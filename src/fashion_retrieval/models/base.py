@@ -3,7 +3,8 @@
 The rest of the package talks to a model only through this interface: ``feat_dim`` (the
 retrieval embedding's width), ``attribute_conditioned`` (one embedding space per attribute, as
 ASEN and M3-Net learn) with ``attribute_names``, and :meth:`RetrievalModel.embed`, the one
-forward that evaluation, index build, search, the server and the ONNX export all run. Training
+forward that evaluation, index build, search, the server and the ONNX export all run
+(:meth:`RetrievalModel.embed_attributes`: the same under several attributes at once). Training
 calls ``forward`` for the training outputs (logits, features, ...) described in
 docs/architecture.md.
 """
