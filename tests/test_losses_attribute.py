@@ -150,6 +150,26 @@ def test_multihead_ce_sums_heads_and_ignores_missing():
     assert mean.item() == pytest.approx((expected0 + expected1) / 2, rel=1e-6)
 
 
+def test_attribute_ce_is_the_softmax_cross_entropy_of_the_batch_attribute():
+    from fashion_retrieval.models.attention import PADDED_LOGIT
+
+    logits = torch.tensor([[2.0, 0.0, PADDED_LOGIT], [0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
+    outputs = {"attr_value_logits": logits}
+    batch = {"attr_value": torch.tensor([0, 2, -1])}
+
+    def log_p(row, value):
+        return torch.log_softmax(logits[row], 0)[value].item()
+
+    loss = LOSSES.build("attribute_ce")(outputs, batch)
+    assert loss.item() == pytest.approx(-(log_p(0, 0) + log_p(1, 2)) / 2, rel=1e-6)
+    assert torch.log_softmax(logits[0], 0)[2].exp().item() == 0.0  # a padded slot gets no probability
+    multi = {"attr_value": torch.tensor([0, 1, -1]),
+             "attr_value_multi_hot": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])}
+    both = LOSSES.build("attribute_ce")(outputs, multi)
+    assert both.item() == pytest.approx((-log_p(0, 0) - (log_p(1, 1) + log_p(1, 2)) / 2) / 2, rel=1e-6)
+    assert LOSSES.build("attribute_ce")(outputs, {"attr_value": torch.tensor([-1, -1, -1])}).item() == 0.0
+
+
 def test_multihead_ce_trains_a_multi_label_attribute_towards_all_its_values():
     head0 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
     head1 = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.3, 0.0]])

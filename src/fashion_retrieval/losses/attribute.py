@@ -120,6 +120,35 @@ class AttributeBCELoss(nn.Module):
         return per_slot[mask].mean()
 
 
+@LOSSES.register("attribute_ce")
+class AttributeCrossEntropy(nn.Module):
+    """Softmax cross-entropy of each sample's value logits for the attribute it is embedded for
+    (``attr_value_logits``; padded slots hold ``PADDED_LOGIT`` and get no probability), against
+    ``attr_value`` (-1 ignored), or the uniform distribution over ``attr_value_multi_hot``'s
+    values when a sample has several (as ``multihead_ce``).
+
+    ``attribute_bce`` with a softmax instead of independent sigmoids: trained on a model with
+    value logits (M3-Net, the attribute classifier), it separates what the loss's form does from
+    what training one attribute per batch does (results/analysis.md, the M3-Net gap diagnosis)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, outputs: dict, batch: dict) -> torch.Tensor:
+        logits = outputs["attr_value_logits"]
+        values = batch["attr_value"].to(logits.device)
+        rows = values >= 0
+        if not bool(rows.any()):
+            return _zero(logits)
+        if "attr_value_multi_hot" in batch:
+            every = torch.arange(values.shape[0], device=logits.device)
+            target = _value_sets(batch, every, values, logits.shape[1]).to(logits.dtype)[rows]
+            target = target / target.sum(1, keepdim=True)
+            return F.cross_entropy(logits[rows], target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits[rows], values[rows], label_smoothing=self.label_smoothing)
+
+
 @LOSSES.register("attribute_triplet")
 class AttributeTripletLoss(nn.Module):
     """Instance-level triplet loss inside each attribute's space.
