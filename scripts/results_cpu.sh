@@ -242,11 +242,11 @@ for group in "${GROUPS_WANTED[@]}"; do
     G=(train.eval_every=1 eval.split=val data.num_workers=auto optim.backbone_lr_mult=1.0 data.image_size=[80,60]
        data.sampler.p=8 data.sampler.k=4 train.epochs=3 train.max_steps_per_epoch=300 eval.final_split=val
        "${CLASSIFIER[@]}" model.kwargs.embedding=softmax)
-    run classifier_multihead_ce configs/fashion_product_attribute_classifier.yaml "${G[@]}"
-    run classifier_attribute_ce configs/fashion_product_attribute_classifier.yaml "${G[@]}" \
-        "loss.terms=[{name: attribute_ce, weight: 1.0}]"
     run classifier_attribute_bce configs/fashion_product_attribute_classifier.yaml "${G[@]}" \
         "loss.terms=[{name: attribute_bce, weight: 1.0}]"
+    run classifier_attribute_ce configs/fashion_product_attribute_classifier.yaml "${G[@]}" \
+        "loss.terms=[{name: attribute_ce, weight: 1.0}]"
+    run classifier_multihead_ce configs/fashion_product_attribute_classifier.yaml "${G[@]}"
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
