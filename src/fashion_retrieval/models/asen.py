@@ -22,7 +22,7 @@ from ..registry import ConfigError
 from . import MODELS
 from .attention import ConditionedAttentionPool, check_attribute_sizes, require_attribute
 from .backbones import BackboneSpec, build_backbone
-from .base import RetrievalModel
+from .base import RetrievalModel, per_image
 
 def attention_box(attention_map: torch.Tensor, image_size: tuple[int, int], threshold: float) -> torch.Tensor:
     """Image-space box [B, 4] (x1, y1, x2, y2) around the cells whose attention is at least
@@ -136,9 +136,7 @@ class ASEN(RetrievalModel):
         if self.local_branch is not None:  # ASEN++ crops per attribute: its local pass cannot be shared
             return super().embed_attributes(images, attributes)
         feature_map = self.global_branch.backbone(images)[-1]
-        return [self.global_branch.attend(feature_map, torch.full((images.shape[0],), int(attribute), dtype=torch.long,
-                                                                  device=images.device))[0]
-                for attribute in attributes]
+        return [self.global_branch.attend(feature_map, per_image(attribute, images))[0] for attribute in attributes]
 
     def _crop(self, images: torch.Tensor, attention_map: torch.Tensor) -> torch.Tensor:
         from torchvision.ops import roi_align

@@ -17,6 +17,13 @@ import torch
 from torch import nn
 
 
+def per_image(attribute: int | torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``attribute`` as a LongTensor[B] on the images' device (an int is broadcast to the batch)."""
+    if isinstance(attribute, torch.Tensor):
+        return attribute
+    return torch.full((images.shape[0],), int(attribute), dtype=torch.long, device=images.device)
+
+
 class RetrievalModel(nn.Module):
     """Subclasses set ``feat_dim`` in ``__init__`` and implement
     ``forward(images, attribute=None) -> {"embedding": [B, feat_dim], ...}``, images RGB in
@@ -53,9 +60,7 @@ class RetrievalModel(nn.Module):
         if attribute is None:
             names = f" (one of {', '.join(self.attribute_names)})" if self.attribute_names else ""
             raise ValueError(f"{type(self).__name__} is attribute-conditioned: pass attribute=<index>{names}")
-        if not isinstance(attribute, torch.Tensor):
-            attribute = torch.full((images.shape[0],), int(attribute), dtype=torch.long, device=images.device)
-        return self(images, attribute=attribute)["embedding"]
+        return self(images, attribute=per_image(attribute, images))["embedding"]
 
     def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
         """:meth:`embed` of ``images`` for each attribute index in ``attributes``, in that order.

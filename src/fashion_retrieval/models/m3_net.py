@@ -38,7 +38,7 @@ from ..registry import ConfigError
 from . import MODELS
 from .attention import ConditionedAttentionPool, PerAttributeValueClassifier, check_attribute_sizes, require_attribute
 from .backbones import BackboneSpec, build_backbone
-from .base import RetrievalModel
+from .base import RetrievalModel, per_image
 
 ATTENTION_MODES = ("attribute", "class", "both")
 LEVEL_INDEX = {"c2": 0, "c3": 1, "c4": 2, "c5": 3}
@@ -125,9 +125,7 @@ class M3Net(RetrievalModel):
 
     def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
         level_maps = self.level_maps(images)
-        return [self.attend(level_maps, torch.full((images.shape[0],), int(attribute), dtype=torch.long,
-                                                   device=images.device))["embedding"]
-                for attribute in attributes]
+        return [self.attend(level_maps, per_image(attribute, images))["embedding"] for attribute in attributes]
 
     def attend(self, level_maps: list[torch.Tensor], attribute: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything after the backbone, for one attribute index per image."""
