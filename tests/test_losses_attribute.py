@@ -132,6 +132,29 @@ def test_attribute_bce_matches_hand_computation():
     assert fixed.item() == pytest.approx(sum(plain) / 5, rel=1e-6)
 
 
+def test_attribute_bce_every_attribute_sums_each_attributes_own_bce():
+    head0 = torch.tensor([[2.0, -1.0], [0.5, 1.0], [0.0, 3.0]])
+    head1 = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -2.0], [0.0, 0.0, 3.0]])
+    attrs = torch.tensor([[0, 2], [-1, 0], [1, -1]])  # sample 1 lacks attribute 0, sample 2 attribute 1
+    term = LOSSES.build("attribute_bce", every_attribute=True)
+    loss = term({"all_attr_logits": [head0, head1]}, {"attrs": attrs})
+    # attribute 0 (2 values, weight 1): samples 0 and 2; attribute 1 (3 values, weight 2): samples 0 and 1
+    attr0 = [softplus(-2.0), softplus(-1.0), softplus(0.0), softplus(-3.0)]
+    attr1 = [softplus(0.0), softplus(1.0), 2 * softplus(-2.0), 2 * softplus(-1.0), softplus(0.0), softplus(-2.0)]
+    assert loss.item() == pytest.approx(sum(attr0) / 4 + sum(attr1) / 6, rel=1e-6)
+    # with the flat multi-hot, a second value of attribute 1 on sample 0 is a positive too (weight 1/2)
+    multi_hot = torch.tensor([[1, 0, 1, 0, 1], [0, 0, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.float32)
+    loss = term({"all_attr_logits": [head0, head1]}, {"attrs": attrs, "attr_multi_hot": multi_hot})
+    attr1 = [0.5 * softplus(-0.0), softplus(1.0), 0.5 * softplus(-2.0), 2 * softplus(-1.0), softplus(0.0), softplus(-2.0)]
+    assert loss.item() == pytest.approx(sum(attr0) / 4 + sum(attr1) / 6, rel=1e-6)
+
+
+def test_attribute_bce_every_attribute_names_the_model_switch():
+    with pytest.raises(ConfigError, match="classify_every_attribute"):
+        LOSSES.build("attribute_bce", every_attribute=True)({"attr_value_logits": torch.zeros(2, 2)},
+                                                           {"attrs": torch.zeros(2, 1, dtype=torch.long)})
+
+
 def test_multihead_ce_sums_heads_and_ignores_missing():
     head0 = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     head1 = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])

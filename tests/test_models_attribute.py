@@ -139,6 +139,23 @@ def test_classifier_returns_every_head_for_multihead_training():
     torch.testing.assert_close(outputs["attr_value_logits"][1], outputs["all_attr_logits"][1][1])
 
 
+@pytest.mark.parametrize("variant", ["m3_attribute", "m3_class", "m3_both"])
+def test_m3_net_classifies_every_attribute_when_asked(variant):
+    name, kwargs = VARIANTS[variant]
+    model = MODELS.build(name, attribute_sizes=SIZES, classify_every_attribute=True, **kwargs).train()
+    batch, attribute = images(), torch.tensor([0, 1, 1, 0])
+    outputs = model(batch, attribute)
+    every = outputs["all_attr_logits"]
+    assert [tuple(t.shape) for t in every] == [(4, 3), (4, 5)]
+    # each image's own attribute: the same logits the batch's Loss 1 reads
+    for row, attr in enumerate(attribute.tolist()):
+        torch.testing.assert_close(every[attr][row], outputs["attr_value_logits"][row, :SIZES[attr]])
+    every[0].sum().backward()  # the other attribute's logits train the shared layers too
+    assert model.value_classifier.weight.grad[0].abs().sum() > 0
+    assert "all_attr_logits" not in build(variant).train()(batch, attribute)  # off by default
+    assert "all_attr_logits" not in model.eval()(batch, attribute)
+
+
 def test_attribute_is_required_and_a_scalar_is_broadcast():
     model = build("asen").eval()
     with pytest.raises(ValueError, match="attribute"):

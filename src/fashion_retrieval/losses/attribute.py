@@ -78,6 +78,22 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.sum() * 0.0
 
 
+def _weighted_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                  pos_weight: float | None) -> torch.Tensor:
+    """Mean BCE over the ``mask``ed slots, positives weighted by (negatives / positives) of their
+    row when ``pos_weight`` is None, else by that number."""
+    if not mask.any():
+        return _zero(logits)
+    if pos_weight is None:
+        positives = (target * mask).sum(dim=1, keepdim=True)
+        negatives = mask.sum(dim=1, keepdim=True) - positives
+        weight = (negatives.clamp(min=1) / positives.clamp(min=1)).to(logits.dtype)
+    else:
+        weight = torch.full_like(logits[:, :1], float(pos_weight))
+    per_slot = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
+    return per_slot[mask].mean()
+
+
 @LOSSES.register("attribute_bce")
 class AttributeBCELoss(nn.Module):
     """Weighted BCE of each sample's value logits against the multi-hot of its values (Loss 1 of
@@ -90,15 +106,23 @@ class AttributeBCELoss(nn.Module):
     value), so positive and negative evidence weigh the same. A number sets a fixed weight
     instead. The result is the mean over valid slots, i.e.
     ``binary_cross_entropy_with_logits(pos_weight=...)`` restricted to the mask.
+
+    ``every_attribute: true``: the same BCE for every labelled attribute of every image, from the
+    model's ``all_attr_logits`` (M3-Net with ``classify_every_attribute``) against ``attrs`` /
+    ``attr_multi_hot``; the per-attribute means are summed, so each attribute's classifier gets in
+    every step the signal it gets when a batch is sampled for it (as ``multihead_ce`` sums its heads).
     """
 
-    def __init__(self, pos_weight: float | None = None):
+    def __init__(self, pos_weight: float | None = None, every_attribute: bool = False):
         super().__init__()
         if pos_weight is not None and pos_weight <= 0:
             raise ConfigError(f"attribute_bce: pos_weight must be positive, got {pos_weight}")
         self.pos_weight = pos_weight
+        self.every_attribute = bool(every_attribute)
 
     def forward(self, outputs: dict, batch: dict) -> torch.Tensor:
+        if self.every_attribute:
+            return self._every_attribute(outputs, batch)
         logits = outputs["attr_value_logits"]
         mask = outputs["attr_value_mask"].bool()
         values = batch["attr_value"].to(logits.device)
@@ -108,16 +132,31 @@ class AttributeBCELoss(nn.Module):
             target = _value_sets(batch, every, values, logits.shape[1]).to(logits.dtype)
         else:
             target = F.one_hot(values.clamp(min=0), logits.shape[1]).to(logits.dtype)
-        if self.pos_weight is None:
-            positives = (target * mask).sum(dim=1, keepdim=True)
-            negatives = mask.sum(dim=1, keepdim=True) - positives
-            weight = (negatives.clamp(min=1) / positives.clamp(min=1)).to(logits.dtype)
-        else:
-            weight = torch.full_like(logits[:, :1], float(self.pos_weight))
-        per_slot = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
-        if not mask.any():
-            return _zero(logits)
-        return per_slot[mask].mean()
+        return _weighted_bce(logits, target, mask, self.pos_weight)
+
+    def _every_attribute(self, outputs: dict, batch: dict) -> torch.Tensor:
+        if "all_attr_logits" not in outputs:
+            raise ConfigError("attribute_bce with every_attribute: true needs a model that classifies every "
+                              "attribute in training (m3_net: model.kwargs.classify_every_attribute: true)")
+        all_logits = outputs["all_attr_logits"]
+        attrs = batch["attrs"].to(all_logits[0].device)
+        if attrs.shape[1] != len(all_logits):
+            raise ValueError(f"attribute_bce: batch has {attrs.shape[1]} attributes, the model classifies "
+                             f"{len(all_logits)}")
+        multi_hot = batch.get("attr_multi_hot")
+        total, start = _zero(all_logits[0]), 0
+        for attr, logits in enumerate(all_logits):
+            size = logits.shape[1]
+            known = attrs[:, attr] >= 0
+            if multi_hot is not None:
+                target = multi_hot[:, start:start + size].to(logits)
+            else:
+                target = F.one_hot(attrs[:, attr].clamp(min=0), size).to(logits.dtype)
+            start += size
+            mask = known[:, None].expand_as(logits)
+            if bool(known.any()):
+                total = total + _weighted_bce(logits, target, mask, self.pos_weight)
+        return total
 
 
 @LOSSES.register("attribute_ce")

@@ -20,6 +20,13 @@ For an image and an attribute ``a``:
    trained to be (reconstructed: only the paper's abstract and slides were available).
 5. A linear layer maps the concatenated level vectors to the embedding.
 
+``classify_every_attribute``: in training, also run the value classifier for every attribute of
+every image (``all_attr_logits``, a list of [B, V_a], the attribute attention run once per
+attribute over one backbone pass), for ``attribute_bce`` with ``every_attribute: true``. The
+default trains Loss 1 on the one attribute a batch is sampled for, as the triplets are; whether
+the paper's Loss 1 covers every attribute of an image is not in its abstract or slides, and the
+converged rows decide (results/analysis.md, the M3-Net gap diagnosis).
+
 ``attention`` picks the ablation: ``"attribute"`` (M3-Net_a: steps 1, 2, 5; the classifier is
 still trained as an auxiliary task), ``"class"`` (M3-Net_c: the classifier reads plain
 average-pooled levels, the class attention is conditioned on the class mixture alone, with no
@@ -65,6 +72,7 @@ class M3Net(RetrievalModel):
         attr_dim: int = 512,
         joint_dim: int = 512,
         channel_reduction: int = 4,
+        classify_every_attribute: bool = False,
     ):
         super().__init__()
         if attention not in ATTENTION_MODES:
@@ -75,6 +83,7 @@ class M3Net(RetrievalModel):
         sizes = check_attribute_sizes(attribute_sizes, "m3_net")
         self.attribute_sizes = sizes
         self.attention_mode = attention
+        self.classify_every_attribute = bool(classify_every_attribute)
         self.use_attribute_attention = attention in ("attribute", "both")
         self.use_class_attention = attention in ("class", "both")
         self.level_indices = [LEVEL_INDEX[level] for level in levels]
@@ -121,7 +130,23 @@ class M3Net(RetrievalModel):
 
     def forward(self, images: torch.Tensor, attribute: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         attribute = require_attribute(attribute, images.shape[0], "m3_net").to(images.device)
-        return self.attend(self.level_maps(images), attribute)
+        level_maps = self.level_maps(images)
+        outputs = self.attend(level_maps, attribute)
+        if self.training and self.classify_every_attribute:
+            outputs["all_attr_logits"] = self.every_attribute_logits(level_maps)
+        return outputs
+
+    def every_attribute_logits(self, level_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The value classifier's logits for every attribute of every image, [B, V_a] each."""
+        images = level_maps[0]
+        shared_input = None if self.attribute_embedding is not None else self.classifier_input(level_maps, None)[1]
+        all_logits = []
+        for attribute, size in enumerate(self.attribute_sizes):
+            index = per_image(attribute, images)
+            features = shared_input if shared_input is not None else \
+                self.classifier_input(level_maps, self.attribute_embedding(index))[1]
+            all_logits.append(self.value_classifier(features, index)[0][:, :size])
+        return all_logits
 
     def embed_attributes(self, images: torch.Tensor, attributes: Sequence[int]) -> list[torch.Tensor]:
         level_maps = self.level_maps(images)
