@@ -28,9 +28,17 @@ GROUPS_WANTED=(${GROUPS_WANTED[*]})
 LITE0=(model.kwargs.backbone=efficientnet_lite0 model.kwargs.pretrained=true)
 COMMON=(train.epochs=2 train.eval_every=0 train.progress=false data.num_workers=2 seed=0)
 
+# RESULTS_CPU_LIST=FILE: train nothing, append each row (folder, name, recipe, overrides; tab-separated)
+# to FILE instead; tests/test_results_script.py validates every row's recipe and overrides that way.
+LIST=${RESULTS_CPU_LIST:-}
+
 FOLDER=cpu
 run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local name=$1 config=$2; shift 2
+  if [[ -n $LIST ]]; then
+    (IFS=$'\t'; printf '%s\n' "$FOLDER"$'\t'"$name"$'\t'"$config"$'\t'"name=$name"$'\t'"${COMMON[*]}"$'\t'"$*") >> "$LIST"
+    return
+  fi
   local out=runs/results_$FOLDER/$name result=results/$FOLDER/$name.json
   if [[ -f $result ]]; then echo "== $name: done ($result)"; return; fi
   echo "== $FOLDER/$name  ($(date +%H:%M:%S))"
@@ -266,4 +274,4 @@ for group in "${GROUPS_WANTED[@]}"; do
   *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | viton_freeze | viton_mmfl_stripe_triplet | converged | m3_gap_diagnosis | asen_diagnosis)" >&2; exit 2 ;;
   esac
 done
-.venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md
+[[ -n $LIST ]] || .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md

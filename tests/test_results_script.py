@@ -1,0 +1,71 @@
+"""Every row of scripts/results_cpu.sh is a valid recipe: its overrides name real keys and values,
+and the model, objective and optimizer they describe build. A typo in a row otherwise fails hours
+into a background run, when the script reaches it."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fashion_retrieval.config import load_config
+from fashion_retrieval.engine.builders import build_objective_for, build_optimizer, lr_factor
+from fashion_retrieval.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "results_cpu.sh"
+
+
+def script_groups() -> list[str]:
+    listed = re.search(r"unknown group '\$group' \(([^)]*)\)", SCRIPT.read_text())
+    assert listed, "results_cpu.sh no longer lists its groups in the unknown-group message"
+    return [group.strip() for group in listed.group(1).split("|")]
+
+
+def listed_rows(tmp_path: Path, groups: list[str]) -> list[list[str]]:
+    listing = tmp_path / "rows.tsv"
+    subprocess.run(["bash", str(SCRIPT), *groups], check=True, cwd=REPO, capture_output=True,
+                   env={**os.environ, "RESULTS_CPU_LIST": str(listing)})
+    return [[field for field in line.split("\t") if field] for line in listing.read_text().splitlines()]
+
+
+def test_list_mode_trains_nothing_and_names_every_row(tmp_path):
+    rows = listed_rows(tmp_path, ["converged"])
+    names = [row[1] for row in rows]
+    assert len(names) == len(set(names)) > 10
+    assert "fashion_product_m3_net_every_attribute" in names
+    row = rows[names.index("fashion_product_m3_net_every_attribute")]
+    assert row[0] == "cpu_converged" and row[2] == "configs/fashion_product_m3_net.yaml"
+    assert "loss.terms.2.every_attribute=true" in row and "train.early_stop={metric: overall/MAP@all}" in row
+    assert not (REPO / "runs" / "results_cpu_converged" / "never").exists()
+
+
+def test_every_row_of_every_group_builds(tmp_path):
+    rows = listed_rows(tmp_path, script_groups())
+    assert rows
+    built: dict[str, tuple] = {}
+    for folder, name, recipe, *overrides in rows:
+        where = f"results_cpu.sh row {folder}/{name}"
+        try:
+            config = load_config(REPO / recipe, overrides)
+        except Exception as exc:  # the message names the key; say which row it came from
+            pytest.fail(f"{where}: {exc}")
+        attributes = len(config.data.attributes or ()) or 3
+        labels = SimpleNamespace(num_items=12, attribute_sizes=[4] * attributes)
+        key = repr((config.model.name, config.model.build_kwargs(), config.loss.terms, config.optim))
+        if key in built:
+            continue
+        try:
+            kwargs = {**config.model.build_kwargs(), "num_items": labels.num_items,
+                      "attribute_sizes": labels.attribute_sizes}
+            model = build_model(config.model.name, kwargs, initialise_backbone=False)
+            objective = build_objective_for(config, model, labels)
+            build_optimizer(config, model, objective)
+            lr_factor(config, 10)(0)
+        except Exception as exc:
+            pytest.fail(f"{where}: {type(exc).__name__}: {exc}")
+        built[key] = (folder, name)
+    assert len(built) > 10
