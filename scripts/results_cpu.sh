@@ -259,6 +259,10 @@ for group in "${GROUPS_WANTED[@]}"; do
     run classifier_attribute_ce configs/fashion_product_attribute_classifier.yaml "${G[@]}" \
         "loss.terms=[{name: attribute_ce, weight: 1.0}]"
     run classifier_multihead_ce configs/fashion_product_attribute_classifier.yaml "${G[@]}"
+    # the sigmoids under M3-Net's every-attribute Loss 1 (fashion_product_m3_net_every_attribute):
+    # the same weighted BCE, on every attribute of every image
+    run classifier_attribute_bce_every configs/fashion_product_attribute_classifier.yaml "${G[@]}" \
+        "loss.terms=[{name: attribute_bce, weight: 1.0, every_attribute: true}]"
     ;;
   asen_diagnosis)
     # Why ASEN did not learn (validation split): the network as initialised (one step), the
