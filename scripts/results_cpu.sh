@@ -80,6 +80,9 @@ CLASSIFIER=(optim.warmup_epochs=0.2 "${LITE0[@]}")
 # ASEN and M3-Net train under the classifier recipe's optimizer here (AdamW 1e-3, cosine): their
 # papers' Adam 1e-4 with step decay is tuned for 25+ epochs, and at 300 steps it left the heads
 # nearly untrained (ASEN val MAP@all 43.78 vs 47.20; untrained 41.84: docs/results.md).
+# M3-Net's Loss 1 as the rows before 2026-12-07 trained it, on the batch's attribute only (the recipes
+# now train it on every attribute of every image: fashion_product_m3_net_every_attribute, docs/models.md)
+ONE_ATTRIBUTE_LOSS1=(model.kwargs.classify_every_attribute=false loss.terms.2.every_attribute=false)
 PAPER_MODEL=(optim.name=adamw optim.lr=1e-3 optim.weight_decay=1e-4 optim.scheduler=cosine optim.warmup_epochs=0.2
              "${LITE0[@]}")
 
@@ -96,9 +99,9 @@ for group in "${GROUPS_WANTED[@]}"; do
     run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
         optim.warmup_epochs=0.2 "${LITE0[@]}" model.kwargs.embedding=penultimate
     run fashion_product_asen configs/fashion_product_asen.yaml "${A[@]}" "${PAPER_MODEL[@]}"
-    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A[@]}" "${PAPER_MODEL[@]}"
-    run fashion_product_m3_net_a configs/fashion_product_m3_net_a.yaml "${A[@]}" "${PAPER_MODEL[@]}"
-    run fashion_product_m3_net_c configs/fashion_product_m3_net_c.yaml "${A[@]}" "${PAPER_MODEL[@]}"
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A[@]}" "${PAPER_MODEL[@]}" "${ONE_ATTRIBUTE_LOSS1[@]}"
+    run fashion_product_m3_net_a configs/fashion_product_m3_net_a.yaml "${A[@]}" "${PAPER_MODEL[@]}" "${ONE_ATTRIBUTE_LOSS1[@]}"
+    run fashion_product_m3_net_c configs/fashion_product_m3_net_c.yaml "${A[@]}" "${PAPER_MODEL[@]}" "${ONE_ATTRIBUTE_LOSS1[@]}"
     ;;
   clothing)
     # Cross-domain category retrieval: clothing consumer photos (10 categories) -> fashion-product shop
@@ -122,7 +125,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A3[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate
     run fashion_product_asen configs/fashion_product_asen.yaml "${A3[@]}" "${PAPER_MODEL[@]}"
-    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A3[@]}" "${PAPER_MODEL[@]}"
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A3[@]}" "${PAPER_MODEL[@]}" "${ONE_ATTRIBUTE_LOSS1[@]}"
     ;;
   attributes_seed1)
     # How much of a difference between rows is the seed? Three of the attribute runs again with seed 1.
@@ -130,7 +133,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate seed=1
     run fashion_product_asen configs/fashion_product_asen.yaml "${A[@]}" "${PAPER_MODEL[@]}" seed=1
-    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A[@]}" "${PAPER_MODEL[@]}" seed=1
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A[@]}" "${PAPER_MODEL[@]}" "${ONE_ATTRIBUTE_LOSS1[@]}" seed=1
     ;;
   viton_backbone_lr1)
     # Is the recipes' backbone learning rate (0.1x, chosen for 40 epochs) what holds the VITON rows
@@ -221,7 +224,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}"
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax
-    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A_C[@]}" "${PAPER_MODEL[@]}" "${ONE_ATTRIBUTE_LOSS1[@]}"
     run fashion_product_asen configs/fashion_product_asen.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
     # an attribute row takes 45-90 min, a VITON row 1.5-4 h
     run fashion_product_asen_authors configs/fashion_product_asen_authors.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
