@@ -94,6 +94,19 @@ def _weighted_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return per_slot[mask].mean()
 
 
+def _per_attribute_multi_hot(all_logits: Sequence[torch.Tensor], batch: dict, loss: str
+                             ) -> list[torch.Tensor | None]:
+    """Each attribute's columns of the flat ``attr_multi_hot`` (``LabelSpace.encode``'s layout,
+    the heads' order), or None per attribute when the batch has no multi-hot."""
+    multi_hot = batch.get("attr_multi_hot")
+    if multi_hot is None:
+        return [None] * len(all_logits)
+    sizes = [logits.shape[1] for logits in all_logits]
+    if multi_hot.shape[1] != sum(sizes):
+        raise ValueError(f"{loss}: attr_multi_hot has {multi_hot.shape[1]} values, the heads {sum(sizes)}")
+    return list(multi_hot.to(all_logits[0].device).split(sizes, dim=1))
+
+
 @LOSSES.register("attribute_bce")
 class AttributeBCELoss(nn.Module):
     """Weighted BCE of each sample's value logits against the multi-hot of its values (Loss 1 of
@@ -143,19 +156,12 @@ class AttributeBCELoss(nn.Module):
         if attrs.shape[1] != len(all_logits):
             raise ValueError(f"attribute_bce: batch has {attrs.shape[1]} attributes, the model classifies "
                              f"{len(all_logits)}")
-        multi_hot = batch.get("attr_multi_hot")
-        total, start = _zero(all_logits[0]), 0
-        for attr, logits in enumerate(all_logits):
-            size = logits.shape[1]
-            known = attrs[:, attr] >= 0
-            if multi_hot is not None:
-                target = multi_hot[:, start:start + size].to(logits)
-            else:
-                target = F.one_hot(attrs[:, attr].clamp(min=0), size).to(logits.dtype)
-            start += size
-            mask = known[:, None].expand_as(logits)
-            if bool(known.any()):
-                total = total + _weighted_bce(logits, target, mask, self.pos_weight)
+        total = _zero(all_logits[0])
+        hots = _per_attribute_multi_hot(all_logits, batch, "attribute_bce")
+        for attr, (logits, hot) in enumerate(zip(all_logits, hots)):
+            values = attrs[:, attr]
+            target = hot.to(logits) if hot is not None else F.one_hot(values.clamp(min=0), logits.shape[1]).to(logits)
+            total = total + _weighted_bce(logits, target, (values >= 0)[:, None].expand_as(logits), self.pos_weight)
         return total
 
 
@@ -343,19 +349,13 @@ class MultiHeadCrossEntropy(nn.Module):
         attrs = batch["attrs"].to(all_logits[0].device)
         if attrs.shape[1] != len(all_logits):
             raise ValueError(f"multihead_ce: batch has {attrs.shape[1]} attributes, model has {len(all_logits)} heads")
-        multi_hot = batch.get("attr_multi_hot")
-        offsets = [0]
-        for logits in all_logits:
-            offsets.append(offsets[-1] + logits.shape[1])
-        if multi_hot is not None and multi_hot.shape[1] != offsets[-1]:
-            raise ValueError(f"multihead_ce: attr_multi_hot has {multi_hot.shape[1]} values, the heads "
-                             f"{offsets[-1]}")
         total, labelled = _zero(all_logits[0]), 0
-        for attr, logits in enumerate(all_logits):
+        hots = _per_attribute_multi_hot(all_logits, batch, "multihead_ce")
+        for attr, (logits, hot) in enumerate(zip(all_logits, hots)):
             target = attrs[:, attr]
             if not bool((target >= 0).any()):
                 continue  # cross_entropy over zero targets is NaN
-            hot = None if multi_hot is None else multi_hot[:, offsets[attr]:offsets[attr + 1]].to(logits)
+            hot = None if hot is None else hot.to(logits)
             if hot is not None and bool((hot.sum(1) > 1).any()):
                 rows = target >= 0
                 values = hot[rows]
