@@ -36,7 +36,7 @@ FOLDER=cpu
 run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local name=$1 config=$2; shift 2
   if [[ -n $LIST ]]; then
-    (IFS=$'\t'; printf '%s\n' "$FOLDER"$'\t'"$name"$'\t'"$config"$'\t'"name=$name"$'\t'"${COMMON[*]}"$'\t'"$*") >> "$LIST"
+    { printf '%s\t' "$FOLDER" "$name" "$config" "name=$name" "${COMMON[@]}" "$@"; echo; } >> "$LIST"
     return
   fi
   local out=runs/results_$FOLDER/$name result=results/$FOLDER/$name.json
