@@ -7,8 +7,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 
 from catalog_fixtures import ATTRIBUTES, model_ranking, photo_like, save_tiny_checkpoint, write_catalog
 from fashion_retrieval.cli import app
+from fashion_retrieval.index.build import remove_abandoned_staging
 from fashion_retrieval.index.catalog import CatalogIndex
 
 runner = CliRunner()
@@ -407,10 +410,30 @@ def start_build(tmp_path: Path, phase: str, checkpoint: Path, images: Path, inde
     marker = tmp_path / f"{phase}.marker"
     script = tmp_path / "pausing_build.py"
     script.write_text(PAUSING_BUILD)
+    temporary = tmp_path / "tmp"  # where the build copies the checkpoint
+    temporary.mkdir(exist_ok=True)
     process = subprocess.Popen([sys.executable, str(script), phase, str(marker), "index", "build",
                                 "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(index)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(temporary)})
     return process, marker
+
+
+def test_a_build_removes_the_checkpoint_copies_of_killed_builds_only(plain, tmp_path, monkeypatch):
+    root, checkpoint, _, _, _ = plain
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    copies = {name: tmp_path / "tmp" / f"fashion-retrieval-model-{name}-abcd1234" for name in
+              (f"{host}.{gone.stdout.strip()}", f"{host}.{os.getpid()}", f"otherhost.{gone.stdout.strip()}")}
+    for copy in copies.values():
+        copy.mkdir(parents=True)
+        (copy / "model.safetensors").write_bytes(b"x")
+    result = run_cli("index", "build", "--checkpoint", checkpoint, "--images", root / "catalog", "--out",
+                     tmp_path / "index")
+    assert result.exit_code == 0, result.output
+    # the finished process's copy is removed; a live process's and another host's are not
+    assert [name for name, copy in copies.items() if copy.exists()] == list(copies)[1:]
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(p.name for p in list(copies.values())[1:])
 
 
 def wait_for(condition, process, timeout: float = 90.0) -> None:
@@ -450,6 +473,10 @@ def test_sigkill_during_build_keeps_the_previous_index(plain, tmp_path, phase):
     assert len(catalog) == 12
     assert search_json(index, photos[7])[0]["id"] == photos[7].stem
     assert not list(tmp_path.glob("index.tmp-*")) and not (tmp_path / "index.old").exists()
+    # the killed build's copy of the checkpoint is removed by the next build (remove_abandoned_staging)
+    abandoned = list((tmp_path / "tmp").glob(f"fashion-retrieval-model-*.{process.pid}-*"))
+    assert len(abandoned) == 1 and (abandoned[0] / "model.safetensors").is_file()
+    assert remove_abandoned_staging(tmp_path / "tmp") == abandoned and not abandoned[0].exists()
     if phase == "swapping":  # and the next build over it completes
         assert run_cli("index", "build", "--checkpoint", checkpoint, "--images", bigger, "--out", index).exit_code == 0
         assert len(CatalogIndex.open(index)) == 20

@@ -1,8 +1,10 @@
 """Embed a catalog with a trained model and write (or update) a catalog index."""
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +19,10 @@ from .store import StoreError
 
 if TYPE_CHECKING:  # engine/checkpoint.py imports torch; build imports it only when it runs
     from ..engine.checkpoint import RunMeta
+
+# A build embeds with a copy of the checkpoint in the temporary folder; the owner's host and
+# process id in the name let a later build remove the copy of one that was killed.
+STAGING_PREFIX = "fashion-retrieval-model-"
 
 
 @dataclass
@@ -151,7 +157,8 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
     table = load_catalog_table(images, format, split, domain, columns)
     # Copy the checkpoint first and embed with the copy: a training run that overwrites its
     # checkpoint meanwhile cannot pair new weights with vectors from the old ones.
-    with tempfile.TemporaryDirectory(prefix="fashion-retrieval-model-") as staging:
+    remove_abandoned_staging()
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{_owner_tag()}-") as staging:
         staged = {WEIGHTS_FILE: Path(staging) / WEIGHTS_FILE, META_FILE: Path(staging) / META_FILE}
         shutil.copyfile(weights, staged[WEIGHTS_FILE])
         shutil.copyfile(meta_file, staged[META_FILE])
@@ -174,6 +181,37 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, kin
         added, skipped = _embed_into(catalog, model, meta, table, batch_size, progress, device)
         catalog.save()
     return BuildReport(out, added, spaces, skipped, len(table))
+
+
+def _owner_tag() -> str:
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    return f"{host}.{os.getpid()}"
+
+
+def remove_abandoned_staging(folder: str | Path | None = None) -> list[Path]:
+    """Remove the checkpoint copies of builds on this host whose process is gone (killed before
+    its clean-up ran: each would keep a model's size in the temporary folder). Returns them."""
+    if os.name != "posix":  # os.kill(pid, 0) only asks whether a process exists on POSIX
+        return []
+    host, _ = _owner_tag().rsplit(".", 1)
+    removed = []
+    for staging in Path(folder or tempfile.gettempdir()).glob(glob.escape(f"{STAGING_PREFIX}{host}.") + "*"):
+        pid = staging.name[len(STAGING_PREFIX) + len(host) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or staging.is_symlink() or not staging.is_dir() or _process_exists(int(pid)):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def add_to_index(index_dir: str | Path, images: str | Path, format: str | None = None,
