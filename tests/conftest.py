@@ -20,7 +20,53 @@ def shared_data_path() -> Path:
     return Path(os.environ.get("FASHION_DATA_ROOT", DEFAULT_SHARED_DATA))
 
 
+# scripts/test.sh runs the suite on several pytest-xdist workers: each gets its share of the
+# cores (a worker with 2 torch threads on a 2-core machine beside another one runs slower than
+# with 1), and the CLI processes the tests start inherit it through OMP_NUM_THREADS.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+TEST_THREADS = max(1, min(2, CORES // XDIST_WORKERS))
+if XDIST_WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+
+# Two embedded Milvus servers on one machine cannot both start (the second waits until its
+# timeout), so every test that uses the session's server runs on one worker, chosen by name:
+# the scheduler sees node ids only. Collection refuses a server test whose name does not say so.
+MILVUS_SERVER_NAMES = ("milvus_server", "milvus-server")
+
+
+def uses_milvus_server(nodeid: str) -> bool:
+    return any(name in nodeid.split("::", 1)[-1] for name in MILVUS_SERVER_NAMES)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Whole test files per worker, so their module fixtures (trained tiny runs, indexes) are
+    built once, and one unit for the Milvus server tests. (xdist's own --dist loadgroup cannot
+    be used: with pytest 9 its group suffix no longer reaches the node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return MILVUS_SERVER_NAMES[0] if uses_milvus_server(nodeid) else nodeid.split("::", 1)[0]
+
+    return FileScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if XDIST_WORKERS > 1:
+        import torch
+
+        torch.set_num_threads(TEST_THREADS)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {}).values()
+        if ("milvus_server_uri" in getattr(item, "fixturenames", ()) or "milvus-server" in params) \
+                and not uses_milvus_server(item.nodeid):
+            raise pytest.UsageError(f"{item.nodeid}: a test of the Milvus server needs one of "
+                                    f"{MILVUS_SERVER_NAMES} in its name (see tests/conftest.py)")
     if shared_data_path().is_dir():
         return
     skip = pytest.mark.skip(reason=f"shared data not found at {shared_data_path()} (set FASHION_DATA_ROOT)")

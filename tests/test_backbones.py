@@ -16,8 +16,9 @@ from PIL import Image
 from fashion_retrieval.models.backbones import BACKBONES, ResNetBackbone
 from fashion_retrieval.models.efficientnet_lite import VARIANTS, efficientnet_lite, packaged_weights_path
 from fashion_retrieval.registry import ConfigError
+from conftest import TEST_THREADS
 
-torch.set_num_threads(2)
+torch.set_num_threads(TEST_THREADS)
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 MILITARY_UNIFORM = 652  # ImageNet class of the photo (Grace Hopper in US Navy uniform)

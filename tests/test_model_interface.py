@@ -16,6 +16,7 @@ from fashion_retrieval.engine.checkpoint import load_for_inference, save_for_inf
 from fashion_retrieval.models import MODELS, build_model
 from fashion_retrieval.models.base import RetrievalModel
 from fashion_retrieval.registry import Registry
+from conftest import TEST_THREADS
 
 SIZES = [3, 2]
 SMALL = {
@@ -45,7 +46,7 @@ loss: {terms: [{name: cross_entropy}]}
 @pytest.fixture(autouse=True)
 def _two_threads():
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)

@@ -12,8 +12,9 @@ from fashion_retrieval.models.heads import BNNeck, MultiLabelAttributeHead
 from fashion_retrieval.models.mmfl_net import stripe_bounds
 from fashion_retrieval.models.pooling import GeM, build_pooling
 from fashion_retrieval.registry import ConfigError
+from conftest import TEST_THREADS
 
-torch.set_num_threads(2)
+torch.set_num_threads(TEST_THREADS)
 
 ATTRIBUTE_SIZES = [3, 4]  # V_total = 7
 SMALL_MMFL = {"backbone": "resnet18", "fusion_channels": 32, "embedding_dim": 16}

@@ -60,6 +60,8 @@ class AttributeSpatialAttention(nn.Module):
         super().__init__()
         self.image_proj = nn.Conv2d(in_channels, joint_dim, kernel_size=1)
         self.cond_proj = nn.Linear(cond_dim, joint_dim)
+        # Without the tanh below, this bias shifts every location's score alike and the softmax
+        # ignores it (it gets no gradient); it stays so that both variants share their keys.
         self.score = nn.Conv2d(joint_dim, 1, kernel_size=1)
         # The authors' code squashes the scores with tanh before the softmax, which bounds the
         # ratio between two locations' weights by e^2: the attention can never collapse to one cell.
