@@ -196,11 +196,11 @@ for group in "${GROUPS_WANTED[@]}"; do
   viton_mmfl_stripe_triplet)
     # MMFL-Net's metric losses on each branch's whole-map feature only (MGN's placement, the model's
     # default since 2026-12) against the stripes included (the recipes' behaviour until then), under
-    # the VITON budget of the viton group (about 45 min).
+    # the VITON budget with the backbone at the heads' rate (the cpu_backbone_lr1 rows, the budget the
+    # converged rows train at), both at one commit (45-90 min, by the machine's speed).
     FOLDER=cpu_mmfl_stripe_triplet
-    viton_rows mmfl_net
-    run viton_mmfl_net_metric_on_stripes configs/viton_mmfl_net.yaml "${VITON[@]}" model.kwargs.metric_on_stripes=true \
-        "${LITE0[@]}"
+    viton_lr1_variant viton_mmfl_net mmfl_net
+    viton_lr1_variant viton_mmfl_net_metric_on_stripes mmfl_net model.kwargs.metric_on_stripes=true
     ;;
   converged)
     # Every row trained until its validation metric stops improving (train.early_stop: less than 0.5
