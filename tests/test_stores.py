@@ -103,6 +103,11 @@ def test_bad_vectors_are_refused(kind, tmp_path, request):
         store.add(["a"], np.full((1, DIM), np.nan, np.float32))
     with pytest.raises(ValueError, match="duplicate"):
         store.add(["a", "a"], unit_vectors(2))
+    # one metadata entry short: refused whole, where zip() once dropped the last item's metadata
+    # and left its vector in the index under no id
+    with pytest.raises(ValueError, match="1 metadata entries for 2 ids"):
+        store.add(["a", "b"], unit_vectors(2), [{"n": 0}])
+    assert len(store) == 0
 
 
 def test_k_larger_than_catalog_returns_everything(tmp_path):

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..files import one_line, quote, read_json, read_jsonl, require_keys
 from .filters import MetadataPostings, SearchFilter
-from .store import (StoreError, VectorStore, check_vectors, file_record, file_sha256, fsync_dir, guard, recover,
+from .store import (StoreError, VectorStore, check_add, check_vectors, file_record, file_sha256, fsync_dir, guard, recover,
                     swap_in, verify_file, verify_size, write_file_synced)
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
@@ -133,13 +133,7 @@ class FaissStore(VectorStore):
         return faiss.IndexIDMap2(inner)
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
-        ids = [str(i) for i in ids]
-        vectors = check_vectors(vectors, self.dim)
-        if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        if len(set(ids)) != len(ids):
-            raise ValueError("duplicate ids in one add call")
-        metadata = list(metadata) if metadata is not None else [{} for _ in ids]
+        ids, vectors, metadata = check_add(ids, vectors, metadata, self.dim)
         present = [i for i in ids if i in self._meta]
         if present:
             self.remove(present)

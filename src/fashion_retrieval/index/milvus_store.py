@@ -20,7 +20,7 @@ from .. import atomic
 from ..files import quote, read_json, require_keys
 from ..names import MILVUS_IDENTIFIER, milvus_identifier
 from .filters import ATTRIBUTE_PREFIX, TOP_LEVEL_FIELDS, SearchFilter, field_values
-from .store import StoreError, VectorStore, check_vectors, guard
+from .store import StoreError, VectorStore, check_add, check_vectors, guard
 
 FORMAT_VERSION = 1
 MAX_ID_LENGTH = 512
@@ -65,13 +65,7 @@ class MilvusStore(VectorStore):
             self._client.load_collection(collection)
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
-        ids = [str(i) for i in ids]
-        vectors = check_vectors(vectors, self.dim)
-        if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        if len(set(ids)) != len(ids):
-            raise ValueError("duplicate ids in one add call")
-        metadata = list(metadata) if metadata is not None else [{} for _ in ids]
+        ids, vectors, metadata = check_add(ids, vectors, metadata, self.dim)
         rows = []
         for item_id, vector, meta in zip(ids, vectors, metadata):
             if len(item_id.encode()) > MAX_ID_LENGTH:

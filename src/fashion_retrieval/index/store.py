@@ -74,6 +74,22 @@ def check_vectors(vectors: np.ndarray, dim: int, what: str = "vectors") -> np.nd
     return vectors
 
 
+def check_add(ids: Sequence[Any], vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None,
+              dim: int) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    """The arguments of a store's ``add``, checked and normalised: string ids, one per row,
+    none repeated; float32 [N, dim] finite vectors; one metadata dict per id ({} when none)."""
+    ids = [str(i) for i in ids]
+    vectors = check_vectors(vectors, dim)
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate ids in one add call")
+    metadata = list(metadata) if metadata is not None else [{} for _ in ids]
+    if len(metadata) != len(ids):
+        raise ValueError(f"{len(metadata)} metadata entries for {len(ids)} ids")
+    return ids, vectors, metadata
+
+
 # ---- checksums of the files a store writes ------------------------------------------------
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
