@@ -16,6 +16,9 @@
 #   bash scripts/results_cpu.sh m3_gap_diagnosis   # why M3-Net trails the classifier (25 min)
 #   bash scripts/results_cpu.sh converged       # issue 16's converged rows (many hours: run it in the
 #                                               # background, rerun it each session: it resumes)
+#   RESULTS_CPU_ROWS="fashion_product_m3_net_a fashion_product_m3_net_c" bash scripts/results_cpu.sh converged
+#                    # only the named rows of the groups (a session picks the rows that fit its time;
+#                    # a name that no group given has is an error before anything trains)
 #
 # Each run writes runs/results_<folder>/<name>/ (checkpoint, metrics.csv, eval.json, embeddings);
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
@@ -31,10 +34,14 @@ COMMON=(train.epochs=2 train.eval_every=0 train.progress=false data.num_workers=
 # RESULTS_CPU_LIST=FILE: train nothing, append each row (folder, name, recipe, overrides; tab-separated)
 # to FILE instead; tests/test_results_script.py validates every row's recipe and overrides that way.
 LIST=${RESULTS_CPU_LIST:-}
+ONLY=${RESULTS_CPU_ROWS:-}
+ROWS_SEEN=" "
 
 FOLDER=cpu
 run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local name=$1 config=$2; shift 2
+  ROWS_SEEN+="$name "
+  if [[ -n $ONLY && " $ONLY " != *" $name "* ]] || [[ $CHECK_ONLY == 1 ]]; then return; fi
   if [[ -n $LIST ]]; then
     { printf '%s\t' "$FOLDER" "$name" "$config" "name=$name" "${COMMON[@]}" "$@"; echo; } >> "$LIST"
     return
@@ -86,6 +93,12 @@ ONE_ATTRIBUTE_LOSS1=(model.kwargs.classify_every_attribute=false loss.terms.2.ev
 PAPER_MODEL=(optim.name=adamw optim.lr=1e-3 optim.weight_decay=1e-4 optim.scheduler=cosine optim.warmup_epochs=0.2
              "${LITE0[@]}")
 
+# With RESULTS_CPU_ROWS the groups are walked twice: first to check that every named row exists
+# (a typo must not surface after hours of training), then to run the named rows.
+CHECK_ONLY=0; [[ -n $ONLY ]] && CHECK_ONLY=1
+for pass in check run; do
+[[ $pass == check && $CHECK_ONLY == 0 ]] && continue
+[[ $pass == run ]] && CHECK_ONLY=0
 for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
   case $group in
@@ -282,5 +295,11 @@ for group in "${GROUPS_WANTED[@]}"; do
     ;;
   *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | viton_freeze | viton_mmfl_stripe_triplet | converged | m3_gap_diagnosis | asen_diagnosis)" >&2; exit 2 ;;
   esac
+done
+if [[ $pass == check ]]; then
+  for name in $ONLY; do
+    [[ $ROWS_SEEN == *" $name "* ]] || { echo "RESULTS_CPU_ROWS: no row '$name' in the groups ${GROUPS_WANTED[*]}" >&2; exit 2; }
+  done
+fi
 done
 [[ -n $LIST ]] || .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md

@@ -25,10 +25,10 @@ def script_groups() -> list[str]:
     return [group.strip() for group in listed.group(1).split("|")]
 
 
-def listed_rows(tmp_path: Path, groups: list[str]) -> list[list[str]]:
+def listed_rows(tmp_path: Path, groups: list[str], only: str = "") -> list[list[str]]:
     listing = tmp_path / "rows.tsv"
     subprocess.run(["bash", str(SCRIPT), *groups], check=True, cwd=REPO, capture_output=True,
-                   env={**os.environ, "RESULTS_CPU_LIST": str(listing)})
+                   env={**os.environ, "RESULTS_CPU_LIST": str(listing), "RESULTS_CPU_ROWS": only})
     return [[field for field in line.split("\t") if field] for line in listing.read_text().splitlines()]
 
 
@@ -41,6 +41,18 @@ def test_list_mode_trains_nothing_and_names_every_row(tmp_path):
     assert row[0] == "cpu_converged" and row[2] == "configs/fashion_product_m3_net.yaml"
     assert "loss.terms.2.every_attribute=true" in row and "train.early_stop={metric: overall/MAP@all}" in row
     assert not (REPO / "runs" / "results_cpu_converged" / "never").exists()
+
+
+def test_rows_filter_keeps_the_named_rows_and_refuses_an_unknown_name(tmp_path):
+    rows = listed_rows(tmp_path, ["converged"], only="fashion_product_m3_net_c viton_dml")
+    assert [row[1] for row in rows] == ["viton_dml", "fashion_product_m3_net_c"]  # the groups' order
+
+    listing = tmp_path / "typo.tsv"
+    run = subprocess.run(["bash", str(SCRIPT), "converged"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "RESULTS_CPU_LIST": str(listing),
+                              "RESULTS_CPU_ROWS": "viton_dml fashion_product_m3_net_x"})
+    assert run.returncode == 2 and "fashion_product_m3_net_x" in run.stderr
+    assert not listing.exists()  # refused before any row ran (or was listed)
 
 
 def test_every_row_of_every_group_builds(tmp_path):
