@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,13 @@ def test_resume_after_sigkill_is_bit_identical(data_root: Path, tmp_path: Path) 
     _run_until(_cli(*base), "checkpoint saved: epoch 1, step 3")  # killed after an epoch boundary
     second = _run_until(_cli(*base, "--resume"), "checkpoint saved: epoch 2 + 2 steps")  # killed mid-epoch
     assert "resuming" in second
+    # The run folder carried to another place (another machine) without its decoded-image cache:
+    # nothing in it may point back at where it was trained.
+    moved = tmp_path / "elsewhere" / "interrupted"
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    shutil.rmtree(moved / "decoded-images", ignore_errors=True)
+    run, base = moved, base[:-1] + [str(moved)]
     finished = subprocess.run(_cli(*base, "--resume"), capture_output=True, text=True, env=_env(), timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "resuming" in finished.stdout
