@@ -217,8 +217,8 @@ for group in "${GROUPS_WANTED[@]}"; do
     # image; 1.95x the training step rate at 128): if it costs no accuracy, the Lite0 rows use it.
     FOLDER=cpu_mmfl_ablation
     viton_lr1_variant viton_mmfl_net mmfl_net
-    viton_lr1_variant viton_mmfl_net_metric_on_stripes mmfl_net model.kwargs.metric_on_stripes=true
     viton_lr1_variant viton_mmfl_net_fusion128 mmfl_net model.kwargs.fusion_channels=128
+    viton_lr1_variant viton_mmfl_net_metric_on_stripes mmfl_net model.kwargs.metric_on_stripes=true
     ;;
   converged)
     # Every row trained until its validation metric stops improving (train.early_stop: less than 0.5
