@@ -24,7 +24,8 @@
 # the eval JSON, which records this command and the hardware, is copied to results/<folder>/
 # (cpu: the shared small budget; cpu_3x: three times the steps; cpu_seed1: another seed).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
 FR=.venv/bin/fashion-retrieval
 GROUPS_WANTED=("${@:-viton attributes clothing}")
 GROUPS_WANTED=(${GROUPS_WANTED[*]})
@@ -35,13 +36,17 @@ COMMON=(train.epochs=2 train.eval_every=0 train.progress=false data.num_workers=
 # to FILE instead; tests/test_results_script.py validates every row's recipe and overrides that way.
 LIST=${RESULTS_CPU_LIST:-}
 ONLY=${RESULTS_CPU_ROWS:-}
-ROWS_SEEN=" "
+if [[ -n $ONLY ]]; then  # every named row must exist: a typo must not surface after hours of training
+  known=$(RESULTS_CPU_LIST=/dev/stdout RESULTS_CPU_ROWS= bash "$SELF" "${GROUPS_WANTED[@]}" | cut -f2)
+  for name in $ONLY; do
+    grep -qx "$name" <<< "$known" || { echo "RESULTS_CPU_ROWS: no row '$name' in the groups ${GROUPS_WANTED[*]}" >&2; exit 2; }
+  done
+fi
 
 FOLDER=cpu
 run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local name=$1 config=$2; shift 2
-  ROWS_SEEN+="$name "
-  if [[ -n $ONLY && " $ONLY " != *" $name "* ]] || [[ $CHECK_ONLY == 1 ]]; then return; fi
+  if [[ -n $ONLY && " $ONLY " != *" $name "* ]]; then return; fi
   if [[ -n $LIST ]]; then
     { printf '%s\t' "$FOLDER" "$name" "$config" "name=$name" "${COMMON[@]}" "$@"; echo; } >> "$LIST"
     return
@@ -93,12 +98,6 @@ ONE_ATTRIBUTE_LOSS1=(model.kwargs.classify_every_attribute=false loss.terms.2.ev
 PAPER_MODEL=(optim.name=adamw optim.lr=1e-3 optim.weight_decay=1e-4 optim.scheduler=cosine optim.warmup_epochs=0.2
              "${LITE0[@]}")
 
-# With RESULTS_CPU_ROWS the groups are walked twice: first to check that every named row exists
-# (a typo must not surface after hours of training), then to run the named rows.
-CHECK_ONLY=0; [[ -n $ONLY ]] && CHECK_ONLY=1
-for pass in check run; do
-[[ $pass == check && $CHECK_ONLY == 0 ]] && continue
-[[ $pass == run ]] && CHECK_ONLY=0
 for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
   case $group in
@@ -300,11 +299,5 @@ for group in "${GROUPS_WANTED[@]}"; do
     ;;
   *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | viton_freeze | viton_mmfl_ablation | converged | m3_gap_diagnosis | asen_diagnosis)" >&2; exit 2 ;;
   esac
-done
-if [[ $pass == check ]]; then
-  for name in $ONLY; do
-    [[ $ROWS_SEEN == *" $name "* ]] || { echo "RESULTS_CPU_ROWS: no row '$name' in the groups ${GROUPS_WANTED[*]}" >&2; exit 2; }
-  done
-fi
 done
 [[ -n $LIST ]] || .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md
