@@ -213,7 +213,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # behaviour until then). (2) The fusion 128 wide instead of the FPN's usual 256: 256 is sized for
     # ResNet-50's C2..C5 (256-2048 channels) and is wider than every level of EfficientNet-Lite0
     # (24-320), and it is most of MMFL-Net's arithmetic there (1.35 against 0.48 GMACs per 128x96
-    # image; 1.95x the training step rate at 128): if it costs no accuracy, the Lite0 rows use it.
+    # image; 1.95x the training step rate at 128). Measured 2026-12-07: 128 loses 7.1 top-1, so 256 stays.
     FOLDER=cpu_mmfl_ablation
     viton_lr1_variant viton_mmfl_net mmfl_net
     viton_lr1_variant viton_mmfl_net_fusion128 mmfl_net model.kwargs.fusion_channels=128
