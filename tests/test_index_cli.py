@@ -628,3 +628,12 @@ def test_cli_entry_point_runs_as_a_user_would(plain):
                              str(photos[1]), "--json", "--top-k", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["results"][0]["id"] == photos[1].stem
+
+
+def test_a_failing_faiss_command_does_not_load_pymilvus():
+    """The one-line error of a FAISS index command must not import pymilvus: its gRPC threads
+    printed `epoll_wait error: Bad file descriptor` beside the error (seen in CI)."""
+    code = ("import sys; from fashion_retrieval.index.cli import _known_errors; _known_errors(); "
+            "print(sorted(m for m in ('pymilvus', 'grpc') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,11 +63,10 @@ def _known_errors():
 
     errors = (AnnotationError, CheckpointError, ConfigError, StoreError, EmbedderError, ImageLoadError,
               UnknownSpaceError, FilterError, RerankError, OSError)
-    try:  # an unreachable or refusing Milvus server
-        from pymilvus.exceptions import MilvusException
-    except ImportError:
-        return errors
-    return (*errors, MilvusException)
+    # an unreachable or refusing Milvus server; pymilvus is loaded only where a Milvus store ran:
+    # importing it here would start gRPC's threads in every FAISS command, and they print errors
+    milvus = sys.modules.get("pymilvus.exceptions")
+    return errors if milvus is None else (*errors, milvus.MilvusException)
 
 
 @app.command("build")
