@@ -254,6 +254,9 @@ for group in "${GROUPS_WANTED[@]}"; do
     run viton_dml configs/viton_dml.yaml "${VITON_C[@]}"
     run viton_dml_cosface configs/viton_dml_cosface.yaml "${VITON_C[@]}"
     run viton_dml_softmax configs/viton_dml_softmax.yaml "${VITON_C[@]}"
+    # partial fine-tuning at convergence (issue 15): the global row with Lite0's stem + first 3
+    # stages frozen, which trained 1.28x faster and gained 2.8 top-1 at the short budget (viton_freeze)
+    run viton_global_ce_freeze3 configs/viton_global_ce.yaml "${VITON_C[@]}" train.freeze_backbone_stages=3
     # the M3-Net ablations once the three rows of DML's claim are in (at the short budget the three
     # M3-Net variants were within noise); two attribute rows settle a claim sooner than two VITON rows
     run fashion_product_m3_net_a configs/fashion_product_m3_net_a.yaml "${A_C[@]}" "${PAPER_MODEL[@]}"
