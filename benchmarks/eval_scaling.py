@@ -8,7 +8,8 @@ covers the resident data plus everything the evaluation allocates, torch and FAI
 Methods:
   ours       top-1…50 accuracy, MAP@100, Recall@100 (one pass over the gallery; on the CPU the
              int8 first pass with float32 re-scoring where the gallery has ≥ 32768 items)
-  ours-exact the same with the int8 pass off (FAISS's exact k-NN kernel + the torch scan)
+  ours-exact the same with the int8 pass off (FAISS's exact k-NN kernel or the torch scan with its
+             grouped top-k, whichever a one-off timing found faster on this machine)
   ours-full  the same plus MAP@all (a second pass for the rank of every relevant item)
   pml        pytorch-metric-learning AccuracyCalculator: precision_at_1 + mean_average_precision,
              k=100 (FAISS IndexFlatL2 k-NN, the library default; L2 order = dot-product order on

@@ -525,6 +525,57 @@ def test_faiss_scan_equals_the_torch_scan(monkeypatch, duplicates):
     assert taken and (sum(r[2].size for r in taken) > 0) is duplicates  # ties went to the exact scan
 
 
+@pytest.mark.parametrize("kind", ["distinct", "ties", "masked", "nan"])
+def test_grouped_topk_prefilter_equals_the_full_row_topk(kind):
+    """The group-maximum prefilter keeps exactly the top-k set that a top-k over the whole row
+    keeps, ties at the cut by the lower column, -inf (masked own items) and NaN rows included."""
+    from fashion_retrieval import topk
+
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(64, 1003, generator=generator)  # not a multiple of the group: a tail
+    if kind == "ties":
+        scores = torch.round(scores * 3) / 3
+    elif kind == "masked":
+        scores[:, 1::2] = -math.inf
+        scores[:4, :-5] = -math.inf  # fewer than k finite scores
+    elif kind == "nan":
+        scores[::9, 17] = math.nan
+    k = 20
+    assert 1003 // topk.GROUP >= topk.GROUPS_PER_K * (k + 1)  # the prefilter applies
+    grouped = topk.grouped_candidates(scores, k)
+    full = topk._full_row_candidates(scores, k)
+    assert torch.equal(torch.sort(grouped[1], dim=1).values, torch.sort(full[1], dim=1).values)
+    torch.testing.assert_close(grouped[0], scores.gather(1, grouped[1]), rtol=0, atol=0, equal_nan=True)
+
+
+def test_faiss_scan_auto_follows_the_timing(monkeypatch):
+    """FAISS_SCAN="auto" takes FAISS's kernel on a large chunk only where the one-off timing found
+    it faster; both answers give the same top-k."""
+    rng = np.random.default_rng(4)
+    gallery = rng.standard_normal((3000, 32)).astype(np.float32)
+    queries = rng.standard_normal((200, 32)).astype(np.float32)
+    labels_q, labels_g = rng.integers(0, 50, 200), rng.integers(0, 50, 3000)
+    monkeypatch.setattr(scan_module, "FAISS_SCAN", "auto")
+    monkeypatch.setattr(scan_module, "CALIBRATE_ABOVE", 1)
+    used, original = [], scan_module._faiss_topk
+    monkeypatch.setattr(scan_module, "_faiss_topk", lambda *a: used.append(original(*a)) or used[-1])
+    results = {}
+    for faster in (True, False):
+        monkeypatch.setattr(scan_module, "_faiss_is_faster", lambda dim, k, faster=faster: faster)
+        used.clear()
+        results[faster] = retrieve(queries, gallery, labels_q, labels_g, k=30, full_ranks=False)
+        assert all((r is not None) is faster for r in used) and used
+    assert np.array_equal(results[True].topk_indices, results[False].topk_indices)
+
+
+def test_faiss_timing_runs_once_per_shape(monkeypatch):
+    monkeypatch.setattr(scan_module, "CALIBRATION_SHAPE", (64, 2048))
+    monkeypatch.setattr(scan_module, "_faiss_faster", {})
+    answer = scan_module._faiss_is_faster(16, 10)
+    assert isinstance(answer, bool) and len(scan_module._faiss_faster) == 1
+    assert scan_module._faiss_is_faster(16, 10) is answer and len(scan_module._faiss_faster) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The int8 first pass (scan_int8): candidates by a rigorous bound, float32 re-scoring
 # ---------------------------------------------------------------------------------------------

@@ -225,15 +225,55 @@ def _self_in_chunk(self_index: torch.Tensor, start: int, stop: int) -> tuple[tor
     return rows, self_index[rows] - start
 
 
-FAISS_SCAN = True  # False: always the torch scan (tests compare the two)
+# "auto": FAISS's kernel where a one-off timing on this machine finds it faster than the torch
+# scan (large scans only); True: wherever it applies; False: never (tests compare the paths)
+FAISS_SCAN: bool | str = "auto"
+CALIBRATE_ABOVE = 1 << 22  # query × gallery pairs of a chunk below which "auto" takes FAISS untimed
+CALIBRATION_SHAPE = (1024, 8192)  # queries × gallery of the timed problem (about 0.3 s for both kernels)
+_faiss_faster: dict[tuple[int, int, int], bool] = {}
+
+
+def _faiss_is_faster(dim: int, k: int) -> bool:
+    """Whether FAISS's k-NN kernel beats ``mm`` + :func:`chunk_candidates` at this dimension and
+    k on this machine, timed once per process on random unit vectors (best of two each).
+
+    Which one wins depends on the host: FAISS's fused product + heap took 2.72 CPU s against
+    4.10 for ``mm`` + ``topk`` at 2·10⁴ × 2·10⁴ on an AMD EPYC, while on a Xeon with AMX the
+    same FAISS call took twice as long as ``mm`` + the grouped top-k (docs/performance.md).
+    """
+    import time
+
+    import faiss
+
+    key = (dim, k, torch.get_num_threads())
+    if key not in _faiss_faster:
+        generator = torch.Generator().manual_seed(0)
+        n_queries, n_gallery = CALIBRATION_SHAPE
+        queries = torch.nn.functional.normalize(torch.randn(n_queries, dim, generator=generator), dim=1)
+        gallery = torch.nn.functional.normalize(torch.randn(n_gallery, dim, generator=generator), dim=1)
+        buffer = torch.empty(n_queries, n_gallery)
+        queries_np, gallery_np = queries.numpy(), gallery.numpy()
+
+        def best_of_two(run: Callable[[], object]) -> float:
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        torch_s = best_of_two(lambda: _chunk_candidates(torch.mm(queries, gallery.T, out=buffer), k))
+        faiss_s = best_of_two(lambda: faiss.knn(queries_np, gallery_np, k + 2, faiss.METRIC_INNER_PRODUCT))
+        _faiss_faster[key] = faiss_s < torch_s
+    return _faiss_faster[key]
 
 
 def _faiss_topk(source, rows: np.ndarray, self_index: np.ndarray, k: int):
     """The top-``k`` of a query chunk by FAISS's k-NN kernel, or None where it does not apply.
 
     FAISS fuses the matrix product with a heap per query, so it never writes the score block
-    that ``torch.topk`` then reads again: on the 2-core CPU it took 2.72 CPU s against 4.10 for
-    ``mm`` + ``topk`` at 2·10⁴ × 2·10⁴ × 256 (docs/performance.md). It is asked for k+2 (the
+    that ``torch.topk`` then reads again; whether that pays depends on the host
+    (:func:`_faiss_is_faster`). It is asked for k+2 (the
     query's own item may be among them); its choice among equal scores is arbitrary, so the
     candidates are ordered by (score desc, index asc) and the rows where the k-th and
     (k+1)-th scores are equal are returned as ``ties`` for the exact scan, which applies the
@@ -245,6 +285,9 @@ def _faiss_topk(source, rows: np.ndarray, self_index: np.ndarray, k: int):
     try:
         import faiss
     except ImportError:
+        return None
+    if FAISS_SCAN == "auto" and rows.size * source.num_gallery >= CALIBRATE_ABOVE \
+            and not _faiss_is_faster(source.gallery.shape[1], k):
         return None
     if source._gallery_np is None:
         source._gallery_np = np.ascontiguousarray(source.gallery.numpy(), dtype=np.float32)
