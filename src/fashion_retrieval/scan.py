@@ -247,6 +247,7 @@ def _faiss_is_faster(dim: int, k: int) -> bool:
 
     key = (dim, k, torch.get_num_threads())
     if key not in _faiss_faster:
+        faiss.omp_set_num_threads(torch.get_num_threads())  # both kernels on the scan's threads
         generator = torch.Generator().manual_seed(0)
         n_queries, n_gallery = CALIBRATION_SHAPE
         queries = torch.nn.functional.normalize(torch.randn(n_queries, dim, generator=generator), dim=1)
