@@ -84,3 +84,13 @@ def test_speedup_equivalence_rows_alternate_off_and_on_per_seed() -> None:
     assert {"train.channels_last=false", "train.compile=false", "data.decoded_cache=off"} <= overrides["off"]
     assert {"train.channels_last=true", "data.decoded_cache=run", "train.compile=true"} <= overrides["on"]
     assert overrides["cache-only"] == (overrides["off"] - {"data.decoded_cache=off"}) | {"data.decoded_cache=run"}
+
+
+def test_topk_kernels_prints_every_kernel() -> None:
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "topk_kernels.py"), "--queries", "64", "--gallery",
+                                "2048", "--dim", "32", "--k", "10", "--repeat", "1"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    timings = [line.rsplit(maxsplit=1) for line in completed.stdout.splitlines()[1:]]
+    assert len(timings) == 10 and all(float(seconds) >= 0 for _, seconds in timings)
+    assert any(name.startswith("FAISS knn") for name, _ in timings)
