@@ -32,7 +32,7 @@ def grouped_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 
     ``torch.topk`` over a whole row costs as much as the matrix product that made it (measured in
     docs/performance.md); the maximum of each group is one cheap pass, and the k best items lie
-    in the k + 1 groups with the highest maxima unless a tie says otherwise. The proof per row:
+    in the k groups with the highest maxima unless a tie says otherwise. The proof per row:
     every column outside the kept groups scores at most the (k+1)-th group maximum, so when that
     is below the k-th kept score (and no tie sits at the cut among the kept ones) the kept
     columns hold the exact top-k. Rows without that proof (ties, -inf or NaN scores) take the
