@@ -4,7 +4,8 @@ Scores are produced one (query chunk × gallery chunk) block at a time, so memor
 O(query_chunk × gallery_chunk) plus the outputs. What the scan computes is defined in
 :mod:`fashion_retrieval.metrics` (ranking, tie rule, self exclusion, relevance); this module only
 decides how: a torch scan (``mm`` + a grouped ``topk``, any device), FAISS's k-NN kernel for a
-top-k-only scan on the CPU where a one-off timing finds it faster, and an int8 first pass with exact re-scoring (:mod:`fashion_retrieval.scan_int8`).
+top-k-only scan on the CPU where a one-off timing finds it faster, and an int8 first pass with
+exact re-scoring (:mod:`fashion_retrieval.scan_int8`).
 Nothing here builds metrics; :func:`scan` returns a :class:`ScanOutput` that ``metrics`` wraps.
 """
 from __future__ import annotations
