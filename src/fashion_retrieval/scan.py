@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -234,6 +235,15 @@ CALIBRATION_SHAPE = (1024, 8192)  # queries × gallery of the timed problem (abo
 _faiss_faster: dict[tuple[int, int, int], bool] = {}
 
 
+def _best_of_two(run: Callable[[], object]) -> float:
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def _faiss_is_faster(dim: int, k: int) -> bool:
     """Whether FAISS's k-NN kernel beats ``mm`` + :func:`chunk_candidates` at this dimension and
     k on this machine, timed once per process on random unit vectors (best of two each).
@@ -242,8 +252,6 @@ def _faiss_is_faster(dim: int, k: int) -> bool:
     4.10 for ``mm`` + ``topk`` at 2·10⁴ × 2·10⁴ on an AMD EPYC, while on a Xeon with AMX the
     same FAISS call took twice as long as ``mm`` + the grouped top-k (docs/performance.md).
     """
-    import time
-
     import faiss
 
     key = (dim, k, torch.get_num_threads())
@@ -256,16 +264,8 @@ def _faiss_is_faster(dim: int, k: int) -> bool:
         buffer = torch.empty(n_queries, n_gallery)
         queries_np, gallery_np = queries.numpy(), gallery.numpy()
 
-        def best_of_two(run: Callable[[], object]) -> float:
-            times = []
-            for _ in range(2):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        torch_s = best_of_two(lambda: _chunk_candidates(torch.mm(queries, gallery.T, out=buffer), k))
-        faiss_s = best_of_two(lambda: faiss.knn(queries_np, gallery_np, k + 2, faiss.METRIC_INNER_PRODUCT))
+        torch_s = _best_of_two(lambda: _chunk_candidates(torch.mm(queries, gallery.T, out=buffer), k))
+        faiss_s = _best_of_two(lambda: faiss.knn(queries_np, gallery_np, k + 2, faiss.METRIC_INNER_PRODUCT))
         _faiss_faster[key] = faiss_s < torch_s
     return _faiss_faster[key]
 
