@@ -16,6 +16,7 @@
 #   bash scripts/results_cpu.sh m3_gap_diagnosis   # why M3-Net trails the classifier (25 min)
 #   bash scripts/results_cpu.sh converged       # issue 16's converged rows (many hours: run it in the
 #                                               # background, rerun it each session: it resumes)
+#   bash scripts/results_cpu.sh converged_seed1 # their second seeds, where two rows are within 2 points
 #   RESULTS_CPU_ROWS="fashion_product_m3_net_a fashion_product_m3_net_c" bash scripts/results_cpu.sh converged
 #                    # only the named rows of the groups (a session picks the rows that fit its time;
 #                    # a name that no group given has is an error before anything trains)
@@ -97,6 +98,19 @@ CLASSIFIER=(optim.warmup_epochs=0.2 "${LITE0[@]}")
 ONE_ATTRIBUTE_LOSS1=(model.kwargs.classify_every_attribute=false loss.terms.2.every_attribute=false)
 PAPER_MODEL=(optim.name=adamw optim.lr=1e-3 optim.weight_decay=1e-4 optim.scheduler=cosine optim.warmup_epochs=0.2
              "${LITE0[@]}")
+
+# The converged rows' budget (the groups converged and converged_seed1): evaluated on val after every
+# epoch, stopped by train.early_stop, the backbone at the heads' rate (see the converged group).
+CONV=(train.eval_every=1 eval.split=val data.num_workers=auto optim.backbone_lr_mult=1.0)
+VITON_C=("${CONV[@]}" data.image_size=[128,96] data.sampler.p=16 data.sampler.k=2 train.epochs=30
+         optim.warmup_epochs=0.5 eval.final_split=test "train.early_stop={metric: overall/mAP}" "${LITE0[@]}")
+A_C=("${CONV[@]}" data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.epochs=30
+     train.max_steps_per_epoch=300 eval.final_split=test "train.early_stop={metric: overall/MAP@all}")
+# clothing -> fashion-product at 128x96, 10 categories x (2 consumer + 2 shop) per batch, epochs of
+# 120 steps (the clothing queries are the same photos in val and test: only the gallery differs).
+C_C=("${CONV[@]}" data.image_size=[128,96] data.sampler.p=10 data.sampler.k=4 train.epochs=30
+     train.max_steps_per_epoch=120 optim.warmup_epochs=0.5 eval.final_split=test
+     "train.early_stop={metric: overall/mAP}" "${LITE0[@]}")
 
 for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
@@ -228,16 +242,6 @@ for group in "${GROUPS_WANTED[@]}"; do
     # the recipes' 0.1x at every budget measured so far). Rows in the order that settles the papers'
     # claims soonest; an interrupted row resumes (--resume) and finished rows are skipped.
     FOLDER=cpu_converged
-    CONV=(train.eval_every=1 eval.split=val data.num_workers=auto optim.backbone_lr_mult=1.0)
-    VITON_C=("${CONV[@]}" data.image_size=[128,96] data.sampler.p=16 data.sampler.k=2 train.epochs=30
-             optim.warmup_epochs=0.5 eval.final_split=test "train.early_stop={metric: overall/mAP}" "${LITE0[@]}")
-    A_C=("${CONV[@]}" data.image_size=[80,60] data.sampler.p=8 data.sampler.k=4 train.epochs=30
-         train.max_steps_per_epoch=300 eval.final_split=test "train.early_stop={metric: overall/MAP@all}")
-    # clothing -> fashion-product at 128x96, 10 categories x (2 consumer + 2 shop) per batch, epochs of
-    # 120 steps (the clothing queries are the same photos in val and test: only the gallery differs).
-    C_C=("${CONV[@]}" data.image_size=[128,96] data.sampler.p=10 data.sampler.k=4 train.epochs=30
-         train.max_steps_per_epoch=120 optim.warmup_epochs=0.5 eval.final_split=test
-         "train.early_stop={metric: overall/mAP}" "${LITE0[@]}")
     run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}"
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax
@@ -267,6 +271,18 @@ for group in "${GROUPS_WANTED[@]}"; do
     run fashion_product_classifier_penultimate configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=penultimate
     run clothing_to_shop_classifier configs/clothing_to_shop_classifier.yaml "${C_C[@]}"
+    ;;
+  converged_seed1)
+    # The second seed that issue 16 owes every converged row within 2 points of its neighbour: the
+    # clothing classifier against the global embedding (-1.8 top-1, +2.4 mAP at seed 0), and M3-Net
+    # with Loss 1 on the batch's attribute against our ASEN (60.81 against 60.41). Same budget as
+    # the converged group, seed 1 (clothing about 15 min a row, attributes about 45 min a row).
+    FOLDER=cpu_converged_seed1
+    run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}" seed=1
+    run clothing_to_shop_classifier configs/clothing_to_shop_classifier.yaml "${C_C[@]}" seed=1
+    run fashion_product_m3_net configs/fashion_product_m3_net.yaml "${A_C[@]}" "${PAPER_MODEL[@]}" \
+        "${ONE_ATTRIBUTE_LOSS1[@]}" seed=1
+    run fashion_product_asen configs/fashion_product_asen.yaml "${A_C[@]}" "${PAPER_MODEL[@]}" seed=1
     ;;
   m3_gap_diagnosis)
     # Why M3-Net's converged row stays 13 points below the classifier's (val MAP@all 61.15 against
@@ -300,7 +316,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     run asen_all configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all
     run asen_all_lr1e3 configs/fashion_product_asen.yaml "${D[@]}" loss.terms.0.mining=all "${PAPER_MODEL[@]}"
     ;;
-  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | viton_freeze | viton_mmfl_ablation | converged | m3_gap_diagnosis | asen_diagnosis)" >&2; exit 2 ;;
+  *) echo "unknown group '$group' (viton | attributes | clothing | attributes_3x | attributes_seed1 | viton_backbone_lr1 | viton_backbone_lr1_seed1 | viton_dml_variants | viton_margin_on_embedding | viton_margin_on_embedding_seed1 | viton_softmaxes_on_embedding | viton_freeze | viton_mmfl_ablation | converged | converged_seed1 | m3_gap_diagnosis | asen_diagnosis)" >&2; exit 2 ;;
   esac
 done
 [[ -n $LIST ]] || .venv/bin/python scripts/make_results.py 'results/**/*.json' --out docs/results.md

@@ -85,3 +85,15 @@ def test_every_row_of_every_group_builds(tmp_path):
             pytest.fail(f"{where}: {type(exc).__name__}: {exc}")
         checked.add(key)
     assert len(checked) > 10
+
+
+def test_second_seed_rows_repeat_their_converged_rows_with_only_the_seed_changed(tmp_path):
+    converged = {row[1]: row for row in listed_rows(tmp_path, ["converged"])}
+    (tmp_path / "seed1").mkdir()
+    seeds = listed_rows(tmp_path / "seed1", ["converged_seed1"])
+    assert {row[1] for row in seeds} >= {"clothing_to_shop_global", "clothing_to_shop_classifier"}
+    for row in seeds:
+        assert row[0] == "cpu_converged_seed1"
+        base = converged[row[1]]
+        assert row[-1] == "seed=1" and "seed=0" in row  # COMMON's seed, overridden by the last one
+        assert row[1:-1] == base[1:]
