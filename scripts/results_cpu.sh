@@ -278,7 +278,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # clothing classifier against the global embedding (-1.8 top-1, +2.4 mAP at seed 0), M3-Net
     # with Loss 1 on the batch's attribute against our ASEN (60.81 against 60.41), and M3-Net against
     # M3-Net_a and M3-Net_c (69.54 against 67.96 and 68.99). Same budget as
-    # the converged group, seed 1 (clothing about 15 min a row, attributes about 45 min a row).
+    # the converged group, seed 1 (measured on a fast host: clothing 6-23 min a row, attributes 30-60).
     FOLDER=cpu_converged_seed1
     run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}" seed=1
     run clothing_to_shop_classifier configs/clothing_to_shop_classifier.yaml "${C_C[@]}" seed=1
